@@ -1,0 +1,114 @@
+"""Model families: how each HF ``config.json`` maps onto a :class:`ModelSpec`.
+
+A family is data (a :class:`Family` record) registered once; the weight adapter
+that goes with it lives in ``adapter.py``. Llama, Mistral, Qwen2 and Qwen3 share
+the HF tensor layout, so they share ``LlamaStyleAdapter`` and differ only in the
+switches read here (qkv bias, q/k norm, rope scaling).
+"""
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+from typing import Callable
+
+from mcore_align.models.spec import ModelSpec, RopeScaling
+
+
+@dataclass(frozen=True)
+class Family:
+    name: str
+    architectures: tuple[str, ...]
+    """HF ``architectures`` entries (``LlamaForCausalLM``) that select this family."""
+    model_types: tuple[str, ...]
+    """HF ``model_type`` values that select this family."""
+    qkv_bias: Callable[[dict], bool]
+    qk_norm: bool
+    adapter: str = "llama_style"
+
+
+FAMILIES: dict[str, Family] = {}
+
+
+def register_family(f: Family) -> Family:
+    assert f.name not in FAMILIES, f"family {f.name} registered twice"
+    FAMILIES[f.name] = f
+    return f
+
+
+register_family(Family("llama", ("LlamaForCausalLM",), ("llama",), lambda c: bool(c.get("attention_bias", False)), False))
+register_family(Family("mistral", ("MistralForCausalLM",), ("mistral",), lambda c: False, False))
+register_family(Family("qwen2", ("Qwen2ForCausalLM",), ("qwen2",), lambda c: True, False))
+register_family(Family("qwen3", ("Qwen3ForCausalLM",), ("qwen3",), lambda c: bool(c.get("attention_bias", False)), True))
+
+
+def supported() -> str:
+    return ", ".join(f"{f.name} ({'/'.join(f.architectures)})" for f in FAMILIES.values())
+
+
+def family_of(hf_config: dict) -> Family:
+    archs = hf_config.get("architectures") or []
+    mtype = hf_config.get("model_type")
+    for f in FAMILIES.values():
+        if any(a in f.architectures for a in archs) or (not archs and mtype in f.model_types):
+            return f
+    raise ValueError(
+        f"unsupported architecture {archs or mtype!r}; supported families: {supported()}"
+    )
+
+
+def _rope(c: dict) -> tuple[float, RopeScaling | None]:
+    # transformers >= 5 nests these under rope_parameters; older configs have
+    # top-level rope_theta and rope_scaling.
+    params = dict(c.get("rope_parameters") or {})
+    scaling = c.get("rope_scaling") or params
+    theta = params.get("rope_theta", c.get("rope_theta", 10000.0))
+    rtype = (scaling or {}).get("rope_type", scaling.get("type") if scaling else None) or "default"
+    if rtype == "default":
+        return float(theta), None
+    if rtype == "llama3":
+        return float(theta), RopeScaling(
+            factor=float(scaling["factor"]),
+            low_freq_factor=float(scaling["low_freq_factor"]),
+            high_freq_factor=float(scaling["high_freq_factor"]),
+            original_max_position_embeddings=int(scaling["original_max_position_embeddings"]),
+        )
+    raise ValueError(f"config.json: rope scaling type {rtype!r} is not supported (supported: default, llama3)")
+
+
+def spec_from_hf_config(c: dict) -> ModelSpec:
+    """Map an HF ``config.json`` dict onto a :class:`ModelSpec` (strict about what we cannot run)."""
+    fam = family_of(c)
+    if c.get("hidden_act", "silu") != "silu":
+        raise ValueError(f"config.json: hidden_act={c['hidden_act']!r} not supported (only silu / SwiGLU)")
+    if c.get("mlp_bias"):
+        raise ValueError("config.json: mlp_bias=True is not supported")
+    if fam.name == "llama" and c.get("attention_bias"):
+        # HF puts a bias on o_proj too; megatron can only add it together with MLP biases.
+        raise ValueError("config.json: attention_bias=True (o_proj bias) is not supported for llama")
+    window = c.get("sliding_window")
+    if window is not None and (fam.name != "qwen2" or c.get("use_sliding_window")):
+        warnings.warn(
+            f"config.json: sliding_window={window} is ignored: attention is full causal, exact only "
+            "for sequences no longer than the window"
+        )
+    heads = int(c["num_attention_heads"])
+    theta, scaling = _rope(c)
+    return ModelSpec(
+        family=fam.name,
+        num_layers=int(c["num_hidden_layers"]),
+        hidden_size=int(c["hidden_size"]),
+        ffn_hidden_size=int(c["intermediate_size"]),
+        num_attention_heads=heads,
+        num_query_groups=int(c.get("num_key_value_heads") or heads),
+        head_dim=int(c.get("head_dim") or c["hidden_size"] // heads),
+        vocab_size=int(c["vocab_size"]),
+        max_position_embeddings=int(c.get("max_position_embeddings", 4096)),
+        rope_theta=theta,
+        rope_scaling=scaling,
+        norm_eps=float(c.get("rms_norm_eps", 1e-6)),
+        qkv_bias=fam.qkv_bias(c),
+        qk_norm=fam.qk_norm,
+        tie_word_embeddings=bool(c.get("tie_word_embeddings", False)),
+        init_std=float(c.get("initializer_range", 0.02)),
+        hf_config=c,
+    )

@@ -1,0 +1,188 @@
+"""Model provider: ModelSpec + parallel layout -> megatron ``GPTModel`` chunks.
+
+``build_model(spec, runtime, role=...)`` returns one ``GPTModel`` per virtual
+pipeline stage held by this rank (a list of length 1 without VPP), built with
+megatron-core's own classes: ``TransformerConfig``, the TE layer spec when
+Transformer Engine imports and CUDA is present, the local spec otherwise.
+
+``role="reference"`` gives the frozen reference: same layout, no gradients, eval
+mode; the trainer never hands it to the optimizer.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from mcore_align.models.spec import ModelSpec
+from mcore_align.parallel.runtime import ParallelConfig, Runtime
+
+log = logging.getLogger(__name__)
+
+ROLES = ("policy", "reference")
+
+
+@dataclass(kw_only=True)
+class ModelOptions:
+    """Numerics and memory options of the built model."""
+
+    params_dtype: torch.dtype = torch.float32
+    """Parameter dtype (bf16 / fp16 / fp32); the optimizer keeps fp32 main weights."""
+    recompute_granularity: str | None = None
+    """None, "full" or "selective" activation recomputation (megatron semantics)."""
+    core_attention: str = "auto"
+    """Core attention for the local spec: "auto", "megatron" (local DotProductAttention,
+    padded batches only) or "packed" (mcore_align.ops.attention, THD packed sequences)."""
+
+
+def have_transformer_engine() -> bool:
+    try:
+        import transformer_engine  # noqa: F401
+    except Exception:  # noqa: BLE001 - any import failure means "not usable"
+        return False
+    return torch.cuda.is_available()
+
+
+def transformer_config(spec: ModelSpec, parallel: ParallelConfig, opts: ModelOptions, *, cpu: bool):
+    from megatron.core.transformer import TransformerConfig
+
+    dt = opts.params_dtype
+    return TransformerConfig(
+        num_layers=spec.num_layers,
+        hidden_size=spec.hidden_size,
+        ffn_hidden_size=spec.ffn_hidden_size,
+        num_attention_heads=spec.num_attention_heads,
+        num_query_groups=spec.num_query_groups,
+        kv_channels=spec.head_dim,
+        normalization="RMSNorm",
+        layernorm_epsilon=spec.norm_eps,
+        gated_linear_unit=True,
+        activation_func=F.silu,
+        add_bias_linear=False,
+        add_qkv_bias=spec.qkv_bias,
+        qk_layernorm=spec.qk_norm,
+        # HF Llama/Qwen checkpoints are trained without dropout; megatron defaults to 0.1.
+        hidden_dropout=0.0,
+        attention_dropout=0.0,
+        init_method_std=spec.init_std,
+        tensor_model_parallel_size=parallel.tensor_model_parallel_size,
+        pipeline_model_parallel_size=parallel.pipeline_model_parallel_size,
+        virtual_pipeline_model_parallel_size=parallel.virtual_pipeline_model_parallel_size,
+        context_parallel_size=parallel.context_parallel_size,
+        sequence_parallel=parallel.sequence_parallel,
+        params_dtype=dt,
+        pipeline_dtype=dt,
+        bf16=dt == torch.bfloat16,
+        fp16=dt == torch.float16,
+        # Packed micro-batches differ in length: pipeline p2p must exchange shapes.
+        variable_seq_lengths=True,
+        moe_token_dispatcher_type="alltoall",  # only to satisfy a MoE-side check of variable_seq_lengths
+        # Fused kernels need Apex/TE/CUDA; the unfused torch code is exact everywhere.
+        bias_activation_fusion=False,
+        masked_softmax_fusion=False,
+        persist_layer_norm=False,
+        apply_rope_fusion=False,
+        gradient_accumulation_fusion=False,
+        use_cpu_initialization=cpu,
+        recompute_granularity=opts.recompute_granularity,
+        recompute_method="uniform" if opts.recompute_granularity == "full" else None,
+        recompute_num_layers=1 if opts.recompute_granularity == "full" else None,
+    )
+
+
+def layer_spec(spec: ModelSpec, opts: ModelOptions, *, use_te: bool):
+    from megatron.core.models.gpt.gpt_layer_specs import (
+        get_gpt_layer_local_spec,
+        get_gpt_layer_with_transformer_engine_spec,
+    )
+
+    if use_te:
+        return get_gpt_layer_with_transformer_engine_spec(qk_layernorm=spec.qk_norm)
+    ls = get_gpt_layer_local_spec(qk_layernorm=spec.qk_norm, normalization="RMSNorm")
+    if opts.core_attention in ("auto", "packed"):
+        try:
+            from mcore_align.ops.attention import PackedCoreAttention
+        except ImportError:
+            if opts.core_attention == "packed":
+                raise
+        else:
+            ls.submodules.self_attention.submodules.core_attention = PackedCoreAttention
+    return ls
+
+
+def build_model(spec: ModelSpec, runtime: Runtime, *, role: str = "policy", opts: ModelOptions | None = None):
+    """This rank's model chunks (one per virtual pipeline stage)."""
+    from megatron.core import parallel_state
+    from megatron.core.models.gpt import GPTModel
+
+    if role not in ROLES:
+        raise ValueError(f"role must be one of {ROLES}, got {role!r}")
+    opts = opts or ModelOptions()
+    par = runtime.parallel
+    tp = par.tensor_model_parallel_size
+    if spec.vocab_size % tp:
+        raise ValueError(
+            f"vocab_size {spec.vocab_size} is not divisible by tensor_model_parallel_size {tp}; "
+            "megatron shards the vocabulary evenly across TP ranks"
+        )
+    if spec.num_query_groups % tp or spec.num_attention_heads % tp:
+        raise ValueError(
+            f"num_key_value_heads {spec.num_query_groups} and num_attention_heads "
+            f"{spec.num_attention_heads} must be divisible by tensor_model_parallel_size {tp}"
+        )
+    use_te = have_transformer_engine() and not runtime.is_cpu
+    cfg = transformer_config(spec, par, opts, cpu=runtime.is_cpu)
+    lspec = layer_spec(spec, opts, use_te=use_te)
+    vpp = par.virtual_pipeline_model_parallel_size or 1
+    chunks = []
+    for vp_stage in range(vpp):
+        stage = vp_stage if par.virtual_pipeline_model_parallel_size else None
+        model = GPTModel(
+            config=cfg,
+            transformer_layer_spec=lspec,
+            vocab_size=spec.vocab_size,
+            max_sequence_length=spec.max_position_embeddings,
+            pre_process=parallel_state.is_pipeline_first_stage(ignore_virtual=False, vp_stage=stage),
+            post_process=parallel_state.is_pipeline_last_stage(ignore_virtual=False, vp_stage=stage),
+            parallel_output=True,
+            share_embeddings_and_output_weights=spec.tie_word_embeddings,
+            position_embedding_type="rope",
+            rotary_base=spec.rope_theta,
+            pg_collection=runtime.pgs,
+            vp_stage=stage,
+        )
+        _apply_rope_scaling(model, spec)
+        if not runtime.is_cpu:
+            model.cuda(torch.cuda.current_device())
+        if role == "reference":
+            model.requires_grad_(False)
+            model.eval()
+        chunks.append(model)
+    return chunks
+
+
+def _apply_rope_scaling(model, spec: ModelSpec) -> None:
+    """Llama-3.1 rope scaling with the checkpoint's own factors.
+
+    GPTModel's ``rope_scaling`` flag only takes ``factor`` and hard-codes the other
+    three numbers, so we rescale ``inv_freq`` with all four from the HF config.
+    """
+    rs = spec.rope_scaling
+    rot = getattr(model, "rotary_pos_emb", None)
+    if rs is None or rot is None:
+        return
+    rot.inv_freq = rot._apply_scaling(
+        rot.inv_freq,
+        factor=rs.factor,
+        low_freq_factor=rs.low_freq_factor,
+        high_freq_factor=rs.high_freq_factor,
+        original_max_position_embeddings=rs.original_max_position_embeddings,
+    )
+
+
+def model_layer_offset(model) -> int:
+    """Global index of this chunk's first transformer layer (for name mapping)."""
+    layers = model.decoder.layers
+    return layers[0].layer_number - 1 if len(layers) else 0

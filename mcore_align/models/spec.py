@@ -1,0 +1,68 @@
+"""Family-neutral description of a decoder-only model, read from an HF ``config.json``.
+
+A :class:`ModelSpec` holds only numbers and switches; every family maps its HF
+config onto it (``families.py``), and the provider turns it into megatron's
+``TransformerConfig`` + layer spec. Shared code never branches on the family name.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+
+@dataclass(frozen=True, kw_only=True)
+class RopeScaling:
+    """Llama-3.1 style frequency scaling (``rope_type: llama3``)."""
+
+    factor: float
+    low_freq_factor: float
+    high_freq_factor: float
+    original_max_position_embeddings: int
+
+
+@dataclass(frozen=True, kw_only=True)
+class ModelSpec:
+    family: str
+    """Registered family name (``llama``, ``mistral``, ``qwen2``, ``qwen3``)."""
+    num_layers: int
+    hidden_size: int
+    ffn_hidden_size: int
+    num_attention_heads: int
+    num_query_groups: int
+    """Key/value heads (GQA); equal to num_attention_heads for MHA."""
+    head_dim: int
+    vocab_size: int
+    max_position_embeddings: int
+    rope_theta: float
+    rope_scaling: RopeScaling | None = None
+    norm_eps: float = 1e-6
+    qkv_bias: bool = False
+    qk_norm: bool = False
+    tie_word_embeddings: bool = False
+    init_std: float = 0.02
+    hf_config: dict = field(default_factory=dict, compare=False, repr=False)
+    """The source ``config.json``, kept so export needs no other input."""
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=1, sort_keys=True)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "ModelSpec":
+        d = dict(d)
+        if d.get("rope_scaling"):
+            d["rope_scaling"] = RopeScaling(**d["rope_scaling"])
+        return cls(**d)
+
+
+def read_hf_config(path: str | Path) -> dict:
+    """Load ``config.json`` from a file or a checkpoint directory, with a clear error."""
+    p = Path(path)
+    if p.is_dir():
+        p = p / "config.json"
+    if not p.exists():
+        raise FileNotFoundError(f"{p}: no config.json (is this an HF checkpoint directory?)")
+    try:
+        return json.loads(p.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{p}: invalid JSON at line {e.lineno}: {e.msg}") from e

@@ -1,0 +1,79 @@
+"""Tiny random-init HF checkpoints of every supported family, made offline.
+
+Real HF formats and code paths (``save_pretrained`` safetensors, tokenizer with a
+chat template), small enough for CPU tests and the demo.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from mcore_align.models.tiny_tokenizer import build_tiny_tokenizer
+
+# family -> (HF architecture, model_type, tokenizer style, extra config)
+TINY_FAMILIES = {
+    "llama": ("LlamaForCausalLM", "llama", "llama3", {
+        "rope_scaling": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                         "high_freq_factor": 4.0, "original_max_position_embeddings": 128}}),
+    "mistral": ("MistralForCausalLM", "mistral", "llama2", {"sliding_window": None}),
+    "qwen2": ("Qwen2ForCausalLM", "qwen2", "chatml", {}),
+    "qwen3": ("Qwen3ForCausalLM", "qwen3", "chatml", {"head_dim": 24}),
+}
+
+
+def make_tiny_model(
+    out_dir: str | Path,
+    family: str = "qwen2",
+    *,
+    num_layers: int = 2,
+    hidden_size: int = 64,
+    ffn_hidden_size: int = 160,
+    num_heads: int = 4,
+    num_kv_heads: int = 2,
+    vocab_size: int = 512,
+    tie_word_embeddings: bool = False,
+    max_position_embeddings: int = 4096,
+    dtype: torch.dtype = torch.float32,
+    max_shard_size: str | int = "2GB",
+    init_std: float = 0.02,
+    seed: int = 0,
+) -> Path:
+    """Write a random-init HF checkpoint + tokenizer to ``out_dir``; returns the path."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    if family not in TINY_FAMILIES:
+        raise ValueError(f"unknown family {family!r}; choose from {sorted(TINY_FAMILIES)}")
+    arch, model_type, tok_style, extra = TINY_FAMILIES[family]
+    out = Path(out_dir)
+    tok = build_tiny_tokenizer(out, style=tok_style, vocab_size=vocab_size)
+    cfg = AutoConfig.for_model(
+        model_type,
+        architectures=[arch],
+        vocab_size=vocab_size,
+        hidden_size=hidden_size,
+        intermediate_size=ffn_hidden_size,
+        num_hidden_layers=num_layers,
+        num_attention_heads=num_heads,
+        num_key_value_heads=num_kv_heads,
+        max_position_embeddings=max_position_embeddings,
+        rms_norm_eps=1e-6,
+        rope_theta=10000.0,
+        tie_word_embeddings=tie_word_embeddings,
+        initializer_range=init_std,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+        **extra,
+    )
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
+    with torch.no_grad():  # norms at 1 +- noise so every weight is exercised by parity tests
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.copy_(1.0 + 0.1 * torch.randn_like(p))
+            elif name.endswith("bias"):
+                p.normal_(0.0, init_std)
+    model.to(dtype).save_pretrained(out, max_shard_size=max_shard_size)
+    model.generation_config.save_pretrained(out)
+    return out

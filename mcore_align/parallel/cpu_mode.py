@@ -1,0 +1,139 @@
+"""CPU execution mode: run megatron-core (written for CUDA) on CPU with gloo.
+
+This is an explicit, opt-in mode (``--device cpu``; the default only where CUDA is
+absent) for tests, laptops and debugging. Everything that bends megatron-core to
+the CPU lives in this one module, so the CUDA path never goes through it.
+
+What megatron-core 0.16 does that fails on a CPU-only torch build, and what we do
+(see also ``shared/notes/megatron-core-on-cpu.md``):
+
+* ``torch.cuda.current_device()`` is used as a device for buffers (rotary
+  embeddings, TP gather buffers, p2p). -> returns 0, and the device redirect below
+  maps device 0 / ``"cuda"`` to CPU.
+* Literal ``device="cuda"`` in factory calls (schedules' ``total_num_tokens``,
+  ``get_default_causal_mask``, ``clip_grads``, ``grad_scaler``) and ``.cuda()`` calls.
+  -> a :class:`torch.overrides.TorchFunctionMode` rewrites CUDA device arguments
+  to CPU for the life of the process.
+* The model-parallel RNG tracker reads and writes CUDA RNG state. -> the CPU
+  default generator serves as the "CUDA" generator (dropout on CPU draws from it).
+* ``clip_grad_by_total_norm_fp32`` asserts ``torch.cuda.FloatTensor`` grads. ->
+  replaced by the same computation without the device assertion.
+* ``torch.cuda.synchronize`` / ``empty_cache`` / streams raise without CUDA. ->
+  no-ops (there is nothing asynchronous to wait for on CPU).
+
+Not supported in this mode (rejected with a clear error by the runtime, not
+silently changed): the distributed optimizer, gradient-reduce overlap, and
+Transformer Engine.
+"""
+from __future__ import annotations
+
+import logging
+
+import torch
+from torch.overrides import TorchFunctionMode
+
+log = logging.getLogger(__name__)
+
+_ENABLED = False
+_MODE: "_CudaToCpu | None" = None
+
+
+def _is_cuda_device(dev) -> bool:
+    if dev is None:
+        return False
+    if isinstance(dev, int):  # torch.cuda.current_device() style index
+        return True
+    if isinstance(dev, str):
+        return dev.startswith("cuda")
+    if isinstance(dev, torch.device):
+        return dev.type == "cuda"
+    return False
+
+
+class _CudaToCpu(TorchFunctionMode):
+    """Rewrites CUDA device arguments of torch calls to CPU (see module docstring)."""
+
+    _CPU = torch.device("cpu")
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if "device" in kwargs and _is_cuda_device(kwargs["device"]):
+            kwargs = {**kwargs, "device": self._CPU}
+        if func is torch.Tensor.cuda:
+            return args[0]
+        if func is torch.Tensor.to and len(args) > 1 and _is_cuda_device(args[1]):
+            args = (args[0], self._CPU, *args[2:])
+        return func(*args, **kwargs)
+
+
+def _cpu_clip_grad_by_total_norm_fp32(parameters, max_norm, total_norm, use_decoupled_grad=False):
+    """megatron's clip_grad_by_total_norm_fp32 without its CUDA-tensor assertion.
+
+    Same maths: grads *= max_norm / (total_norm + 1e-6) when that factor is < 1.
+    """
+    from megatron.core.utils import to_local_if_dtensor
+
+    if isinstance(parameters, torch.Tensor):
+        parameters = [parameters]
+    grads = []
+    for param in parameters:
+        g = getattr(param, "decoupled_grad", None) if use_decoupled_grad else param.grad
+        if g is not None:
+            assert g.dtype in (torch.float32, torch.bfloat16), f"grad dtype {g.dtype}"
+            grads.append(to_local_if_dtensor(g).detach())
+    clip_coeff = max_norm / (total_norm + 1.0e-6)
+    if clip_coeff < 1.0 and grads:
+        torch._foreach_mul_(grads, clip_coeff)
+
+
+def _patch_rng() -> None:
+    from megatron.core.tensor_parallel import random as mrandom
+
+    def get_state(device="cuda", clone=False, graph_safe=False):
+        state = torch.get_rng_state()
+        return state.clone() if clone else state
+
+    def set_state(new_state, device=-1, graph_safe=False):
+        torch.set_rng_state(new_state)
+
+    mrandom._get_cuda_rng_state = get_state
+    mrandom._set_cuda_rng_state = set_state
+    torch.cuda.get_rng_state = lambda device="cuda": torch.get_rng_state()
+    torch.cuda.set_rng_state = lambda state, device="cuda": torch.set_rng_state(state)
+    torch.cuda.manual_seed = lambda seed: None  # CPU generator is seeded by torch.manual_seed
+    torch.cuda.manual_seed_all = lambda seed: None
+
+
+def _patch_cuda_runtime() -> None:
+    torch.cuda.current_device = lambda: 0
+    torch.cuda.synchronize = lambda device=None: None
+    torch.cuda.empty_cache = lambda: None
+    torch.cuda.set_device = lambda device: None
+
+
+def _patch_clip_grads() -> None:
+    from megatron.core.optimizer import clip_grads, optimizer
+
+    clip_grads.clip_grad_by_total_norm_fp32 = _cpu_clip_grad_by_total_norm_fp32
+    optimizer.clip_grad_by_total_norm_fp32 = _cpu_clip_grad_by_total_norm_fp32
+
+
+def enable_cpu_mode() -> None:
+    """Install the CPU execution mode for this process (idempotent)."""
+    global _ENABLED, _MODE
+    if _ENABLED:
+        return
+    if torch.cuda.is_available():
+        log.warning("CPU execution mode selected although CUDA is available; running on CPU as asked")
+    _patch_cuda_runtime()
+    _patch_rng()
+    _patch_clip_grads()
+    _MODE = _CudaToCpu()
+    _MODE.__enter__()  # stays on the mode stack for the life of the process
+    _ENABLED = True
+    log.info("megatron-core CPU execution mode enabled (gloo, CUDA device arguments mapped to CPU)")
+
+
+def is_cpu_mode() -> bool:
+    return _ENABLED
+

@@ -1,0 +1,172 @@
+"""Process start-up: torch.distributed, megatron parallel_state, seeding, device.
+
+``initialize(ParallelConfig(...), device="auto")`` is the only place that creates
+process groups. It returns a :class:`Runtime` whose ``pgs`` (megatron's
+``ProcessGroupCollection``) is passed explicitly to everything that communicates.
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import socket
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+log = logging.getLogger(__name__)
+
+DEVICES = ("auto", "cpu", "cuda")
+
+
+@dataclass(kw_only=True)
+class ParallelConfig:
+    """Megatron parallel layout. World size = TP * PP * CP * DP."""
+
+    tensor_model_parallel_size: int = 1
+    """Tensor (intra-layer) model parallel size."""
+    pipeline_model_parallel_size: int = 1
+    """Pipeline (inter-layer) model parallel size."""
+    virtual_pipeline_model_parallel_size: int | None = None
+    """Model chunks per pipeline rank for the interleaved 1F1B schedule (None: off)."""
+    context_parallel_size: int = 1
+    """Context parallel size: each sequence is split over this many ranks."""
+    sequence_parallel: bool = False
+    """Split LayerNorm/dropout activations along the sequence over the TP group."""
+
+    def __post_init__(self) -> None:
+        for f in ("tensor_model_parallel_size", "pipeline_model_parallel_size", "context_parallel_size"):
+            if getattr(self, f) < 1:
+                raise ValueError(f"{f} must be >= 1, got {getattr(self, f)}")
+        vpp = self.virtual_pipeline_model_parallel_size
+        if vpp is not None and (vpp < 1 or self.pipeline_model_parallel_size < 2):
+            raise ValueError(
+                "virtual_pipeline_model_parallel_size needs pipeline_model_parallel_size >= 2 "
+                f"and a value >= 1 (got vpp={vpp}, pp={self.pipeline_model_parallel_size})"
+            )
+        if self.sequence_parallel and self.tensor_model_parallel_size == 1:
+            raise ValueError("sequence_parallel=True needs tensor_model_parallel_size > 1")
+
+    @property
+    def model_parallel_size(self) -> int:
+        return self.tensor_model_parallel_size * self.pipeline_model_parallel_size * self.context_parallel_size
+
+
+@dataclass
+class Runtime:
+    device: torch.device
+    parallel: ParallelConfig
+    rank: int
+    world_size: int
+    local_rank: int
+    pgs: object  # megatron.core.process_groups_config.ProcessGroupCollection
+
+    @property
+    def dp_size(self) -> int:
+        return self.pgs.dp.size()
+
+    @property
+    def dp_rank(self) -> int:
+        return self.pgs.dp.rank()
+
+    @property
+    def is_cpu(self) -> bool:
+        return self.device.type == "cpu"
+
+
+def resolve_device(device: str) -> torch.device:
+    """"auto" is CUDA when available, else the CPU execution mode (logged, never silent)."""
+    if device not in DEVICES:
+        raise ValueError(f"device must be one of {DEVICES}, got {device!r}")
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        log.warning("device=auto resolved to %s", device)
+    if device == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("device=cuda was requested but torch sees no CUDA device; use device=cpu")
+    return torch.device(device)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def init_process_group(device: torch.device) -> None:
+    """torch.distributed from the torchrun environment; a 1-rank group when run plainly."""
+    if dist.is_initialized():
+        return
+    if "RANK" not in os.environ:  # plain `python ...`: a world of one
+        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", str(_free_port()))
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    if device.type == "cuda":
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+    dist.init_process_group(backend=backend)
+
+
+def initialize(parallel: ParallelConfig, device: str = "auto", seed: int = 1234) -> Runtime:
+    """Start torch.distributed and megatron parallel_state; seed every RNG.
+
+    Re-entrant: an existing megatron layout is destroyed first, so tests may run
+    several layouts in one process.
+    """
+    from megatron.core import parallel_state, tensor_parallel
+    from megatron.core.process_groups_config import ProcessGroupCollection
+
+    dev = resolve_device(device)
+    if dev.type == "cpu":
+        from mcore_align.parallel.cpu_mode import enable_cpu_mode
+
+        enable_cpu_mode()
+    init_process_group(dev)
+    world = dist.get_world_size()
+    if world % parallel.model_parallel_size:
+        raise ValueError(
+            f"world size {world} is not divisible by TP*PP*CP = {parallel.model_parallel_size} "
+            f"({dataclasses.asdict(parallel)})"
+        )
+    if parallel_state.model_parallel_is_initialized():
+        parallel_state.destroy_model_parallel()
+    parallel_state.initialize_model_parallel(
+        tensor_model_parallel_size=parallel.tensor_model_parallel_size,
+        pipeline_model_parallel_size=parallel.pipeline_model_parallel_size,
+        virtual_pipeline_model_parallel_size=parallel.virtual_pipeline_model_parallel_size,
+        context_parallel_size=parallel.context_parallel_size,
+        create_gloo_process_groups=dev.type == "cuda",
+    )
+    seed_everything(seed)
+    return Runtime(
+        device=dev,
+        parallel=parallel,
+        rank=dist.get_rank(),
+        world_size=world,
+        local_rank=int(os.environ.get("LOCAL_RANK", 0)),
+        pgs=ProcessGroupCollection.use_mpu_process_groups(),
+    )
+
+
+def seed_everything(seed: int) -> None:
+    """Seed python/torch and megatron's model-parallel RNG tracker.
+
+    Like Megatron-LM, the seed is offset by the pipeline rank so that different
+    stages draw different dropout masks; the tracker offsets by the TP rank.
+    """
+    import random
+
+    from megatron.core import parallel_state, tensor_parallel
+
+    seed = seed + 100 * parallel_state.get_pipeline_model_parallel_rank()
+    random.seed(seed)
+    torch.manual_seed(seed)
+    tensor_parallel.model_parallel_cuda_manual_seed(seed, force_reset_rng=True)
+
+
+def destroy() -> None:
+    from megatron.core import parallel_state
+
+    if parallel_state.model_parallel_is_initialized():
+        parallel_state.destroy_model_parallel()
+    if dist.is_initialized():
+        dist.destroy_process_group()

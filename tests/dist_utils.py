@@ -1,0 +1,129 @@
+"""Multi-rank test harness: one `torchrun` launch runs every case of a worker module.
+
+Launching torch + megatron-core costs ~5 s per process, so a worker module defines
+many `case_*` functions and they all run in one launch (in file order). Each case
+runs on every rank; a case fails if it raises on any rank. Cases may re-initialise
+megatron parallel_state with a different layout (see `mcore_align.parallel`).
+
+Usage from a pytest module::
+
+    from tests.dist_utils import dist_cases, run_dist_module
+    WORKER = "tests.distributed.workers.ops_worker"
+
+    @pytest.fixture(scope="module")
+    def results():
+        return run_dist_module(WORKER, nproc=2)
+
+    @pytest.mark.parametrize("case", dist_cases(WORKER))
+    def test_case(results, case):
+        results.check(case)
+"""
+from __future__ import annotations
+
+import ast
+import importlib.util
+import json
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import traceback
+from dataclasses import dataclass
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def dist_cases(module: str) -> list[str]:
+    """Names of `case_*` functions in a worker module, read without importing it."""
+    spec = importlib.util.find_spec(module)
+    assert spec is not None and spec.origin, module
+    tree = ast.parse(Path(spec.origin).read_text())
+    return [n.name for n in tree.body if isinstance(n, ast.FunctionDef) and n.name.startswith("case_")]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@dataclass
+class DistResults:
+    module: str
+    per_case: dict
+    log: str
+
+    def check(self, case: str) -> None:
+        import pytest
+
+        if case not in self.per_case:
+            raise AssertionError(f"{self.module}:{case} did not run (launch crashed?)\n{self.log[-6000:]}")
+        res = self.per_case[case]
+        if res["status"] == "skip":
+            pytest.skip(res["message"])
+        if res["status"] != "ok":
+            raise AssertionError(f"{self.module}:{case} failed:\n{res['message']}")
+
+
+def run_dist_module(module: str, nproc: int = 2, timeout: int = 900, env: dict | None = None) -> DistResults:
+    """Run every case of `module` under torchrun with `nproc` ranks (gloo, CPU)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "results"
+        cmd = [
+            sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}",
+            f"--master-port={_free_port()}", "--master-addr=127.0.0.1",
+            "-m", "tests.dist_utils", module, str(out),
+        ]
+        full_env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", **(env or {})}
+        proc = subprocess.run(cmd, cwd=ROOT, env=full_env, capture_output=True, text=True, timeout=timeout)
+        log = proc.stdout + proc.stderr
+        per_case: dict = {}
+        for rank in range(nproc):
+            path = out.with_suffix(f".rank{rank}.json")
+            if not path.exists():
+                continue
+            for name, res in json.loads(path.read_text()).items():
+                prev = per_case.get(name)
+                # A failure on any rank wins over ok/skip from another rank.
+                if prev is None or (prev["status"] != "fail" and res["status"] == "fail"):
+                    per_case[name] = {**res, "message": f"[rank {rank}] {res['message']}"}
+        return DistResults(module, per_case, log)
+
+
+class SkipCase(Exception):
+    """Raise inside a case to report it as skipped (with the reason)."""
+
+
+def _worker_main(module: str, out_prefix: str) -> None:
+    import torch.distributed as dist
+
+    rank = int(os.environ["RANK"])
+    if not dist.is_initialized():
+        dist.init_process_group("gloo")
+    mod = importlib.import_module(module)
+    results = {}
+    for name in dist_cases(module):
+        try:
+            getattr(mod, name)()
+            results[name] = {"status": "ok", "message": ""}
+        except SkipCase as e:
+            results[name] = {"status": "skip", "message": str(e)}
+        except Exception:  # noqa: BLE001 - report every failure to pytest
+            results[name] = {"status": "fail", "message": traceback.format_exc()}
+        finally:
+            # Keep ranks in step so one rank's failure cannot deadlock the next case.
+            teardown = getattr(mod, "teardown_case", None)
+            if teardown is not None:
+                try:
+                    teardown()
+                except Exception:  # noqa: BLE001
+                    pass
+            dist.barrier()
+    Path(f"{out_prefix}.rank{rank}.json").write_text(json.dumps(results))
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    _worker_main(sys.argv[1], sys.argv[2])
