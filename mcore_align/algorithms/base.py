@@ -90,6 +90,9 @@ class Objective:
     """True: the trainer must fill `stats.ref_logps` (and the KL fields for KTO)."""
     config_cls: ClassVar[type]
     """The keyword-only Config dataclass that `__init__` takes."""
+    data_kind: ClassVar[str]
+    """Which data the objective consumes: "paired", "kto" (unpaired, labelled, with KL
+    mismatched completions) or "sft" (unpaired sequences)."""
 
     def __init__(self, cfg: Any) -> None:
         if not isinstance(cfg, self.config_cls):
@@ -126,8 +129,9 @@ _REGISTRY: dict[str, type[Objective]] = {}
 
 def register_objective(cls: type[Objective]) -> type[Objective]:
     """Class decorator: make `cls` buildable by `build_objective(cls.name)`."""
-    for attr in ("name", "paired", "needs_reference", "config_cls"):
+    for attr in ("name", "paired", "needs_reference", "config_cls", "data_kind"):
         assert hasattr(cls, attr), f"{cls.__name__} must define class variable {attr!r}"
+    assert cls.paired == (cls.data_kind == "paired"), f"{cls.__name__}: paired and data_kind disagree"
     assert cls.name not in _REGISTRY, f"objective {cls.name!r} registered twice"
     _REGISTRY[cls.name] = cls
     return cls

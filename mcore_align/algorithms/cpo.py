@@ -126,6 +126,7 @@ class CPO(Objective):
     paired = True
     needs_reference = False
     config_cls = CPOConfig
+    data_kind = "paired"
 
     def __call__(self, stats: SequenceStats, counts: GlobalCounts) -> tuple[Tensor, Metrics]:
         cfg = self.cfg

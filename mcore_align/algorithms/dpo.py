@@ -28,6 +28,8 @@ Departures from TRL (all deliberate, each pinned by a test):
     steps 0..t-1 (0.0 at step 0), so every micro-batch of a step sees the same delta
     and the loss stays invariant to micro-batching and DP. Only calls whose `logps`
     requires grad (training forwards) feed the pending statistics; eval forwards do not.
+    A step whose summed rewards are non-finite is dropped from the mean (with a warning).
+    The trainer must call update_state after EVERY training step, skipped ones included.
   * discopop evaluates exp(-z) * sigmoid(z / tau) as exp(logsigmoid(z / tau) - z), which
     is equal but does not overflow (inf * 0 = nan) for very negative z.
   * When "ipo" is among the loss types, all policy and reference log-probs are
@@ -37,6 +39,7 @@ Departures from TRL (all deliberate, each pinned by a test):
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -257,6 +260,7 @@ class DPO(Objective):
     paired = True
     needs_reference = True
     config_cls = DPOConfig
+    data_kind = "paired"
 
     def __init__(self, cfg: DPOConfig) -> None:
         super().__init__(cfg)
@@ -342,7 +346,10 @@ class DPO(Objective):
         if not self._uses_bco:
             return
         total, count = (float(v) for v in global_sums.detach().cpu())
-        if count > 0:
+        if not math.isfinite(total):
+            # A step with non-finite rewards (the trainer skips it) must not poison the mean.
+            warnings.warn("dpo bco_pair: non-finite rewards in this step; running mean not updated")
+        elif count > 0:
             self._bco_sum += total / count
             self._bco_steps += 1
         self._bco_pending_sum, self._bco_pending_pairs = None, 0

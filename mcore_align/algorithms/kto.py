@@ -117,6 +117,7 @@ class KTO(Objective):
     paired = False
     needs_reference = True
     config_cls = KTOConfig
+    data_kind = "kto"
 
     def __call__(self, stats: SequenceStats, counts: GlobalCounts) -> tuple[Tensor, Metrics]:
         cfg = self.cfg

@@ -78,6 +78,7 @@ class SimPO(Objective):
     paired = True
     needs_reference = False
     config_cls = SimPOConfig
+    data_kind = "paired"
 
     def __call__(self, stats: SequenceStats, counts: GlobalCounts) -> tuple[Tensor, Metrics]:
         cfg = self.cfg

@@ -86,6 +86,9 @@ def transformer_config(spec: ModelSpec, parallel: ParallelConfig, opts: ModelOpt
         apply_rope_fusion=False,
         gradient_accumulation_fusion=False,
         use_cpu_initialization=cpu,
+        # Losses are contributions normalised by global counts (see trainer/step.py): schedules
+        # and DDP must sum them, never divide by micro-batch count or DP size.
+        calculate_per_token_loss=True,
         recompute_granularity=opts.recompute_granularity,
         recompute_method="uniform" if opts.recompute_granularity == "full" else None,
         recompute_num_layers=1 if opts.recompute_granularity == "full" else None,

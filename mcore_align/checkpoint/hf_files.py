@@ -1,0 +1,168 @@
+"""HF safetensors checkpoints: a validating, one-tensor-at-a-time reader and a sharded writer.
+
+Reading never holds more than the tensor asked for: each :meth:`HFSafetensors.get`
+opens the shard, copies one tensor out and closes it (a long-lived ``safe_open``
+would keep the touched pages of a memory-mapped multi-GB file mapped into the process).
+"""
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import torch
+
+INDEX_FILE = "model.safetensors.index.json"
+SINGLE_FILE = "model.safetensors"
+
+
+class CheckpointError(ValueError):
+    """A malformed input checkpoint (names the file or tensor at fault)."""
+
+
+class HFSafetensors:
+    """The tensors of an HF checkpoint directory (single file or sharded with an index)."""
+
+    def __init__(self, hf_dir: str | Path):
+        from safetensors import safe_open
+
+        self.dir = Path(hf_dir)
+        index = self.dir / INDEX_FILE
+        if index.exists():
+            try:
+                weight_map = json.loads(index.read_text())["weight_map"]
+            except (json.JSONDecodeError, KeyError) as e:
+                raise CheckpointError(f"{index}: not a valid safetensors index ({e})") from e
+            files = sorted(set(weight_map.values()))
+        elif (self.dir / SINGLE_FILE).exists():
+            weight_map, files = None, [SINGLE_FILE]
+        else:
+            raise CheckpointError(f"{self.dir}: no {SINGLE_FILE} or {INDEX_FILE} (only safetensors checkpoints are supported)")
+        self.file_of: dict[str, str] = {}
+        self.shapes: dict[str, tuple[int, ...]] = {}
+        self.dtypes: dict[str, str] = {}
+        for fname in files:
+            path = self.dir / fname
+            if not path.exists():
+                raise CheckpointError(f"{path}: safetensors shard listed in {INDEX_FILE} is missing")
+            try:  # parses and checks the header (sizes against the file length)
+                with safe_open(path, "pt") as f:
+                    for name in f.keys():
+                        sl = f.get_slice(name)
+                        self.file_of[name] = fname
+                        self.shapes[name] = tuple(sl.get_shape())
+                        self.dtypes[name] = sl.get_dtype()
+            except Exception as e:  # noqa: BLE001 - safetensors raises several error types
+                raise CheckpointError(f"{path}: cannot read safetensors shard: {e}") from e
+        if weight_map is not None:
+            for name, fname in weight_map.items():
+                if self.file_of.get(name) != fname:
+                    raise CheckpointError(f"{self.dir / fname}: tensor {name!r} listed in {INDEX_FILE} is not in this shard")
+
+    def names(self) -> set[str]:
+        return set(self.file_of)
+
+    def get(self, name: str) -> torch.Tensor:
+        from safetensors import safe_open
+
+        path = self.dir / self.file_of[name]
+        try:
+            with safe_open(path, "pt") as f:
+                return f.get_tensor(name)
+        except Exception as e:  # noqa: BLE001
+            raise CheckpointError(f"{path}: cannot read tensor {name!r}: {e}") from e
+
+    def check_against(self, expected: dict[str, tuple[int, ...]], optional: set[str]) -> None:
+        """Strict key set both ways, and shapes; errors name every offending tensor."""
+        have = self.names()
+        missing = sorted(set(expected) - have)
+        unexpected = sorted(have - set(expected) - set(optional))
+        wrong = sorted(n for n in set(expected) & have if self.shapes[n] != tuple(expected[n]))
+        problems = []
+        if missing:
+            problems.append(f"missing tensors: {missing}")
+        if unexpected:
+            problems.append(f"unexpected tensors (not used by the model): {unexpected}")
+        for n in wrong:
+            problems.append(f"tensor {n!r} has shape {list(self.shapes[n])}, expected {list(expected[n])} "
+                            f"(in {self.file_of[n]})")
+        if problems:
+            raise CheckpointError(f"{self.dir}: checkpoint does not match config.json: " + "; ".join(problems))
+
+    def stored_dtype(self) -> torch.dtype:
+        """The dtype most tensors are stored in (used when no dtype is asked for)."""
+        from collections import Counter
+
+        names = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}
+        common = Counter(self.dtypes.values()).most_common(1)[0][0]
+        if common not in names:
+            raise CheckpointError(f"{self.dir}: tensors stored as {common}; pass a dtype explicitly")
+        return names[common]
+
+
+def parse_size(size: str | int) -> int:
+    """``"5GB"`` -> 5 * 10**9 bytes (HF's convention: decimal units; ``GiB`` binary)."""
+    if isinstance(size, int):
+        return size
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?i?B)?\s*", size, re.IGNORECASE)
+    if not m:
+        raise ValueError(f"cannot parse size {size!r} (e.g. 5GB, 500MB, 2GiB)")
+    unit = (m.group(2) or "B").upper()
+    mult = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
+            "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}[unit]
+    return int(float(m.group(1)) * mult)
+
+
+class ShardedSafetensorsWriter:
+    """Writes tensors to ``model-0000i-of-0000n.safetensors`` files as they come.
+
+    Tensors are buffered until the next one would push the buffer past
+    ``max_shard_bytes``; then the buffer is written and freed. Peak memory is one
+    shard (or the largest tensor, if larger). Shard names need the total count,
+    so shards are written as ``model-0000i.safetensors`` and renamed by
+    :meth:`finish`, which also writes the index (or a single ``model.safetensors``).
+    """
+
+    def __init__(self, out_dir: str | Path, max_shard_bytes: int, *, prefix: str = "model"):
+        self.dir = Path(out_dir)
+        self.max = max_shard_bytes
+        self.prefix = prefix
+        self.buf: dict[str, torch.Tensor] = {}
+        self.buf_bytes = 0
+        self.shards: list[list[str]] = []
+        self.total_bytes = 0
+
+    def add(self, name: str, tensor: torch.Tensor) -> None:
+        assert name not in self.buf and all(name not in s for s in self.shards), f"{name} written twice"
+        nbytes = tensor.numel() * tensor.element_size()
+        if self.buf and self.buf_bytes + nbytes > self.max:
+            self._flush()
+        self.buf[name] = tensor.contiguous()
+        self.buf_bytes += nbytes
+        self.total_bytes += nbytes
+
+    def _flush(self) -> None:
+        from safetensors.torch import save_file
+
+        save_file(self.buf, self.dir / f"{self.prefix}-{len(self.shards) + 1:05d}.partial.safetensors",
+                  metadata={"format": "pt"})
+        self.shards.append(list(self.buf))
+        self.buf, self.buf_bytes = {}, 0
+
+    def finish(self) -> list[str]:
+        """Write what is buffered, name the shards, write the index; returns file names."""
+        if self.buf or not self.shards:
+            self._flush()
+        n = len(self.shards)
+        if n == 1:
+            (self.dir / f"{self.prefix}-00001.partial.safetensors").rename(self.dir / f"{self.prefix}.safetensors")
+            return [f"{self.prefix}.safetensors"]
+        weight_map, names = {}, []
+        for i, keys in enumerate(self.shards, 1):
+            fname = f"{self.prefix}-{i:05d}-of-{n:05d}.safetensors"
+            (self.dir / f"{self.prefix}-{i:05d}.partial.safetensors").rename(self.dir / fname)
+            names.append(fname)
+            weight_map.update({k: fname for k in keys})
+        index = {"metadata": {"total_size": self.total_bytes}, "weight_map": dict(sorted(weight_map.items()))}
+        (self.dir / f"{self.prefix}.safetensors.index.json").write_text(json.dumps(index, indent=2))
+        return names

@@ -1,0 +1,171 @@
+"""Megatron-core dist checkpoint (any layout it was saved at) -> HF safetensors, streaming.
+
+The checkpoint's tensors are global (layout-free), so export asks for them at the
+TP=1/PP=1 layout: the meta model's ``sharded_state_dict()`` says under which keys
+and slices each parameter is stored, and ``dist_checkpointing.load`` fills real
+buffers for one layer at a time. The adapter splits each parameter into HF tensors,
+which go to safetensors shards as they fill. Peak memory: one layer + one shard.
+
+Extra heads
+-----------
+Tensors that are not part of the causal LM (a reward model's value head, hidden -> 1)
+are exported to their own safetensors file by a registry of :class:`ExtraHead`
+records: for each registered head whose checkpoint key is in the checkpoint, the
+exporter loads the whole tensor and writes it to ``head.file`` under
+``head.hf_name``. ``value_head.weight`` -> ``value_head.safetensors`` is registered
+here; a head that a checkpoint does not hold is skipped (and listed in the log).
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import re
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from mcore_align.checkpoint.hf_files import ShardedSafetensorsWriter, parse_size
+from mcore_align.checkpoint.hf_to_mcore import build_meta_model
+from mcore_align.checkpoint.layout import (
+    atomic_output_dir,
+    dtype_name,
+    parse_dtype,
+    read_model_spec,
+    resolve_checkpoint_dir,
+    tokenizer_dir,
+)
+from mcore_align.models.adapter import adapter_for
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ExtraHead:
+    """A tensor exported beside the LM weights, into a file of its own."""
+
+    ckpt_key: str
+    """Key of the (global) tensor in the megatron checkpoint, e.g. ``value_head.weight``."""
+    file: str
+    """Output safetensors file name, e.g. ``value_head.safetensors``."""
+    hf_name: str
+    """Tensor name inside that file."""
+
+
+EXTRA_HEADS: dict[str, ExtraHead] = {}
+
+
+def register_extra_head(head: ExtraHead) -> ExtraHead:
+    assert head.ckpt_key not in EXTRA_HEADS, f"extra head {head.ckpt_key} registered twice"
+    EXTRA_HEADS[head.ckpt_key] = head
+    return head
+
+
+# Reward model value head [1, hidden] (written by the RM trainer under this key).
+register_extra_head(ExtraHead("value_head.weight", "value_head.safetensors", "value_head.weight"))
+
+
+def _layer_groups(names: list[str]) -> list[list[str]]:
+    """Parameter names grouped per transformer layer, in model order (others alone)."""
+    groups: list[list[str]] = []
+    current = None
+    for n in names:
+        m = re.match(r"decoder\.layers\.(\d+)\.", n)
+        key = m.group(1) if m else n
+        if key != current:
+            groups.append([])
+            current = key
+        groups[-1].append(n)
+    return groups
+
+
+def _with_buffer(entry, dtype: torch.dtype):
+    """A ShardedTensor / factory from the meta model with a real, empty buffer to load into."""
+    from megatron.core.dist_checkpointing.mapping import ShardedTensor
+
+    buf = torch.empty(entry.data.shape, dtype=dtype)
+    if isinstance(entry, ShardedTensor):
+        return dataclasses.replace(entry, data=buf, dtype=dtype)
+    return dataclasses.replace(entry, data=buf)  # ShardedTensorFactory (e.g. gate/up of fc1)
+
+
+def _stored_metadata(path: Path):
+    from torch.distributed.checkpoint import FileSystemReader
+
+    return FileSystemReader(str(path)).read_metadata().state_dict_metadata
+
+
+def _export_extra_heads(path: Path, out: Path, stored: dict, dtype: torch.dtype | None) -> list[str]:
+    from megatron.core import dist_checkpointing
+    from megatron.core.dist_checkpointing.mapping import ShardedTensor
+    from safetensors.torch import save_file
+
+    written = []
+    for head in EXTRA_HEADS.values():
+        md = stored.get(head.ckpt_key)
+        if md is None:
+            log.info("extra head %s not in checkpoint; not exported", head.ckpt_key)
+            continue
+        buf = torch.empty(tuple(md.size), dtype=md.properties.dtype)
+        req = {head.ckpt_key: ShardedTensor.from_rank_offsets(head.ckpt_key, buf, replica_id=0)}
+        t = dist_checkpointing.load(req, str(path))[head.ckpt_key]
+        save_file({head.hf_name: t.to(dtype or t.dtype).contiguous()}, out / head.file, metadata={"format": "pt"})
+        written.append(head.file)
+    return written
+
+
+def convert_mcore_to_hf(ckpt_dir: str | Path, out_dir: str | Path, dtype: str | torch.dtype | None = None,
+                        max_shard_size: str | int = "5GB", overwrite: bool = False) -> Path:
+    """Export a converted or training checkpoint (or the latest one of a save dir) to HF.
+
+    ``dtype`` None keeps the dtype the checkpoint stores the model in. Writes
+    safetensors (sharded with ``model.safetensors.index.json`` above
+    ``max_shard_size``), ``config.json``, tokenizer files, ``generation_config.json``
+    and any registered extra heads. Output is atomic (see ``layout.atomic_output_dir``).
+    """
+    from megatron.core import dist_checkpointing
+    from megatron.core.dist_checkpointing.validation import StrictHandling
+
+    path = resolve_checkpoint_dir(ckpt_dir)
+    spec = read_model_spec(path)
+    adapter = adapter_for(spec)
+    model = build_meta_model(spec)
+    ssd = model.sharded_state_dict()
+    stored = _stored_metadata(path)
+    names = adapter.mcore_names()
+    missing = sorted({ssd[n].key for n in names} - set(stored))
+    if missing:
+        raise KeyError(f"{path}: checkpoint lacks model tensors {missing}")
+    out_dtype = parse_dtype(dtype) or stored[ssd[names[0]].key].properties.dtype
+
+    with atomic_output_dir(out_dir, overwrite) as tmp:
+        writer = ShardedSafetensorsWriter(tmp, parse_size(max_shard_size))
+        for group in _layer_groups(names):
+            request = {n: _with_buffer(ssd[n], stored[ssd[n].key].properties.dtype) for n in group}
+            loaded = dist_checkpointing.load(request, str(path), strict=StrictHandling.RAISE_UNEXPECTED)
+            for n in group:
+                for hf_name, t in adapter.to_hf(n, loaded[n]).items():
+                    writer.add(hf_name, t.to(out_dtype))
+            del loaded, request
+        writer.finish()
+        _export_extra_heads(path, tmp, stored, parse_dtype(dtype))
+        _write_hf_config(tmp, spec.hf_config, out_dtype)
+        tok = tokenizer_dir(path)
+        if tok is None:
+            log.warning("%s: no tokenizer/ directory beside the checkpoint; exporting weights and config only", path)
+        else:
+            for f in tok.iterdir():
+                if f.is_file():
+                    shutil.copy2(f, tmp / f.name)
+    log.info("exported %s -> %s (%s)", path, out_dir, out_dtype)
+    return Path(out_dir)
+
+
+def _write_hf_config(out: Path, hf_config: dict, dtype: torch.dtype) -> None:
+    cfg = dict(hf_config)
+    cfg["dtype"] = dtype_name(dtype)  # transformers >= 5 spelling
+    if "torch_dtype" in cfg:
+        cfg["torch_dtype"] = dtype_name(dtype)
+    (out / "config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")

@@ -1,0 +1,272 @@
+"""Run configuration: composed keyword-only dataclasses, YAML, dotted overrides.
+
+A run is ``RunConfig(model=..., parallel=..., data=..., optim=..., train=..., algo=...)``.
+YAML files use those sections; command-line overrides are ``section.key=value``
+or just ``key=value`` when the name is unique (``beta=0.2``,
+``tensor_model_parallel_size=2``): the names are the seed's (ms-swift/TRL) and
+Megatron's. Unknown keys are rejected with a "did you mean". Objective
+hyperparameters (``beta``, ``loss_type``, ``rpo_alpha``...) live in ``algo`` and are
+validated by the chosen objective's own Config dataclass.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from mcore_align.data.config import DataConfig
+from mcore_align.parallel.runtime import ParallelConfig
+
+DTYPES = ("bf16", "fp16", "fp32")
+REF_MODES = ("co_resident", "precompute")
+LR_DECAY = ("constant", "linear", "cosine")
+
+
+@dataclass(kw_only=True)
+class ModelConfig:
+    """Which checkpoint to train and with what numerics."""
+
+    load: str
+    """Megatron-Core checkpoint to start from (written by tools/convert_hf_to_mcore.py or by
+    a previous run's ``save``). Its ``model_spec.json`` and ``tokenizer/`` define the model."""
+    bf16: bool = False
+    """Train in bf16 (fp32 main weights and grads in the optimizer)."""
+    fp16: bool = False
+    """Train in fp16 with dynamic loss scaling."""
+    recompute_granularity: str | None = None
+    """Activation recomputation: None, "full" or "selective"."""
+    train_type: str = "full"
+    """"full" fine-tuning (LoRA: not in this release)."""
+
+    def __post_init__(self) -> None:
+        if self.bf16 and self.fp16:
+            raise ValueError("model: bf16 and fp16 are exclusive")
+        if self.recompute_granularity not in (None, "full", "selective"):
+            raise ValueError(f"model.recompute_granularity must be None, full or selective, got {self.recompute_granularity!r}")
+        if self.train_type != "full":
+            raise ValueError(f"model.train_type={self.train_type!r}: only 'full' is implemented")
+
+
+@dataclass(kw_only=True)
+class OptimConfig:
+    """Adam(W) via megatron's get_megatron_optimizer and OptimizerParamScheduler."""
+
+    learning_rate: float = 5e-7
+    """Peak learning rate (DPO-typical default)."""
+    min_lr: float = 0.0
+    """Learning rate at the end of decay."""
+    weight_decay: float = 0.0
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    adam_eps: float = 1e-8
+    clip_grad: float = 1.0
+    """Global gradient-norm clip (0 disables)."""
+    lr_decay_style: str = "cosine"
+    """constant, linear or cosine."""
+    warmup_ratio: float = 0.0
+    """Fraction of train_iters spent in linear warmup."""
+    use_distributed_optimizer: bool = False
+    """Shard optimizer state over data-parallel ranks (CUDA only)."""
+
+    def __post_init__(self) -> None:
+        if self.lr_decay_style not in LR_DECAY:
+            raise ValueError(f"optim.lr_decay_style must be one of {LR_DECAY}, got {self.lr_decay_style!r}")
+        if not 0.0 <= self.warmup_ratio < 1.0:
+            raise ValueError(f"optim.warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
+        if self.learning_rate <= 0:
+            raise ValueError(f"optim.learning_rate must be > 0, got {self.learning_rate}")
+
+
+@dataclass(kw_only=True)
+class TrainConfig:
+    """The loop: length, batch, checkpoints, evaluation, logging, faults."""
+
+    global_batch_size: int = 8
+    """Pairs per optimizer step for paired objectives (sequences for KTO/SFT), over all DP ranks."""
+    train_iters: int | None = None
+    """Optimizer steps; None derives it from num_train_epochs and the dataset size."""
+    num_train_epochs: float = 1.0
+    save: str | None = None
+    """Directory for checkpoints, metrics.jsonl, the data report and the plot."""
+    save_interval: int | None = None
+    """Steps between checkpoints (a final one is always written when save is set)."""
+    save_total_limit: int | None = None
+    """Keep at most this many checkpoints (oldest removed first)."""
+    eval_interval: int | None = None
+    """Steps between evaluations on the held-out split (data.val_fraction)."""
+    eval_iters: int = 4
+    """Global batches per evaluation."""
+    log_interval: int = 1
+    seed: int = 1234
+    device: str = "auto"
+    """auto, cuda or cpu (the CPU execution mode; auto picks it only without CUDA)."""
+    ref_model: str = "co_resident"
+    """How the reference log-probs are produced: "co_resident" (frozen model of the same
+    layout, run each step) or "precompute" (one forward pass over the data before
+    training; the reference weights are freed)."""
+    max_consecutive_nan: int = 3
+    """Skip steps whose loss is NaN/inf; stop after this many in a row."""
+    progress_bar: bool = True
+    tensorboard: bool = False
+    wandb_project: str | None = None
+    plot: bool = True
+    """Write training_curves.png into `save` at the end."""
+    exit_after_steps: int | None = None
+    """Stop (with a checkpoint) after this many steps of this launch (testing preemption)."""
+
+    def __post_init__(self) -> None:
+        if self.ref_model not in REF_MODES:
+            raise ValueError(f"train.ref_model must be one of {REF_MODES}, got {self.ref_model!r}")
+        if self.global_batch_size < 1:
+            raise ValueError(f"train.global_batch_size must be >= 1, got {self.global_batch_size}")
+
+
+@dataclass(kw_only=True)
+class AlgoConfig:
+    """The objective: ``rlhf_type`` plus its hyperparameters (validated by the objective)."""
+
+    rlhf_type: str = "dpo"
+    params: dict = field(default_factory=dict)
+    """Objective hyperparameters, e.g. {beta: 0.1, loss_type: sigmoid, rpo_alpha: 1.0}."""
+
+    def objective_config(self):
+        from mcore_align.algorithms import available_objectives, objective_config_cls
+
+        if self.rlhf_type not in available_objectives():
+            raise ValueError(f"rlhf_type {self.rlhf_type!r} unknown; available: {available_objectives()}")
+        cls = objective_config_cls(self.rlhf_type)
+        names = [f.name for f in dataclasses.fields(cls)]
+        for k in self.params:
+            if k not in names:
+                raise ValueError(f"unknown {self.rlhf_type} hyperparameter {k!r}{_did_you_mean(k, names)}")
+        return cls(**self.params)
+
+
+@dataclass(kw_only=True)
+class RunConfig:
+    model: ModelConfig
+    data: DataConfig
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    algo: AlgoConfig = field(default_factory=AlgoConfig)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+SECTIONS = {"model": ModelConfig, "data": DataConfig, "parallel": ParallelConfig,
+            "optim": OptimConfig, "train": TrainConfig, "algo": AlgoConfig}
+
+
+def _did_you_mean(key: str, candidates) -> str:
+    close = difflib.get_close_matches(key, list(candidates), n=3, cutoff=0.6)
+    return f"; did you mean {' or '.join(close)}?" if close else ""
+
+
+def _section_fields() -> dict[str, list[str]]:
+    return {s: [f.name for f in dataclasses.fields(c)] for s, c in SECTIONS.items()}
+
+
+def _objective_fields() -> set[str]:
+    from mcore_align.algorithms import available_objectives, objective_config_cls
+
+    return {f.name for n in available_objectives() for f in dataclasses.fields(objective_config_cls(n))}
+
+
+def _parse_value(text: str):
+    """`key=value` values are YAML scalars/lists: 2, 0.1, true, null, [sigmoid, sft]."""
+    return yaml.safe_load(text)
+
+
+def resolve_key(key: str) -> tuple[str, str]:
+    """Map ``beta`` / ``algo.beta`` / ``tensor_model_parallel_size`` to (section, field)."""
+    fields = _section_fields()
+    if "." in key:
+        sec, name = key.split(".", 1)
+        if sec not in fields:
+            raise ValueError(f"unknown config section {sec!r} in {key!r}{_did_you_mean(sec, fields)}")
+        if sec == "algo" and name not in ("rlhf_type", "params"):
+            return "algo.params", name
+        if name not in fields[sec]:
+            raise ValueError(f"unknown key {key!r}{_did_you_mean(name, fields[sec])}")
+        return sec, name
+    owners = [s for s, names in fields.items() if key in names and s != "algo"]
+    if key == "rlhf_type":
+        return "algo", key
+    if key in _objective_fields():
+        owners.append("algo.params")
+    if len(owners) == 1:
+        return owners[0], key
+    if len(owners) > 1:
+        raise ValueError(f"key {key!r} is ambiguous: write one of {[o.split('.')[0] + '.' + key for o in owners]}")
+    every = [n for names in fields.values() for n in names] + sorted(_objective_fields())
+    raise ValueError(f"unknown config key {key!r}{_did_you_mean(key, every)}")
+
+
+def _coerce(cls, values: dict) -> dict:
+    """YAML reads `1e-5` as a string; cast such values to the field's declared number type."""
+    hints = typing.get_type_hints(cls)
+    out = {}
+    for k, v in values.items():
+        t = str(hints.get(k, ""))
+        if isinstance(v, str) and ("float" in t or "int" in t) and "str" not in t:
+            try:
+                v = int(v) if "int" in t and "float" not in t else float(v)
+            except ValueError as e:
+                raise ValueError(f"{cls.__name__}.{k}: expected a number, got {v!r}") from e
+        out[k] = v
+    return out
+
+
+def build_config(raw: dict, overrides: typing.Sequence[str] = ()) -> RunConfig:
+    """Merge a nested (or flat) dict with ``key=value`` overrides into a RunConfig."""
+    tree: dict[str, dict] = {s: {} for s in SECTIONS}
+    tree["algo"]["params"] = {}
+
+    def put(key: str, value) -> None:
+        sec, name = resolve_key(key)
+        if sec == "algo.params":
+            tree["algo"]["params"][name] = value
+        elif sec == "algo" and name == "params":
+            tree["algo"]["params"].update(value or {})
+        else:
+            tree[sec][name] = value
+
+    for k, v in (raw or {}).items():
+        if k in SECTIONS and isinstance(v, dict):
+            for kk, vv in v.items():
+                put(f"{k}.{kk}" if k != "algo" or kk in ("rlhf_type", "params") else kk, vv)
+        else:
+            put(k, v)
+    for ov in overrides:
+        if "=" not in ov:
+            raise ValueError(f"override {ov!r} is not key=value")
+        k, v = ov.split("=", 1)
+        put(k.strip().lstrip("-"), _parse_value(v))
+    if isinstance(tree["data"].get("dataset"), str):
+        tree["data"]["dataset"] = [d for d in tree["data"]["dataset"].split(",") if d]
+    if "load" not in tree["model"]:
+        raise ValueError("config: model.load (the checkpoint to train) is required")
+    if "dataset" not in tree["data"]:
+        raise ValueError("config: data.dataset is required")
+    cfg = RunConfig(**{s: SECTIONS[s](**_coerce(SECTIONS[s], tree[s])) for s in SECTIONS})
+    cfg.algo.objective_config()  # validate hyperparameters now, not at step 0
+    return cfg
+
+
+def load_config(path: str | Path | None, overrides: typing.Sequence[str] = ()) -> RunConfig:
+    raw = {}
+    if path is not None:
+        p = Path(path)
+        try:
+            raw = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as e:
+            mark = getattr(e, "problem_mark", None)
+            where = f" line {mark.line + 1}" if mark else ""
+            raise ValueError(f"{p}:{where} invalid YAML: {e}") from e
+    return build_config(raw, overrides)

@@ -1,0 +1,256 @@
+"""Micro-batch contract, packing plan and collation.
+
+A *unit* is what must stay together in one micro-batch: a pair (chosen, rejected), a
+KTO example plus its mismatched KL sequence, or a single SFT/prompt sequence. Every
+rank plans the packing of the WHOLE global batch from sequence lengths alone (cheap,
+deterministic), so all DP ranks agree on the number of micro-batches without talking.
+
+Packed layout (one row, b = 1), pad_multiple = 4, a pair with lengths 5 and 3:
+
+    tokens      [c c c c c p p p | r r r p]       T = 12
+    position    [0 1 2 3 4 5 6 7 | 0 1 2 3]       restarts per sequence
+    cu_seqlens  [0, 8, 12]                        padded boundaries, int32
+    labels[t]   = tokens[t + 1] inside a sequence's real tokens, else 0
+    loss_mask[t]= 1 where labels[t] is a response token
+"""
+from __future__ import annotations
+
+import heapq
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+ROLE_CHOSEN, ROLE_REJECTED, ROLE_UNPAIRED, ROLE_KL = 0, 1, 2, 3
+
+
+def required_pad_multiple(tp: int, cp: int, sequence_parallel: bool) -> int:
+    """Multiple each packed sequence is padded to: TP (sequence parallelism splits the
+    sequence dimension across TP ranks) and 2 * CP (context parallelism splits every
+    sequence into 2 * CP load-balanced chunks). lcm(tp if sp else 1, 2cp if cp > 1 else 1)."""
+    if tp < 1 or cp < 1:
+        raise ValueError(f"tp and cp must be >= 1, got tp={tp} cp={cp}")
+    return math.lcm(tp if sequence_parallel else 1, 2 * cp if cp > 1 else 1)
+
+
+def round_up(x: int | np.ndarray, m: int):
+    return (x + m - 1) // m * m
+
+
+@dataclass
+class SeqRef:
+    """One sequence of a unit: tokens of store sequence `seq`; a KL sequence takes the
+    prompt of `seq` and the completion of store sequence `completion_of`."""
+
+    seq: int
+    role: int
+    pair_index: int
+    kto_label: bool
+    length: int
+    completion_of: int = -1
+
+
+@dataclass
+class MicroBatch:
+    """One micro-batch (CPU tensors; the trainer moves them to the device).
+
+    Packed mode: shapes [1, T]; padded mode: [B, S] (one sequence per row).
+    Sequence i occupies flat positions cu_seqlens[i]:cu_seqlens[i+1] of the flattened
+    tokens (in padded mode cu_seqlens = [0, S, 2S, ...]).
+    """
+
+    tokens: torch.Tensor
+    """int64 token ids (pad id in padding)."""
+    position_ids: torch.Tensor
+    """int64 positions, restarting at 0 for each sequence."""
+    labels: torch.Tensor
+    """int64 next token: labels[t] = tokens[t + 1] within the same sequence, 0 where undefined."""
+    loss_mask: torch.Tensor
+    """float32: 1 where labels[t] is a response token to score."""
+    cu_seqlens: torch.Tensor
+    """int32 [N + 1] padded sequence boundaries in the flattened batch."""
+    max_seqlen: int
+    """Longest padded sequence."""
+    seq_role: torch.Tensor
+    """int64 [N]: 0 chosen, 1 rejected, 2 unpaired, 3 KTO mismatched (KL) sequence."""
+    pair_index: torch.Tensor
+    """int64 [N]: index of the unit within the global batch (a pair's two sequences and a
+    KTO example's KL sequence share it)."""
+    kto_label: torch.Tensor
+    """bool [N]: KTO desirability (False when not KTO)."""
+    num_loss_tokens: torch.Tensor
+    """int64 [N]: loss_mask sum per sequence."""
+    seq_lengths: torch.Tensor
+    """int64 [N]: real (unpadded) length of each sequence."""
+    packed: bool
+    """True for the [1, T] THD layout."""
+
+    def packed_seq_params(self):
+        """`PackedSeqParams` (THD) for megatron's attention; None in padded mode."""
+        if not self.packed:
+            return None
+        from megatron.core.packed_seq_params import PackedSeqParams
+
+        return PackedSeqParams(
+            qkv_format="thd", cu_seqlens_q=self.cu_seqlens, cu_seqlens_kv=self.cu_seqlens,
+            cu_seqlens_q_padded=self.cu_seqlens, cu_seqlens_kv_padded=self.cu_seqlens,
+            max_seqlen_q=self.max_seqlen, max_seqlen_kv=self.max_seqlen,
+        )
+
+    @property
+    def num_sequences(self) -> int:
+        return len(self.seq_role)
+
+
+@dataclass
+class GlobalBatch:
+    """One optimizer step: this DP rank's micro-batches plus counts over the whole global batch.
+
+    num_pairs: pairs for paired objectives, examples (sequences) otherwise.
+    num_sequences: scored sequences (2 * num_pairs when paired; KL sequences excluded).
+    num_chosen_tokens: loss tokens of chosen sequences (role 0 only).
+    num_tokens: loss tokens of all scored sequences (KL sequences excluded).
+    num_desirable / num_undesirable: KTO label counts.
+    """
+
+    micro_batches: list[MicroBatch]
+    num_pairs: int
+    num_sequences: int
+    num_chosen_tokens: int
+    num_tokens: int
+    num_desirable: int
+    num_undesirable: int
+    real_tokens: int = 0
+    """Real (unpadded) tokens over the global batch, all ranks."""
+    slot_tokens: int = 0
+    """Token slots over the global batch: micro-batches * max_tokens (packed) or B * S (padded)."""
+    epoch: int = 0
+    step_in_epoch: int = 0
+    record_ids: list[int] = field(default_factory=list)
+    """Cached-record index of each unit (position = pair_index), for debugging and tests."""
+
+    def counts_dict(self) -> dict[str, int]:
+        """Keyword arguments of `mcore_align.algorithms.base.GlobalCounts`."""
+        return {k: getattr(self, k) for k in ("num_pairs", "num_sequences", "num_chosen_tokens",
+                                               "num_tokens", "num_desirable", "num_undesirable")}
+
+
+# ---- planning -----------------------------------------------------------------------
+def plan_bins(sizes: np.ndarray, capacity: int, dp_size: int) -> list[list[list[int]]]:
+    """Pack units of `sizes` (padded tokens) into bins of `capacity`, then give every DP
+    rank the same number of bins, balanced by tokens. Returns per rank a list of bins,
+    each a list of unit indices. Deterministic for the same inputs.
+    """
+    n = len(sizes)
+    if n < dp_size:
+        raise ValueError(f"a global batch of {n} units cannot give each of {dp_size} DP ranks a micro-batch")
+    if n and sizes.max() > capacity:
+        raise ValueError(f"a unit of {int(sizes.max())} tokens exceeds max_tokens_per_micro_batch={capacity}")
+    # First-fit decreasing (stable order for ties keeps it deterministic).
+    order = np.argsort(-sizes, kind="stable")
+    bins: list[list[int]] = []
+    free: list[int] = []
+    for u in order:
+        s = int(sizes[u])
+        for b, f in enumerate(free):
+            if f >= s:
+                bins[b].append(int(u))
+                free[b] -= s
+                break
+        else:
+            bins.append([int(u)])
+            free.append(capacity - s)
+    # Every rank must run the same number of micro-batches: split the fullest
+    # multi-unit bins until the bin count is a multiple of dp_size.
+    while len(bins) % dp_size:
+        cand = [b for b in range(len(bins)) if len(bins[b]) > 1]
+        assert cand, "n >= dp_size guarantees a splittable bin"
+        b = max(cand, key=lambda i: (len(bins[i]), capacity - free[i], -i))
+        units = sorted(bins[b], key=lambda u: -sizes[u])
+        halves: list[list[int]] = [[], []]
+        loads = [0, 0]
+        for u in units:  # greedy two-way balance
+            k = 0 if loads[0] <= loads[1] else 1
+            halves[k].append(u)
+            loads[k] += int(sizes[u])
+        bins[b], free[b] = halves[0], capacity - loads[0]
+        bins.append(halves[1])
+        free.append(capacity - loads[1])
+    # Longest-processing-time assignment with exactly M bins per rank.
+    per_rank = len(bins) // dp_size
+    loads_b = [capacity - f for f in free]
+    heap = [(0, r) for r in range(dp_size)]
+    out: list[list[list[int]]] = [[] for _ in range(dp_size)]
+    for b in sorted(range(len(bins)), key=lambda i: (-loads_b[i], i)):
+        popped = []
+        while True:
+            load, r = heapq.heappop(heap)
+            if len(out[r]) < per_rank:
+                break
+            popped.append((load, r))
+        out[r].append(sorted(bins[b]))
+        heapq.heappush(heap, (load + loads_b[b], r))
+        for p in popped:
+            heapq.heappush(heap, p)
+    return out
+
+
+# ---- collation ----------------------------------------------------------------------
+def _materialize(store, ref: SeqRef, max_length: int) -> tuple[np.ndarray, np.ndarray]:
+    tok, tgt = store.seq(ref.seq)
+    if ref.completion_of < 0:
+        return tok, tgt
+    # KL sequence: prompt of this example + completion of another one (TRL's KTO KL term).
+    p = int(store.seq_plen[ref.seq])
+    ctok, ctgt = store.seq(ref.completion_of)
+    q = int(store.seq_plen[ref.completion_of])
+    tok = np.concatenate([tok[:p], ctok[q:]])[:max_length]
+    tgt = np.concatenate([np.zeros(p, np.uint8), ctgt[q:]])[:max_length]
+    return tok, tgt
+
+
+def _shift(tok: np.ndarray, tgt: np.ndarray, width: int) -> tuple[np.ndarray, ...]:
+    """Row of `width` slots for one sequence: tokens, labels (next token), loss mask."""
+    n = len(tok)
+    t = np.zeros(width, np.int64)
+    lab = np.zeros(width, np.int64)
+    mask = np.zeros(width, np.float32)
+    t[:n] = tok
+    lab[: n - 1] = tok[1:]
+    mask[: n - 1] = tgt[1:]
+    return t, lab, mask
+
+
+def collate(store, refs: list[SeqRef], packed: bool, pad_multiple: int, pad_id: int,
+            max_length: int) -> MicroBatch:
+    seqs = [_materialize(store, r, max_length) for r in refs]
+    lens = np.array([len(t) for t, _ in seqs], dtype=np.int64)
+    if packed:
+        widths = round_up(lens, pad_multiple)
+    else:
+        widths = np.full(len(lens), round_up(int(lens.max()), pad_multiple), dtype=np.int64)
+    rows = [_shift(t, g, int(w)) for (t, g), w in zip(seqs, widths)]
+    toks = [r[0] for r in rows]
+    for (t, _), row, n in zip(seqs, toks, lens):
+        row[n:] = pad_id
+    pos = [np.arange(w, dtype=np.int64) for w in widths]
+    cat = (np.concatenate if packed else np.stack)
+    shape_fix = (lambda a: a[None]) if packed else (lambda a: a)
+    cu = np.concatenate([[0], np.cumsum(widths)]).astype(np.int32)
+    mask = cat([r[2] for r in rows])
+    nlt = np.array([r[2].sum() for r in rows], dtype=np.int64)
+    return MicroBatch(
+        tokens=torch.from_numpy(shape_fix(cat(toks))),
+        position_ids=torch.from_numpy(shape_fix(cat(pos))),
+        labels=torch.from_numpy(shape_fix(cat([r[1] for r in rows]))),
+        loss_mask=torch.from_numpy(shape_fix(mask)),
+        cu_seqlens=torch.from_numpy(cu),
+        max_seqlen=int(widths.max()),
+        seq_role=torch.tensor([r.role for r in refs], dtype=torch.int64),
+        pair_index=torch.tensor([r.pair_index for r in refs], dtype=torch.int64),
+        kto_label=torch.tensor([r.kto_label for r in refs], dtype=torch.bool),
+        num_loss_tokens=torch.from_numpy(nlt),
+        seq_lengths=torch.from_numpy(lens),
+        packed=packed,
+    )

@@ -1,0 +1,236 @@
+"""The on-disk tokenized dataset: built once per node, memory-mapped by every rank.
+
+Layout of `<cache_dir>/<key>/` (key = hash of dataset contents + tokenizer + settings):
+
+    tokens.bin     int32  [total_tokens]   all sequences back to back
+    targets.bin    uint8  [total_tokens]   1 where the token is a scored response token
+    seq_off.bin    int64  [S + 1]          sequence s = tokens[seq_off[s]:seq_off[s+1]]
+    seq_plen.bin   int32  [S]              prompt length of sequence s
+    rec_seq.bin    int64  [R, 2]           record -> (chosen/only seq, rejected seq or -1)
+    rec_label.bin  int8   [R]              KTO label (1, 0) or -1
+    meta.json      counts by reason, formats, length statistics
+
+Records are streamed in chunks, so building needs RAM for one chunk, not the dataset
+(except `.json` arrays and `#N` sampling, which are parsed whole). The folder is written
+under a temporary name and renamed into place, so a crash never leaves a half cache.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import socket
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from .config import DataConfig
+from .formats import BadRecord, content_fingerprint, detect_format, iter_dataset, normalize
+from .tokenization import RecordTokenizer
+
+log = logging.getLogger(__name__)
+CACHE_VERSION = 1
+_CHUNK = 1024  # records tokenized per batched tokenizer call
+_ARRAYS = {"tokens": np.int32, "targets": np.uint8, "seq_off": np.int64, "seq_plen": np.int32,
+           "rec_seq": np.int64, "rec_label": np.int8}
+
+
+def tokenizer_fingerprint(tokenizer) -> str:
+    h = hashlib.sha256()
+    h.update(tokenizer.backend_tokenizer.to_str().encode())
+    h.update(str(tokenizer.chat_template).encode())
+    h.update(json.dumps([tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id]).encode())
+    return h.hexdigest()
+
+
+def cache_key(cfg: DataConfig, tokenizer, objective_kind: str) -> str:
+    settings = {
+        "version": CACHE_VERSION,
+        "data": [content_fingerprint(d, cfg.cache_dir) for d in cfg.dataset],
+        "tokenizer": tokenizer_fingerprint(tokenizer),
+        "kind": objective_kind, "max_length": cfg.max_length, "trunc": cfg.truncation_strategy,
+        "all_turns": cfg.train_on_all_assistant_turns, "format": cfg.dataset_format,
+        "bad": cfg.on_bad_record, "seed": cfg.seed,
+    }
+    return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:24]
+
+
+@dataclass
+class TokenizedStore:
+    """Read-only view of a built cache folder (arrays are memory-mapped)."""
+
+    path: Path
+    tokens: np.ndarray
+    targets: np.ndarray
+    seq_off: np.ndarray
+    seq_plen: np.ndarray
+    rec_seq: np.ndarray
+    rec_label: np.ndarray
+    meta: dict
+
+    @classmethod
+    def open(cls, path: Path) -> "TokenizedStore":
+        meta = json.loads((path / "meta.json").read_text())
+        arrays = {}
+        for name, dtype in _ARRAYS.items():
+            n = meta["array_sizes"][name]
+            arrays[name] = (np.memmap(path / f"{name}.bin", dtype=dtype, mode="r") if n
+                            else np.zeros(0, dtype=dtype))
+        arrays["rec_seq"] = arrays["rec_seq"].reshape(-1, 2)
+        return cls(path=path, meta=meta, **arrays)
+
+    @property
+    def num_records(self) -> int:
+        return len(self.rec_label)
+
+    def seq_len(self, s: np.ndarray | int) -> np.ndarray:
+        return self.seq_off[np.asarray(s) + 1] - self.seq_off[np.asarray(s)]
+
+    def seq(self, s: int) -> tuple[np.ndarray, np.ndarray]:
+        a, b = self.seq_off[s], self.seq_off[s + 1]
+        return np.asarray(self.tokens[a:b]), np.asarray(self.targets[a:b])
+
+
+class _Writer:
+    def __init__(self, tmp: Path):
+        self.files = {n: open(tmp / f"{n}.bin", "wb") for n in _ARRAYS}
+        self.sizes = Counter({n: 0 for n in _ARRAYS})
+        self.num_tokens = 0
+        self.num_seqs = 0
+        self._write("seq_off", np.zeros(1, np.int64))
+
+    def _write(self, name: str, arr: np.ndarray) -> None:
+        arr = np.ascontiguousarray(arr, dtype=_ARRAYS[name])
+        self.files[name].write(arr.tobytes())
+        self.sizes[name] += arr.size
+
+    def add(self, rec, label: int) -> None:
+        sid = []
+        for tok, tgt in zip(rec.tokens, rec.targets):
+            self._write("tokens", tok)
+            self._write("targets", tgt)
+            self.num_tokens += len(tok)
+            self._write("seq_off", np.array([self.num_tokens]))
+            self._write("seq_plen", np.array([rec.prompt_len]))
+            sid.append(self.num_seqs)
+            self.num_seqs += 1
+        self._write("rec_seq", np.array(sid + [-1] * (2 - len(sid))))
+        self._write("rec_label", np.array([label]))
+
+    def close(self) -> dict:
+        for f in self.files.values():
+            f.close()
+        return dict(self.sizes)
+
+
+def _length_stats(x: np.ndarray) -> dict:
+    if len(x) == 0:
+        return {"count": 0}
+    return {"count": int(len(x)), "min": int(x.min()), "mean": round(float(x.mean()), 1),
+            "p50": int(np.percentile(x, 50)), "p95": int(np.percentile(x, 95)), "max": int(x.max())}
+
+
+def build_store(cfg: DataConfig, tokenizer, objective_kind: str, out: Path) -> None:
+    """Tokenize every dataset of `cfg` into the cache folder `out` (atomically)."""
+    tmp = out.parent / f"{out.name}.tmp-{socket.gethostname()}-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        rt = RecordTokenizer(tokenizer, objective_kind, cfg.max_length, cfg.truncation_strategy,
+                             cfg.train_on_all_assistant_turns)
+        writer = _Writer(tmp)
+        formats, read, skipped, examples = {}, Counter(), Counter(), []
+        pending: list = []
+
+        def flush():
+            for rec, label in zip(rt.tokenize([p[0] for p in pending]), [p[1] for p in pending]):
+                if rec is not None:
+                    writer.add(rec, label)
+            pending.clear()
+
+        for spec in cfg.dataset:
+            fmt = cfg.dataset_format
+            for loc, raw in iter_dataset(spec, cfg.seed):
+                read[spec] += 1
+                try:
+                    if fmt is None:
+                        if isinstance(raw, BadRecord):
+                            raise raw
+                        fmt = detect_format(raw, loc)
+                        formats[spec] = fmt
+                    ex = normalize(raw, fmt, loc)
+                    rendered = [rt.templater.render(ex, r, loc) for r in rt.responses(ex, fmt, loc)]
+                except BadRecord as e:
+                    if cfg.on_bad_record == "error":
+                        raise
+                    skipped[e.reason] += 1
+                    if len(examples) < 10:
+                        examples.append(str(e))
+                    continue
+                pending.append((rendered, -1 if ex.label is None else int(ex.label)))
+                if len(pending) >= _CHUNK:
+                    flush()
+            formats.setdefault(spec, fmt)
+        flush()
+        sizes = writer.close()
+
+        seq_off = np.fromfile(tmp / "seq_off.bin", dtype=np.int64)
+        plen = np.fromfile(tmp / "seq_plen.bin", dtype=np.int32)
+        rec_seq = np.fromfile(tmp / "rec_seq.bin", dtype=np.int64).reshape(-1, 2)
+        lens = np.diff(seq_off)
+        stats = {"prompt": _length_stats(plen[rec_seq[:, 0]]) if len(rec_seq) else {"count": 0},
+                 "chosen_response": _length_stats(lens[rec_seq[:, 0]] - plen[rec_seq[:, 0]]) if len(rec_seq) else {"count": 0},
+                 "sequence": _length_stats(lens)}
+        rej = rec_seq[:, 1][rec_seq[:, 1] >= 0]
+        if len(rej):
+            stats["rejected_response"] = _length_stats(lens[rej] - plen[rej])
+        dropped = Counter(skipped) + rt.dropped
+        meta = {
+            "cache_version": CACHE_VERSION, "objective_kind": objective_kind,
+            "formats": formats, "records_read": dict(read), "records_read_total": sum(read.values()),
+            "records_kept": int(len(rec_seq)), "dropped": dict(dropped), "dropped_total": sum(dropped.values()),
+            "warnings": dict(rt.warnings), "skipped_examples": examples,
+            "num_sequences": int(len(lens)), "num_tokens": int(seq_off[-1]),
+            "token_lengths": stats, "array_sizes": sizes,
+        }
+        (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
+        try:
+            os.rename(tmp, out)
+        except OSError:
+            # Another process (another node on a shared filesystem) finished first.
+            assert (out / "meta.json").exists(), f"cannot rename {tmp} to {out}"
+            shutil.rmtree(tmp, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def load_or_build_store(cfg: DataConfig, tokenizer, objective_kind: str) -> TokenizedStore:
+    """Open the cached tokenized dataset, building it first if needed.
+
+    With torch.distributed initialised, only local rank 0 of each node tokenizes; the
+    others wait on a barrier and then open the cache. Without it, the caller builds.
+    """
+    import torch.distributed as dist
+
+    out = Path(cfg.cache_dir) / cache_key(cfg, tokenizer, objective_kind)
+    distributed = dist.is_available() and dist.is_initialized()
+    local_rank = int(os.environ.get("LOCAL_RANK", "0")) if distributed else 0
+    error: BaseException | None = None
+    if not (out / "meta.json").exists() and local_rank == 0:
+        log.info("tokenizing %s into %s", cfg.dataset, out)
+        try:
+            build_store(cfg, tokenizer, objective_kind, out)
+        except BaseException as e:  # re-raised after the barrier so no rank hangs
+            error = e
+    if distributed:
+        dist.barrier()
+    if error is not None:
+        raise error
+    if not (out / "meta.json").exists():
+        raise RuntimeError(f"tokenized cache {out} missing after local rank 0 built it; see its log")
+    return TokenizedStore.open(out)

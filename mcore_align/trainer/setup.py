@@ -1,0 +1,110 @@
+"""Build the policy (megatron DDP), the frozen reference, optimizer and LR scheduler."""
+from __future__ import annotations
+
+import logging
+import torch
+
+from mcore_align.config import RunConfig
+from mcore_align.models.provider import ModelOptions, build_model
+from mcore_align.models.spec import ModelSpec
+from mcore_align.parallel.runtime import Runtime
+
+log = logging.getLogger(__name__)
+
+
+def model_options(cfg: RunConfig) -> ModelOptions:
+    dtype = torch.bfloat16 if cfg.model.bf16 else torch.float16 if cfg.model.fp16 else torch.float32
+    return ModelOptions(params_dtype=dtype, recompute_granularity=cfg.model.recompute_granularity)
+
+
+def build_policy(spec: ModelSpec, runtime: Runtime, cfg: RunConfig, load_dir: str | None):
+    """Policy chunks wrapped in megatron DDP, weights loaded from ``load_dir`` (if given)."""
+    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+
+    from mcore_align.checkpoint import load_model_weights
+
+    if runtime.is_cpu and cfg.optim.use_distributed_optimizer:
+        raise ValueError("use_distributed_optimizer needs CUDA; it is not available in the CPU execution mode")
+    chunks = build_model(spec, runtime, role="policy", opts=model_options(cfg))
+    if load_dir is not None:
+        load_model_weights(chunks, load_dir)
+    ddp_cfg = DistributedDataParallelConfig(
+        grad_reduce_in_fp32=True,
+        # Overlap needs CUDA streams; in the CPU mode gradients are reduced after backward.
+        overlap_grad_reduce=not runtime.is_cpu,
+        use_distributed_optimizer=cfg.optim.use_distributed_optimizer,
+    )
+    return [
+        DistributedDataParallel(
+            config=c.config, ddp_config=ddp_cfg, module=c,
+            # Bucket 0 only: the first chunk's grads are synchronised with the others.
+            disable_bucketing=i > 0, pg_collection=runtime.pgs,
+        )
+        for i, c in enumerate(chunks)
+    ]
+
+
+def build_reference(spec: ModelSpec, runtime: Runtime, cfg: RunConfig, load_dir: str):
+    from mcore_align.checkpoint import load_model_weights
+
+    chunks = build_model(spec, runtime, role="reference", opts=model_options(cfg))
+    load_model_weights(chunks, load_dir)
+    return chunks
+
+
+def build_optimizer(policy, runtime: Runtime, cfg: RunConfig, train_iters: int):
+    from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+    from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+
+    o = cfg.optim
+    ocfg = OptimizerConfig(
+        optimizer="adam",
+        lr=o.learning_rate,
+        min_lr=o.min_lr,
+        weight_decay=o.weight_decay,
+        adam_beta1=o.adam_beta1,
+        adam_beta2=o.adam_beta2,
+        adam_eps=o.adam_eps,
+        clip_grad=o.clip_grad,
+        bf16=cfg.model.bf16,
+        fp16=cfg.model.fp16,
+        params_dtype=model_options(cfg).params_dtype,
+        use_distributed_optimizer=o.use_distributed_optimizer,
+        initial_loss_scale=2.0**16 if cfg.model.fp16 else None,
+    )
+    optimizer = get_megatron_optimizer(ocfg, policy, use_gloo_process_groups=False, pg_collection=runtime.pgs)
+    warmup = int(round(o.warmup_ratio * train_iters))
+    scheduler = OptimizerParamScheduler(
+        optimizer,
+        init_lr=0.0 if warmup else o.learning_rate,
+        max_lr=o.learning_rate,
+        min_lr=o.min_lr,
+        lr_warmup_steps=warmup,
+        lr_decay_steps=max(train_iters, warmup + 1),
+        lr_decay_style=o.lr_decay_style,
+        start_wd=o.weight_decay,
+        end_wd=o.weight_decay,
+        wd_incr_steps=train_iters,
+        wd_incr_style="constant",
+    )
+    return optimizer, scheduler
+
+
+def wire_model_config(policy, optimizer, runtime: Runtime) -> None:
+    """Hooks megatron's schedules read from the model config (as Megatron-LM's training.py)."""
+    from megatron.core.distributed import finalize_model_grads
+
+    config = policy[0].config
+    assert config.calculate_per_token_loss, "provider must build with calculate_per_token_loss"
+    config.finalize_model_grads_func = _finalize_without_token_scaling(finalize_model_grads)
+    config.grad_scale_func = optimizer.scale_loss
+    config.no_sync_func = [m.no_sync for m in policy] if len(policy) > 1 else policy[0].no_sync
+    config.timers = None
+
+
+def _finalize_without_token_scaling(fn):
+    def finalize(model, num_tokens=None, **kwargs):
+        # megatron would divide grads by the token count; our losses are normalised already.
+        return fn(model, None, **kwargs)
+
+    return finalize

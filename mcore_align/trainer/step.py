@@ -1,0 +1,258 @@
+"""One optimizer step on megatron's pipeline schedules, and the loss function seam.
+
+Flow of a step (``Stepper.train_step``):
+
+1. Micro-batches of this DP rank go to the device (CP ranks keep their slice).
+2. Forward-only passes (``forward_only=True`` of the same schedule, so pipeline
+   parallelism is handled by megatron) give per-sequence log-prob sums of the
+   frozen reference (objectives with ``needs_reference``) and, for KTO, of the
+   policy on the mismatched KL sequences; they are attached to the micro-batches.
+3. ``forward_backward_func`` runs the policy. The loss function turns vocab-parallel
+   logits into per-sequence sums (``ops.logprobs`` + ``ops.segments``, all-reduced
+   over CP) and calls the objective, which returns a contribution already
+   normalised by *global* counts. The provider builds with
+   ``calculate_per_token_loss=True`` and ``finalize_model_grads`` is called without
+   a token count, so megatron neither divides by the micro-batch count nor averages
+   over DP: gradients are exactly those of the global-batch loss, however the batch
+   is split (micro-batches, DP, packing, CP).
+4. NaN/inf in the loss or the gradients skips the update on every rank.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field, replace
+from functools import partial
+
+import torch
+import torch.distributed as dist
+
+from mcore_align.algorithms import GlobalCounts, SequenceStats
+from mcore_align.algorithms.kto import kl_partial_sums, kl_reference_point
+from mcore_align.ops.logprobs import vocab_parallel_logprobs
+from mcore_align.ops.segments import allreduce_segment_sums, segment_sums
+
+ROLE_CHOSEN, ROLE_REJECTED, ROLE_UNPAIRED, ROLE_KL = 0, 1, 2, 3
+
+
+@dataclass
+class StepResult:
+    metrics: dict[str, float]
+    skipped: bool = False
+    grad_norm: float | None = None
+
+
+@dataclass
+class DeviceBatch:
+    """A micro-batch on the device, plus what earlier passes attached to it."""
+
+    mb: object  # data.batch.MicroBatch (on device; CP slice when CP > 1)
+    ref_sums: torch.Tensor | None = None  # [N] reference log-prob sums, all sequences
+    policy_sums_nograd: torch.Tensor | None = None  # [N] policy sums from a forward-only pass
+    extras: dict = field(default_factory=dict)
+
+
+class Stepper:
+    def __init__(self, runtime, objective, policy, reference=None):
+        from megatron.core.pipeline_parallel import get_forward_backward_func
+
+        self.rt = runtime
+        self.objective = objective
+        self.policy = policy
+        self.reference = reference
+        self.fb = get_forward_backward_func()
+        self.tp_group = runtime.pgs.tp
+        self.cp_group = runtime.pgs.cp
+        self.cp_size = runtime.parallel.context_parallel_size
+
+    # -- data ---------------------------------------------------------------------
+    def to_device(self, micro_batches) -> list[DeviceBatch]:
+        dev = self.rt.device
+        out = []
+        for mb in micro_batches:
+            moved = replace(mb, **{
+                k: getattr(mb, k).to(dev, non_blocking=True)
+                for k in ("tokens", "position_ids", "labels", "loss_mask", "cu_seqlens")
+            })
+            if self.cp_size > 1:
+                from mcore_align.ops.context_parallel import cp_slice_micro_batch
+
+                moved = cp_slice_micro_batch(moved, self.cp_group)
+            out.append(DeviceBatch(moved))
+        return out
+
+    # -- forward pieces -------------------------------------------------------------
+    @staticmethod
+    def _model_forward(model, mb):
+        return model(
+            input_ids=mb.tokens, position_ids=mb.position_ids, attention_mask=None,
+            packed_seq_params=mb.packed_seq_params(),
+        )
+
+    def sequence_sums(self, mb, logits_BSV) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-sequence sums of target log-probs over loss tokens: ([N], [N]), whole sequences."""
+        logp_BS = vocab_parallel_logprobs(logits_BSV, mb.labels, self.tp_group)
+        sums_N, counts_N = segment_sums(logp_BS.reshape(-1), mb.loss_mask.reshape(-1), mb.cu_seqlens)
+        if self.cp_size > 1:
+            sums_N, counts_N = allreduce_segment_sums(sums_N, counts_N, self.cp_group)
+        return sums_N, counts_N
+
+    def _run(self, chunks, batches: list[DeviceBatch], step_fn, forward_only: bool):
+        seq_len = max(int(b.mb.tokens.shape[-1]) for b in batches)
+        micro = int(batches[0].mb.tokens.shape[0])
+        return self.fb(
+            forward_step_func=step_fn,
+            data_iterator=[iter(batches) for _ in chunks] if len(chunks) > 1 else iter(batches),
+            model=chunks if len(chunks) > 1 else chunks[0],
+            num_microbatches=len(batches),
+            seq_length=seq_len,
+            micro_batch_size=micro,
+            forward_only=forward_only,
+        )
+
+    def forward_only_sums(self, chunks, batches: list[DeviceBatch]) -> list[torch.Tensor] | None:
+        """Per-sequence log-prob sums of ``chunks`` for every micro-batch (last PP stage; else None)."""
+
+        def step(data_iterator, model):
+            b = next(data_iterator)
+            out = self._model_forward(model, b.mb)
+
+            def loss_fn(logits):
+                sums, _ = self.sequence_sums(b.mb, logits.float() if logits.dtype == torch.float16 else logits)
+                zero = logits.new_zeros(())
+                return zero, torch.tensor(0, dtype=torch.int), {"sums": sums.detach()}
+
+            return out, loss_fn
+
+        with torch.no_grad():
+            outs = self._run(chunks, batches, step, forward_only=True)
+        if not outs:
+            return None
+        return [o["sums"] for o in outs]
+
+    # -- statistics for the objective -----------------------------------------------
+    def build_stats(self, b: DeviceBatch, sums_N, counts_N, kl_reference) -> SequenceStats:
+        mb = b.mb
+        role = mb.seq_role.to(sums_N.device)
+        scored = role != ROLE_KL
+        kl = role == ROLE_KL
+        ref = b.ref_sums
+        stats = SequenceStats(
+            logps=sums_N[scored],
+            num_tokens=counts_N[scored],
+            ref_logps=ref[scored] if ref is not None else None,
+            labels=mb.kto_label.to(sums_N.device)[scored] if kl.any() else None,
+        )
+        if kl.any():
+            # KL sequences follow the pair_index order of their examples.
+            order = torch.argsort(mb.pair_index.to(sums_N.device)[kl])
+            stats.kl_logps = b.policy_sums_nograd[kl][order]
+            stats.ref_kl_logps = ref[kl][order]
+            stats.kl_reference = kl_reference
+        return stats
+
+    def _loss_fn(self, b: DeviceBatch, counts: GlobalCounts, kl_reference, logits):
+        sums, cnts = self.sequence_sums(b.mb, logits)
+        stats = self.build_stats(b, sums, cnts, kl_reference)
+        loss, metrics = self.objective(stats, counts)
+        report = {"loss": loss.detach().reshape(()).float()}
+        for name, (s, c) in metrics.items():
+            report[name] = torch.stack([s.detach().float().reshape(()), c.detach().float().reshape(())])
+        return loss, torch.tensor(1, dtype=torch.int), report
+
+    # -- the step -------------------------------------------------------------------
+    def prepare(self, global_batch, ref_cache=None) -> tuple[list[DeviceBatch], torch.Tensor | None]:
+        """Device batches with reference / KL sums attached; returns (batches, z0 or None)."""
+        batches = self.to_device(global_batch.micro_batches)
+        if self.objective.needs_reference:
+            ref = ref_cache if ref_cache is not None else self.forward_only_sums(self.reference, batches)
+            for b, r in zip(batches, ref or []):
+                b.ref_sums = r
+        z0 = None
+        if any(bool((b.mb.seq_role == ROLE_KL).any()) for b in batches):
+            pol = self.forward_only_sums(self.policy, batches)
+            z0 = self._kl_reference(batches, pol)
+        return batches, z0
+
+    def _kl_reference(self, batches, pol_sums):
+        s = torch.zeros(2, dtype=torch.float64, device=self.rt.device)
+        if pol_sums is not None:  # last PP stage
+            for b, p in zip(batches, pol_sums):
+                b.policy_sums_nograd = p
+                kl = b.mb.seq_role.to(p.device) == ROLE_KL
+                ks, kc = kl_partial_sums(SequenceStats(logps=p, num_tokens=p, kl_logps=p[kl], ref_kl_logps=b.ref_sums[kl]))
+                s += torch.stack([ks, kc]).double()
+        dist.all_reduce(s, group=self.rt.pgs.dp)  # every DP rank sees the global z0
+        return kl_reference_point(s[0], s[1]).float()
+
+    def train_step(self, global_batch, optimizer, scheduler, ref_cache=None) -> StepResult:
+        batches, z0 = self.prepare(global_batch, ref_cache)
+        counts = GlobalCounts(**global_batch.counts_dict())
+        for m in self.policy:
+            m.zero_grad_buffer()
+        optimizer.zero_grad()
+
+        def step(data_iterator, model):
+            b = next(data_iterator)
+            out = self._model_forward(model, b.mb)
+            return out, partial(self._loss_fn, b, counts, z0)
+
+        outs = self._run(self.policy, batches, step, forward_only=False)
+        metrics = self.reduce_metrics(outs)
+        bad = torch.tensor([0.0 if math.isfinite(metrics.get("loss", 0.0)) and self._grads_finite() else 1.0],
+                           device=self.rt.device)
+        dist.all_reduce(bad, op=dist.ReduceOp.MAX)
+        if bad.item() > 0:
+            for m in self.policy:
+                m.zero_grad_buffer()
+            optimizer.zero_grad()
+            return StepResult(metrics, skipped=True)
+        ok, grad_norm, _ = optimizer.step()
+        if ok:
+            scheduler.step(increment=1)
+        return StepResult(metrics, skipped=not ok, grad_norm=float(grad_norm) if grad_norm is not None else None)
+
+    def eval_step(self, global_batch) -> dict[str, float]:
+        """Objective metrics of the policy on a batch, without gradients."""
+        batches, z0 = self.prepare(global_batch)
+        counts = GlobalCounts(**global_batch.counts_dict())
+
+        def step(data_iterator, model):
+            b = next(data_iterator)
+            out = self._model_forward(model, b.mb)
+            return out, partial(self._loss_fn, b, counts, z0)
+
+        with torch.no_grad():
+            outs = self._run(self.policy, batches, step, forward_only=True)
+        return self.reduce_metrics(outs)
+
+    def _grads_finite(self) -> bool:
+        for m in self.policy:
+            for buf in getattr(m, "buffers", []):
+                if not torch.isfinite(buf.grad_data).all():
+                    return False
+        return True
+
+    def reduce_metrics(self, outs) -> dict[str, float]:
+        """Sum (sum, count) metrics over micro-batches and DP; the same dict on every rank."""
+        local: dict[str, torch.Tensor] = {}
+        for o in outs or []:
+            for k, v in o.items():
+                local[k] = local.get(k, 0) + v.detach().double().cpu()
+        gathered = [None] * self.rt.pgs.dp.size()
+        dist.all_gather_object(gathered, local, group=self.rt.pgs.dp)
+        total: dict[str, torch.Tensor] = {}
+        for d in gathered:
+            for k, v in d.items():
+                total[k] = total.get(k, 0) + v
+        result = {}
+        for k, v in total.items():
+            if v.dim() == 0:
+                result[k] = float(v)
+            else:
+                result[k] = float(v[0] / v[1]) if v[1] > 0 else float("nan")
+        # Only the last pipeline stage computed them: hand them to every stage.
+        obj = [result]
+        pp = self.rt.pgs.pp
+        last = dist.get_global_rank(pp, pp.size() - 1)
+        dist.broadcast_object_list(obj, src=last, group=pp)
+        return obj[0]

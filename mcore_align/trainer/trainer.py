@@ -1,0 +1,162 @@
+"""The training loop: one class, read top to bottom."""
+from __future__ import annotations
+
+import gc
+import logging
+import math
+import signal
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from mcore_align.algorithms import build_objective
+from mcore_align.config import RunConfig
+from mcore_align.data.batch import required_pad_multiple
+from mcore_align.data.loader import build_data
+from mcore_align.parallel.runtime import initialize
+from mcore_align.trainer.checkpointing import latest_checkpoint, load_checkpoint, save_checkpoint
+from mcore_align.trainer.reporting import Reporter
+from mcore_align.trainer.setup import build_optimizer, build_policy, build_reference, wire_model_config
+from mcore_align.trainer.step import Stepper
+
+log = logging.getLogger(__name__)
+
+
+def data_kind(objective) -> str:
+    """Which data the objective consumes ("paired", "kto", "sft")."""
+    return getattr(objective, "data_kind", "paired" if objective.paired else "sft")
+
+
+class TooManyNonFinite(RuntimeError):
+    pass
+
+
+class Trainer:
+    def __init__(self, cfg: RunConfig):
+        from transformers import AutoTokenizer
+
+        from mcore_align.checkpoint import read_model_spec
+
+        self.cfg = cfg
+        t = cfg.train
+        self.rt = initialize(cfg.parallel, device=t.device, seed=t.seed)
+        self.resume_from = latest_checkpoint(t.save)
+        source = Path(self.resume_from or cfg.model.load)  # model_spec.json + tokenizer/
+        self.spec = read_model_spec(source)
+        self.tokenizer = AutoTokenizer.from_pretrained(str(source / "tokenizer"))
+        self.objective = build_objective(cfg.algo.rlhf_type, **cfg.algo.params)
+        par = cfg.parallel
+        self.data = build_data(
+            cfg.data, self.tokenizer, data_kind(self.objective),
+            dp_rank=self.rt.dp_rank, dp_size=self.rt.dp_size, global_batch_size=t.global_batch_size,
+            pad_multiple=required_pad_multiple(par.tensor_model_parallel_size, par.context_parallel_size, par.sequence_parallel),
+            report_path=Path(t.save) / "data_report.json" if t.save else None,
+        )
+        self.train_iters = t.train_iters or max(1, math.ceil(t.num_train_epochs * self.data.train.batches_per_epoch))
+        self.policy = build_policy(self.spec, self.rt, cfg, load_dir=None if self.resume_from else cfg.model.load)
+        self.reference = (
+            build_reference(self.spec, self.rt, cfg, cfg.model.load) if self.objective.needs_reference else None
+        )
+        self.optimizer, self.scheduler = build_optimizer(self.policy, self.rt, cfg, self.train_iters)
+        wire_model_config(self.policy, self.optimizer, self.rt)
+        self.step = 0
+        if self.resume_from:
+            extra = load_checkpoint(self.resume_from, self.policy, self.optimizer, self.scheduler, self.rt)
+            self.step = extra["step"]
+            self.data.train.load_state_dict(extra["data"])
+            log.warning("resumed from %s at step %d", self.resume_from, self.step)
+        self.stepper = Stepper(self.rt, self.objective, self.policy, self.reference)
+        self._stop_signal = False
+        for sig in (signal.SIGTERM, signal.SIGUSR1):
+            signal.signal(sig, self._on_signal)
+
+    # -- the loop -------------------------------------------------------------------
+    def train(self) -> dict:
+        t = self.cfg.train
+        ref_cache = self._precompute_reference() if (self.reference is not None and t.ref_model == "precompute") else None
+        reporter = Reporter(
+            enabled=self.rt.rank == 0, save=t.save, total_steps=self.train_iters, start_step=self.step,
+            progress_bar=t.progress_bar, tensorboard=t.tensorboard, wandb_project=t.wandb_project,
+            config=self.cfg.to_dict(),
+        )
+        bad_in_row, steps_this_launch, history = 0, 0, []
+        while self.step < self.train_iters:
+            gb = next(self.data.train)
+            t0 = time.time()
+            res = self.stepper.train_step(gb, self.optimizer, self.scheduler,
+                                          ref_cache=ref_cache.pop(self.step) if ref_cache is not None else None)
+            dt = time.time() - t0
+            self.step += 1
+            steps_this_launch += 1
+            bad_in_row = bad_in_row + 1 if res.skipped else 0
+            row = {**res.metrics, "lr": self.optimizer.param_groups[0]["lr"], "grad_norm": res.grad_norm,
+                   "tokens_per_sec": gb.real_tokens / dt, "step_time": dt, "skipped": res.skipped}
+            history.append(row)
+            if self.step % t.log_interval == 0 or res.skipped:
+                reporter.log(self.step, row)
+            if bad_in_row >= t.max_consecutive_nan:
+                raise TooManyNonFinite(
+                    f"{bad_in_row} consecutive steps with non-finite loss or gradients (last at step {self.step}); "
+                    "lower the learning rate, check the data, or raise train.max_consecutive_nan"
+                )
+            if t.eval_interval and self.data.eval is not None and self.step % t.eval_interval == 0:
+                reporter.log(self.step, self.evaluate(), prefix="eval/")
+            stop = self._agreed_stop() or (t.exit_after_steps is not None and steps_this_launch >= t.exit_after_steps)
+            if t.save and (stop or (t.save_interval and self.step % t.save_interval == 0)):
+                self.save()
+            if stop:
+                log.warning("stopping at step %d (signal or exit_after_steps); relaunch to resume", self.step)
+                reporter.close(plot=False)
+                return {"step": self.step, "history": history, "stopped": True}
+        if self.data.eval is not None:
+            reporter.log(self.step, self.evaluate(), prefix="eval/")
+        if t.save and not (t.save_interval and self.step % t.save_interval == 0):
+            self.save()
+        plot = reporter.close(plot=t.plot)
+        return {"step": self.step, "history": history, "stopped": False, "plot": str(plot) if plot else None}
+
+    # -- pieces ---------------------------------------------------------------------
+    def evaluate(self) -> dict:
+        sums: dict[str, float] = {}
+        n = 0
+        for i, gb in enumerate(self.data.eval):
+            if i >= self.cfg.train.eval_iters:
+                break
+            for k, v in self.stepper.eval_step(gb).items():
+                sums[k] = sums.get(k, 0.0) + v
+            n += 1
+        return {k: v / n for k, v in sums.items()} if n else {}
+
+    def save(self) -> None:
+        t = self.cfg.train
+        save_checkpoint(
+            t.save, self.step, self.policy, self.optimizer, self.scheduler, self.rt,
+            extra={"step": self.step, "data": self.data.train.state_dict(), "config": self.cfg.to_dict()},
+            sidecar_from=self.resume_from or self.cfg.model.load, save_total_limit=t.save_total_limit,
+        )
+
+    def _precompute_reference(self) -> dict[int, list]:
+        """One forward-only pass of the reference over the batches of the remaining steps,
+        then the reference weights are freed. Keyed by step (the loader is deterministic)."""
+        state = self.data.train.state_dict()
+        cache = {}
+        for step in range(self.step, self.train_iters):
+            gb = next(self.data.train)
+            cache[step] = self.stepper.forward_only_sums(self.reference, self.stepper.to_device(gb.micro_batches))
+        self.data.train.load_state_dict(state)
+        self.reference = self.stepper.reference = None
+        gc.collect()
+        log.warning("precomputed reference log-probs for %d steps; reference model freed", len(cache))
+        return cache
+
+    def _on_signal(self, signum, frame) -> None:
+        log.warning("received signal %d: will checkpoint after this step and exit", signum)
+        self._stop_signal = True
+
+    def _agreed_stop(self) -> bool:
+        """All ranks stop together if any rank got SIGTERM/SIGUSR1."""
+        flag = torch.tensor([1.0 if self._stop_signal else 0.0], device=self.rt.device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item() > 0)
