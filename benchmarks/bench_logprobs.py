@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import os
 import platform
 import time
 import weakref
@@ -98,6 +99,28 @@ def random_bf16(shape, device, scale=1.0, rows_per_block=512):
     return out
 
 
+def cpu_name() -> str:
+    name = platform.processor() or "cpu"
+    try:
+        with open("/proc/cpuinfo") as f:
+            name = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return f"{name}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads"
+
+
+def warm_up(device: torch.device) -> None:
+    """One tiny call of every path, so one-time initialisation is not timed."""
+    x = torch.randn(8, 64, device=device, dtype=torch.bfloat16, requires_grad=True)
+    h = torch.randn(8, 16, device=device, dtype=torch.bfloat16, requires_grad=True)
+    w = torch.randn(64, 16, device=device, dtype=torch.bfloat16, requires_grad=True)
+    t = torch.randint(0, 64, (8,), device=device)
+    torch.log_softmax(x.float(), -1).gather(-1, t[:, None]).sum().backward()
+    vocab_parallel_logprobs(x, t, None, chunk_size=3).sum().backward()
+    vocab_parallel_logprobs(h @ w.t(), t, None, chunk_size=3).sum().backward()
+    fused_linear_logprobs(h, w, t, None, chunk_size=3).sum().backward()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tokens", type=int, default=8192)
@@ -110,6 +133,7 @@ def main() -> None:
     args = parser.parse_args()
     device = torch.device(args.device)
     skip = set(filter(None, args.skip.split(",")))
+    warm_up(device)
     torch.manual_seed(0)
     T, V, H = args.tokens, args.vocab, args.hidden
     target = torch.randint(0, V, (T,), device=device)
@@ -152,7 +176,7 @@ def main() -> None:
         step = run_hidden(lambda: fused_linear_logprobs(hidden, weight, target, None, chunk_size=args.fused_chunk))
         rows.append((f"fused_linear_logprobs (chunk {args.fused_chunk})", *measure(step, device)))
 
-    machine = torch.cuda.get_device_name() if device.type == "cuda" else f"{platform.processor() or 'cpu'}, {torch.get_num_threads()} threads"
+    machine = torch.cuda.get_device_name() if device.type == "cuda" else cpu_name()
     print(f"tokens={T} vocab={V} hidden={H} bf16, forward+backward, device={device} ({machine}), torch {torch.__version__}")
     print(f"inputs: logits {T * V * 2 / GiB:.2f} GiB; hidden + weight {(T * H + V * H) * 2 / GiB:.2f} GiB (not counted)")
     ref = next((r for r in rows if r[0].startswith("naive")), None)

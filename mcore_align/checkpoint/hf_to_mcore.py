@@ -75,6 +75,10 @@ class _Slice:
     stride: tuple[int, ...]
     storage_offset: int
 
+    @classmethod
+    def of(cls, view: torch.Tensor, param: str = "") -> "_Slice":
+        return cls(param, tuple(view.shape), tuple(view.stride()), view.storage_offset())
+
 
 def _param_of(path: str, params: dict[str, torch.Tensor]) -> str:
     """Flattened state-dict path -> parameter name (factories append ``.0``, ``.1``, ...)."""
@@ -98,7 +102,7 @@ def _slices_by_item(flat_by_key: dict, rename_mapping: dict, params: dict) -> di
             name = _param_of(path, params)
             d = sh.data  # the meta parameter or a meta view of it
             assert d.numel() <= params[name].numel(), path
-            out[(key, tuple(sh.global_offset))] = _Slice(name, tuple(d.shape), tuple(d.stride()), d.storage_offset())
+            out[(key, tuple(sh.global_offset))] = _Slice.of(d, name)
     return out
 
 

@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 
 from mcore_align.checkpoint.hf_files import ShardedSafetensorsWriter, parse_size
-from mcore_align.checkpoint.hf_to_mcore import build_meta_model
+from mcore_align.checkpoint.hf_to_mcore import _param_of, _Slice, build_meta_model
 from mcore_align.checkpoint.layout import (
     atomic_output_dir,
     dtype_name,
@@ -81,14 +81,46 @@ def _layer_groups(names: list[str]) -> list[list[str]]:
     return groups
 
 
-def _with_buffer(entry, dtype: torch.dtype):
-    """A ShardedTensor / factory from the meta model with a real, empty buffer to load into."""
+def _param_requests(model) -> dict[str, list]:
+    """Parameter name -> the checkpoint slices it is made of, as (ShardedTensor, slice) pairs.
+
+    Same geometry as the converter: after ``apply_factories`` each ShardedTensor's
+    meta ``data`` is the parameter or a view of it (gate / up of ``linear_fc1``).
+    """
+    from megatron.core.dist_checkpointing.mapping import ShardedTensor, apply_factories
+    from megatron.core.dist_checkpointing.strategies.torch import flatten_state_dict
+
+    params = dict(model.named_parameters())
+    ssd = model.sharded_state_dict()
+    apply_factories(ssd)
+    out: dict[str, list] = {}
+    for path, sh in flatten_state_dict(ssd)[0].items():
+        if isinstance(sh, ShardedTensor):
+            name = _param_of(path, params)
+            out.setdefault(name, []).append((sh, _Slice.of(sh.data)))
+    return out
+
+
+def _load_request(name: str, pieces: list, buf: torch.Tensor) -> dict:
+    """ShardedTensors whose data are views into ``buf`` (the full parameter), one per piece.
+
+    The layer axis that megatron prepends is made an ordinary axis of size 1
+    (``prepend_axis_num=0``): torch's ShardedTensor translation of prepended axes
+    assumes every shard of a global tensor is requested, and we ask for one layer.
+    """
     from megatron.core.dist_checkpointing.mapping import ShardedTensor
 
-    buf = torch.empty(entry.data.shape, dtype=dtype)
-    if isinstance(entry, ShardedTensor):
-        return dataclasses.replace(entry, data=buf, dtype=dtype)
-    return dataclasses.replace(entry, data=buf)  # ShardedTensorFactory (e.g. gate/up of fc1)
+    req = {}
+    for i, (sh, sl) in enumerate(pieces):
+        local = (1,) * sh.prepend_axis_num + tuple(sh.local_shape)
+        view = buf.as_strided(sl.size, sl.stride, sl.storage_offset).view(local)
+        req[f"{name}.{i}"] = ShardedTensor(
+            key=sh.key, data=view, dtype=buf.dtype, local_shape=local, global_shape=tuple(sh.global_shape),
+            global_offset=tuple(sh.global_offset),
+            axis_fragmentations=tuple(g // l for g, l in zip(sh.global_shape, local)),
+            replica_id=0, prepend_axis_num=0,
+        )
+    return req
 
 
 def _stored_metadata(path: Path):
@@ -132,23 +164,30 @@ def convert_mcore_to_hf(ckpt_dir: str | Path, out_dir: str | Path, dtype: str | 
     spec = read_model_spec(path)
     adapter = adapter_for(spec)
     model = build_meta_model(spec)
-    ssd = model.sharded_state_dict()
+    meta = dict(model.named_parameters())
+    pieces = _param_requests(model)
     stored = _stored_metadata(path)
     names = adapter.mcore_names()
-    missing = sorted({ssd[n].key for n in names} - set(stored))
+    missing = sorted({sh.key for n in names for sh, _ in pieces[n]} - set(stored))
     if missing:
         raise KeyError(f"{path}: checkpoint lacks model tensors {missing}")
-    out_dtype = parse_dtype(dtype) or stored[ssd[names[0]].key].properties.dtype
+    out_dtype = parse_dtype(dtype) or stored[pieces[names[0]][0][0].key].properties.dtype
 
     with atomic_output_dir(out_dir, overwrite) as tmp:
         writer = ShardedSafetensorsWriter(tmp, parse_size(max_shard_size))
         for group in _layer_groups(names):
-            request = {n: _with_buffer(ssd[n], stored[ssd[n].key].properties.dtype) for n in group}
-            loaded = dist_checkpointing.load(request, str(path), strict=StrictHandling.RAISE_UNEXPECTED)
+            bufs = {n: torch.empty(meta[n].shape, dtype=stored[pieces[n][0][0].key].properties.dtype)
+                    for n in group}
+            request = {k: v for n in group for k, v in _load_request(n, pieces[n], bufs[n]).items()}
+            # A partial request (one layer of layer-stacked tensors): skip megatron's check
+            # that the request covers every shard of each global tensor. Data is read
+            # in place into the views, i.e. into bufs.
+            dist_checkpointing.load(request, str(path), validate_access_integrity=False,
+                                    strict=StrictHandling.RAISE_UNEXPECTED)
             for n in group:
-                for hf_name, t in adapter.to_hf(n, loaded[n]).items():
+                for hf_name, t in adapter.to_hf(n, bufs[n]).items():
                     writer.add(hf_name, t.to(out_dtype))
-            del loaded, request
+            del bufs, request
         writer.finish()
         _export_extra_heads(path, tmp, stored, parse_dtype(dtype))
         _write_hf_config(tmp, spec.hf_config, out_dtype)

@@ -19,6 +19,7 @@ later shifts it by one (`loss_mask[t] = target[t + 1]`, the position that predic
 """
 from __future__ import annotations
 
+import bisect
 from collections import Counter
 from dataclasses import dataclass
 
@@ -103,13 +104,15 @@ class Templater:
 
 
 def _targets(offsets: list[tuple[int, int]], spans: list[tuple[int, int]]) -> np.ndarray:
-    """uint8 [L]: 1 where token k's character span overlaps a target range."""
+    """uint8 [L]: 1 where token k's character span overlaps a target range [s, e).
+
+    Token offsets are non-decreasing, so each range maps to one run of tokens found by
+    bisection: first token ending after s, up to the first token starting at/after e."""
     tgt = np.zeros(len(offsets), dtype=np.uint8)
-    if not spans or not offsets:
-        return tgt
-    off = np.asarray(offsets, dtype=np.int64).reshape(-1, 2)
     for s, e in spans:
-        tgt |= ((off[:, 0] < e) & (off[:, 1] > s)).astype(np.uint8)
+        lo = bisect.bisect_right(offsets, s, key=lambda o: o[1])
+        hi = bisect.bisect_left(offsets, e, key=lambda o: o[0])
+        tgt[lo:hi] = 1
     return tgt
 
 
@@ -171,10 +174,11 @@ class RecordTokenizer:
             sel = [i for i, r in enumerate(flat) if r.add_special_tokens == special]
             if not sel:
                 continue
-            enc = self.tok([flat[i].text for i in sel], add_special_tokens=special,
-                           return_offsets_mapping=True, return_attention_mask=False)
+            # The Rust tokenizer directly: same ids as `tokenizer(...)`, without the
+            # per-token Python conversion of transformers' wrapper.
+            encs = self.tok.backend_tokenizer.encode_batch([flat[i].text for i in sel], add_special_tokens=special)
             for j, i in enumerate(sel):
-                ids[i], offs[i] = enc["input_ids"][j], enc["offset_mapping"][j]
+                ids[i], offs[i] = encs[j].ids, encs[j].offsets
         out, k = [], 0
         for rec in rendered:
             seqs = []
@@ -182,11 +186,8 @@ class RecordTokenizer:
                 tok = np.asarray(ids[k], dtype=np.int32)
                 tgt = _targets(offs[k], r.spans)
                 # Prompt = tokens before the first one touching the final response.
-                if r.spans and r.spans[-1][0] == r.prompt_chars:
-                    hit = np.flatnonzero((np.asarray(offs[k]).reshape(-1, 2)[:, 1] > r.prompt_chars))
-                    plen = int(hit[0]) if len(hit) else len(tok)
-                else:
-                    plen = len(tok)
+                plen = (bisect.bisect_right(offs[k], r.prompt_chars, key=lambda o: o[1]) if r.spans
+                        else len(tok))
                 if r.append_eos:
                     tok, tgt = np.append(tok, np.int32(self.tok.eos_token_id)), np.append(tgt, np.uint8(1))
                 seqs.append((tok, tgt, plen))

@@ -82,6 +82,8 @@ class Trainer:
             config=self.cfg.to_dict(),
         )
         bad_in_row, steps_this_launch, history = 0, 0, []
+        if t.eval_interval and self.data.eval is not None and self.step == 0:
+            reporter.log(0, self.evaluate(), prefix="eval/")  # the starting point of the curve
         while self.step < self.train_iters:
             gb = next(self.data.train)
             t0 = time.time()

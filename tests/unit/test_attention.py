@@ -188,7 +188,7 @@ def test_gpt_model_packed_thd_matches_hf_per_sequence(runtime, tmp_path, family)
     from mcore_align.models.spec import read_hf_config
     from mcore_align.models.tiny import make_tiny_model
 
-    path = make_tiny_model(tmp_path / family, family, vocab_size=256, init_std=0.1)
+    path = make_tiny_model(tmp_path / family, family, init_std=0.1)
     hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
     spec = spec_from_hf_config(read_hf_config(path))
     (model,) = build_model(spec, runtime, role="reference", opts=ModelOptions(core_attention="packed"))

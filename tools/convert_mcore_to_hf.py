@@ -1,0 +1,37 @@
+#!/usr/bin/env python
+"""Megatron-core checkpoint (converted or from training, any layout) -> HF safetensors.
+
+    python tools/convert_mcore_to_hf.py --ckpt runs/dpo/checkpoints --out /models/my-dpo --dtype bf16
+
+``--ckpt`` is a checkpoint directory or a training save directory (its latest
+iteration is exported). See docs/conversion.md.
+"""
+import argparse
+import logging
+import sys
+
+from mcore_align.checkpoint import convert_mcore_to_hf
+from mcore_align.checkpoint.layout import DTYPES
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--ckpt", required=True, help="checkpoint dir or training save dir")
+    p.add_argument("--out", required=True, help="output HF directory (must be empty or absent)")
+    p.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="default: the checkpoint's dtype")
+    p.add_argument("--max-shard-size", default="5GB", help="safetensors shard size (e.g. 5GB, 500MB)")
+    p.add_argument("--overwrite", action="store_true", help="replace a non-empty output directory")
+    a = p.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        out = convert_mcore_to_hf(a.ckpt, a.out, dtype=a.dtype, max_shard_size=a.max_shard_size,
+                                  overwrite=a.overwrite)
+    except (ValueError, FileNotFoundError, FileExistsError, KeyError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
