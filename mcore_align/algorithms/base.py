@@ -231,10 +231,10 @@ def chosen_nll(logps_c: Tensor, num_tokens_c: Tensor, counts: GlobalCounts, obje
     return nll_sum / n, scalar_metric(nll_sum, num_tokens_c.sum().to(logps_c.dtype))
 
 
-def check_unit_interval(value: float, field: str, *, hi_open: bool = True, hi: float = 1.0) -> None:
-    ok = 0.0 <= value < hi if hi_open else 0.0 <= value <= hi
-    if not ok:
-        raise ValueError(f"{field} must be in [0, {hi}{')' if hi_open else ']'}, got {value}")
+def check_unit_interval(value: float, field: str, *, hi: float = 1.0) -> None:
+    """ValueError unless 0 <= value < hi."""
+    if not (isinstance(value, (int, float)) and 0.0 <= value < hi):
+        raise ValueError(f"{field} must be in [0, {hi}), got {value!r}")
 
 
 def check_positive(value: float, field: str) -> None:

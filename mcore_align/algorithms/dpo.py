@@ -40,7 +40,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable
 
 import torch
@@ -75,8 +75,9 @@ class _Terms:
     logits: Tensor
     num_pairs: int
     """Global number of pairs: pairwise losses contribute sum(per-pair) / num_pairs."""
-    nll: Tensor
-    """[] this micro-batch's contribution to the global token-mean chosen NLL."""
+    nll: Tensor | None
+    """[] this micro-batch's contribution to the global token-mean chosen NLL (None when
+    neither rpo_alpha nor the "sft" loss type needs it)."""
     bco_delta: Tensor
     """[] bco_pair's running reward mean (detached)."""
 
@@ -224,6 +225,8 @@ class DPOConfig:
 
     def __post_init__(self) -> None:
         check_positive(self.beta, "beta")
+        if not isinstance(self.loss_type, (str, list, tuple)):
+            raise ValueError(f"loss_type must be a name or a list of names, got {self.loss_type!r}")
         types = self.loss_types
         if not types:
             raise ValueError("loss_type must name at least one loss type")
@@ -306,7 +309,7 @@ class DPO(Objective):
         if self._uses_bco and logps.requires_grad:
             self._accumulate_bco(torch.cat([chosen_rewards, rejected_rewards]), num_pairs)
         metrics = pair_reward_metrics(chosen_rewards, rejected_rewards, pol_c, pol_r)
-        if cfg.rpo_alpha is not None:
+        if nll_metric is not None:  # rpo_alpha set, or "sft" among the loss types
             metrics["nll_loss"] = nll_metric
         return loss, metrics
 

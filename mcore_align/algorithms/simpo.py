@@ -67,7 +67,7 @@ class SimPOConfig:
 
     @property
     def gamma_beta_ratio(self) -> float:
-        return self.simpo_gamma * self.beta
+        return self.simpo_gamma / self.beta
 
 
 @register_objective

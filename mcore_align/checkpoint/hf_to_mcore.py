@@ -124,10 +124,11 @@ class _OneParamCache:
             self.name, self.value = None, None  # free the previous one before computing
             t = self.compute(name)
             m = self.meta[name]
-            if tuple(t.shape) != tuple(m.shape) or t.dtype != m.dtype:
-                raise CheckpointError(f"parameter {name!r}: built {list(t.shape)} {t.dtype}, "
-                                      f"model expects {list(m.shape)} {m.dtype}")
-            self.name, self.value = name, t.contiguous()
+            if tuple(t.shape) != tuple(m.shape):
+                raise CheckpointError(f"parameter {name!r}: built shape {list(t.shape)}, model expects {list(m.shape)}")
+            # The model's own dtype for this parameter: megatron keeps some in fp32 even in
+            # a bf16 model (the torch RMSNorm weights), and saves them so.
+            self.name, self.value = name, t.to(m.dtype).contiguous()
         return self.value
 
 
@@ -151,7 +152,10 @@ def _lazy_planner_cls():
             full = self.params.get(sl.param)
             part = full.as_strided(sl.size, sl.stride, sl.storage_offset)
             # (1,)*prepend_axis_num + local shape, the chunk shape the writer records.
-            return part.reshape(write_item.tensor_data.chunk.sizes)
+            part = part.reshape(write_item.tensor_data.chunk.sizes)
+            # Own storage: the writer holds items until their file is closed, and a
+            # view would keep the whole parameter alive with it.
+            return part if part.untyped_storage().nbytes() == part.nbytes else part.clone()
 
     return LazySavePlanner
 
@@ -199,6 +203,7 @@ def _streaming_strategy(params: _OneParamCache, meta_params: dict[str, torch.Ten
         mcore_to_pyt_state_dict,
     )
     from torch.distributed.checkpoint import save as dcp_save
+    from torch.distributed.checkpoint.api import CheckpointException
 
     class StreamingSaveStrategy(SaveShardedStrategy):
         """``torch_dist`` v1, the format of megatron's default strategy, written lazily."""
@@ -216,8 +221,16 @@ def _streaming_strategy(params: _OneParamCache, meta_params: dict[str, torch.Ten
             # Read the slice geometry now: the translation below makes data contiguous.
             slices = _slices_by_item(by_key, rename, meta_params)
             pyt_state_dict = mcore_to_pyt_state_dict(by_key, False)
-            dcp_save(pyt_state_dict, storage_writer=_bounded_writer_cls()(checkpoint_dir),
-                     planner=_lazy_planner_cls()(slices, params))
+            try:
+                dcp_save(pyt_state_dict, storage_writer=_bounded_writer_cls()(checkpoint_dir),
+                         planner=_lazy_planner_cls()(slices, params))
+            except CheckpointException as e:
+                # torch wraps what our resolver raised (e.g. a CheckpointError naming a
+                # file); re-raise the original so the user sees its message.
+                wrapped = next(iter(e.failures.values()), None)  # (exception, traceback summary)
+                if isinstance(wrapped, tuple) and isinstance(wrapped[0], Exception):
+                    raise wrapped[0] from e
+                raise
 
     return StreamingSaveStrategy()
 
@@ -252,7 +265,7 @@ def convert_hf_to_mcore(hf_dir: str | Path, out_dir: str | Path, dtype: str | to
     src.check_against(expected_hf_shapes(spec, meta_params), adapter.hf_optional())
 
     def compute(name: str) -> torch.Tensor:
-        return adapter.to_mcore(name, src.get).to(dtype)
+        return adapter.to_mcore(name, src.get)
 
     with atomic_output_dir(out_dir, overwrite) as tmp:
         save_streaming(model, compute, tmp)

@@ -20,25 +20,28 @@ def megatron_logits(chunks, tokens_BS: torch.Tensor, runtime) -> torch.Tensor | 
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
     b, s = tokens_BS.shape
-    position_ids_BS = torch.arange(s).expand(b, s)
+    position_ids_1S = torch.arange(s)[None]
+    # One sequence per micro-batch, so stages overlap (the interleaved schedule needs
+    # at least PP micro-batches).
+    micro = [tokens_BS[i:i + 1] for i in range(b)]
 
     def forward_step(data_iterator, model):
-        tokens = next(data_iterator)
+        tokens_1S = next(data_iterator)
         # attention_mask=None: megatron's default causal mask (padding-free batch).
-        out = model(tokens, position_ids_BS, attention_mask=None)
+        out = model(tokens_1S, position_ids_1S, attention_mask=None)
         return out, lambda output, non_loss_data=True: output
 
     vpp = len(chunks)
-    data = [iter([tokens_BS]) for _ in range(vpp)] if vpp > 1 else iter([tokens_BS])
+    data = [iter(micro) for _ in range(vpp)] if vpp > 1 else iter(micro)
     with torch.no_grad():
         store = get_forward_backward_func()(
             forward_step_func=forward_step, data_iterator=data, model=chunks if vpp > 1 else chunks[0],
-            num_microbatches=1, seq_length=s, micro_batch_size=b, forward_only=True,
+            num_microbatches=b, seq_length=s, micro_batch_size=1, forward_only=True,
             collect_non_loss_data=True,
         )
     if not parallel_state.is_pipeline_last_stage(ignore_virtual=True):
         return None
-    logits_local = store[0].float()  # [B, S, V/TP]
+    logits_local = torch.cat(store, dim=0).float()  # [B, S, V/TP], micro-batches in order
     tp = runtime.pgs.tp
     parts = [torch.empty_like(logits_local) for _ in range(tp.size())]
     torch.distributed.all_gather(parts, logits_local.contiguous(), group=tp)

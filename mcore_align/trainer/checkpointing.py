@@ -52,7 +52,9 @@ def _model_key(i: int, n: int) -> str:
 def _sharded_state(policy, optimizer, runtime, *, loading: bool) -> dict:
     from megatron.core.dist_checkpointing.mapping import ShardedObject
 
-    sd = {_model_key(i, len(policy)): m.sharded_state_dict() for i, m in enumerate(policy)}
+    # Unwrapped modules: the DDP wrapper would prefix local names with "module." (the
+    # ShardedTensor keys, i.e. the checkpoint format, are the same either way).
+    sd = {_model_key(i, len(policy)): m.module.sharded_state_dict() for i, m in enumerate(policy)}
     sd["optimizer"] = optimizer.sharded_state_dict(sd, is_loading=loading)
     rng = {"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None}
     sd["rng_state"] = ShardedObject("rng_state", rng, (runtime.world_size,), (runtime.rank,), replica_id=0)
@@ -111,7 +113,7 @@ def load_checkpoint(path: str | Path, policy, optimizer, scheduler, runtime) -> 
         sd.pop("rng_state")
     loaded = dist_checkpointing.load(sd, str(path))
     for i, m in enumerate(policy):
-        m.load_state_dict(loaded[_model_key(i, len(policy))])
+        m.module.load_state_dict(loaded[_model_key(i, len(policy))])
     optimizer.load_state_dict(loaded["optimizer"])
     scheduler.load_state_dict(loaded["scheduler"])
     if same_world:

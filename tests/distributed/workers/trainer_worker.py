@@ -1,0 +1,183 @@
+"""Trainer end to end on 2 gloo ranks: every case builds a `Trainer` with its own layout.
+
+The pytest side (tests/e2e/test_trainer_e2e.py) converts a tiny HF model once and
+passes paths through the environment; exports and HF comparisons happen there.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from mcore_align.config import build_config
+from mcore_align.trainer import checkpointing
+from mcore_align.trainer.trainer import TooManyNonFinite, Trainer
+
+CKPT = os.environ.get("MA_TEST_CKPT", "")
+WORK = Path(os.environ.get("MA_TEST_WORK", "/tmp/ma_trainer_worker"))
+DATA = os.environ.get("MA_TEST_DATA", "")
+TOKENS = Path(os.environ.get("MA_TEST_TOKENS", "/nonexistent"))
+
+
+def _cfg(save: str | None, *overrides: str):
+    raw = {
+        "model": {"load": CKPT},
+        "data": {"dataset": [DATA], "max_length": 320, "truncation_strategy": "right", "max_tokens_per_micro_batch": 1280,
+                 "cache_dir": str(WORK / "cache")},
+        "optim": {"learning_rate": 1e-3, "lr_decay_style": "constant", "clip_grad": 1.0},
+        "train": {"global_batch_size": 8, "train_iters": 10, "device": "cpu", "progress_bar": False,
+                  "save": save, "plot": False, "seed": 7},
+        "algo": {"rlhf_type": "dpo", "beta": 0.1, "rpo_alpha": None},
+    }
+    return build_config(raw, overrides)
+
+
+def _save_dir(name: str) -> str:
+    path = WORK / name
+    if dist.get_rank() == 0 and path.exists():
+        import shutil
+
+        shutil.rmtree(path)
+    dist.barrier()
+    return str(path)
+
+
+def _losses(result) -> list[float]:
+    return [h["loss"] for h in result["history"]]
+
+
+def _train_and_check_learning(name: str, *layout: str) -> None:
+    save = _save_dir(name)
+    tr = Trainer(_cfg(save, *layout))
+    res = tr.train()
+    h = res["history"]
+    first_loss, last_loss = h[0]["loss"], sum(x["loss"] for x in h[-3:]) / 3
+    first_acc = sum(x["rewards/accuracies"] for x in h[:3]) / 3
+    last_acc = sum(x["rewards/accuracies"] for x in h[-3:]) / 3
+    assert last_loss < first_loss - 0.1, f"{name}: loss did not fall: {[round(x['loss'], 4) for x in h]}"
+    assert last_acc > first_acc + 0.2, f"{name}: reward accuracy did not rise: {[x['rewards/accuracies'] for x in h]}"
+    assert all(math.isfinite(x["grad_norm"]) for x in h)
+    # Logits of the trained model on fixed tokens, for the HF comparison on the pytest side.
+    from mcore_align.checkpoint.verify import megatron_logits
+
+    tokens = torch.load(TOKENS)
+    logits = megatron_logits([m.module for m in tr.policy], tokens, tr.rt)
+    if logits is not None and tr.rt.pgs.tp.rank() == 0 and tr.rt.dp_rank == 0:  # the last stage holds them
+        torch.save({"tokens": tokens, "logits": logits, "save": save}, WORK / f"{name}_logits.pt")
+    (WORK / f"{name}_losses.json").write_text(json.dumps(_losses(res))) if dist.get_rank() == 0 else None
+
+
+def case_dpo_tp2_learns():
+    _train_and_check_learning("tp2", "tensor_model_parallel_size=2")
+
+
+def case_dpo_pp2_learns():
+    _train_and_check_learning("pp2", "pipeline_model_parallel_size=2")
+
+
+def case_dpo_dp2_learns():
+    _train_and_check_learning("dp2")
+
+
+def case_layouts_give_same_losses():
+    runs = {n: json.loads((WORK / f"{n}_losses.json").read_text()) for n in ("tp2", "pp2", "dp2")}
+    for n in ("pp2", "dp2"):
+        # Same global batches, same maths: only float summation order differs.
+        for a, b in zip(runs["tp2"], runs[n]):
+            assert abs(a - b) < 2e-3 * max(1.0, abs(a)), (n, runs["tp2"], runs[n])
+
+
+def case_resume_is_exact():
+    save_a = _save_dir("resume_a")
+    full = _losses(Trainer(_cfg(save_a, "train_iters=4", "tensor_model_parallel_size=2")).train())
+    save_b = _save_dir("resume_b")
+    first = Trainer(_cfg(save_b, "train_iters=4", "exit_after_steps=2", "tensor_model_parallel_size=2")).train()
+    assert first["stopped"] and first["step"] == 2
+    second = Trainer(_cfg(save_b, "train_iters=4", "tensor_model_parallel_size=2"))
+    assert second.step == 2, second.step
+    rest = _losses(second.train())
+    torch.testing.assert_close(torch.tensor(_losses(first) + rest), torch.tensor(full), rtol=0, atol=1e-6)
+
+
+def case_sigterm_checkpoints_and_resumes():
+    save = _save_dir("sigterm")
+    tr = Trainer(_cfg(save, "train_iters=4"))
+    orig = tr.stepper.train_step
+
+    def step_then_signal(*a, **k):
+        out = orig(*a, **k)
+        if dist.get_rank() == 1 and tr.step == 0:  # only one rank is signalled, like a partial preemption
+            os.kill(os.getpid(), signal.SIGTERM)
+        return out
+
+    tr.stepper.train_step = step_then_signal
+    res = tr.train()
+    assert res["stopped"] and res["step"] == 1, res["step"]
+    assert checkpointing.latest_checkpoint(save).name == "iter_0000001"
+    again = Trainer(_cfg(save, "train_iters=4"))
+    assert again.step == 1
+    assert again.train()["step"] == 4
+
+
+def case_crash_mid_save_keeps_previous():
+    from megatron.core import dist_checkpointing
+
+    save = _save_dir("crash")
+    Trainer(_cfg(save, "train_iters=2")).train()  # complete checkpoint at step 2
+    tr = Trainer(_cfg(save, "train_iters=4"))
+    real_save = dist_checkpointing.save
+
+    def crashing_save(*a, **k):
+        raise OSError("disk full (simulated)")
+
+    dist_checkpointing.save = crashing_save
+    try:
+        tr.train()
+        raise AssertionError("save should have failed")
+    except OSError:
+        pass
+    finally:
+        dist_checkpointing.save = real_save
+    dist.barrier()
+    assert checkpointing.latest_checkpoint(save).name == "iter_0000002"
+    resumed = Trainer(_cfg(save, "train_iters=4"))
+    assert resumed.step == 2
+
+
+def case_precompute_equals_co_resident():
+    a = _losses(Trainer(_cfg(None, "train_iters=3", "ref_model=co_resident")).train())
+    b = _losses(Trainer(_cfg(None, "train_iters=3", "ref_model=precompute")).train())
+    torch.testing.assert_close(torch.tensor(a), torch.tensor(b), rtol=0, atol=1e-6)
+
+
+def case_step0_policy_equals_reference():
+    # At step 0 the policy is the reference: DPO rewards are ~0 whatever the split.
+    for mb_tokens in ("640", "2560"):
+        tr = Trainer(_cfg(None, "train_iters=1", f"max_tokens_per_micro_batch={mb_tokens}"))
+        gb = next(tr.data.train)
+        m = tr.stepper.eval_step(gb)
+        assert abs(m["rewards/chosen"]) < 1e-5 and abs(m["rewards/rejected"]) < 1e-5, m
+
+
+def case_nan_steps_are_skipped_then_stop():
+    tr = Trainer(_cfg(None, "train_iters=6", "max_consecutive_nan=2"))
+    obj = tr.stepper.objective
+
+    class NanObjective:
+        needs_reference, paired = obj.needs_reference, obj.paired
+
+        def __call__(self, stats, counts):
+            loss, metrics = obj(stats, counts)
+            return loss * float("nan"), metrics
+
+    tr.stepper.objective = NanObjective()
+    try:
+        tr.train()
+        raise AssertionError("expected TooManyNonFinite")
+    except TooManyNonFinite as e:
+        assert "2 consecutive steps" in str(e)
