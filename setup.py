@@ -26,7 +26,7 @@ setup(
     ],
     extras_require={
         "te": ["transformer-engine[pytorch]>=2.0"],
-        "test": ["pytest>=8", "peft>=0.13"],
+        "test": ["pytest>=8", "peft>=0.13", "mpmath>=1.3"],
         "tensorboard": ["tensorboard>=2.15"],
         "wandb": ["wandb"],
     },

@@ -198,6 +198,7 @@ class Stepper:
 
         outs = self._run(self.policy, batches, step, forward_only=False)
         metrics = self.reduce_metrics(outs)
+        self._update_objective_state()
         bad = torch.tensor([0.0 if math.isfinite(metrics.get("loss", 0.0)) and self._grads_finite() else 1.0],
                            device=self.rt.device)
         dist.all_reduce(bad, op=dist.ReduceOp.MAX)
@@ -224,6 +225,15 @@ class Stepper:
         with torch.no_grad():
             outs = self._run(self.policy, batches, step, forward_only=True)
         return self.reduce_metrics(outs)
+
+    def _update_objective_state(self) -> None:
+        """Stateful objectives (bco_pair's running reward mean) see global-batch sums once per step."""
+        partial_sums = self.objective.state_partial_sums() if hasattr(self.objective, "state_partial_sums") else None
+        if partial_sums is None:
+            return
+        partial_sums = partial_sums.to(self.rt.device, torch.float64)
+        dist.all_reduce(partial_sums, group=self.rt.pgs.dp)
+        self.objective.update_state(partial_sums)
 
     def _grads_finite(self) -> bool:
         for m in self.policy:

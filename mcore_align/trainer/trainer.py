@@ -66,6 +66,7 @@ class Trainer:
             extra = load_checkpoint(self.resume_from, self.policy, self.optimizer, self.scheduler, self.rt)
             self.step = extra["step"]
             self.data.train.load_state_dict(extra["data"])
+            self.objective.load_state_dict(extra.get("objective", {}))
             log.warning("resumed from %s at step %d", self.resume_from, self.step)
         self.stepper = Stepper(self.rt, self.objective, self.policy, self.reference)
         self._stop_signal = False
@@ -135,7 +136,8 @@ class Trainer:
         t = self.cfg.train
         save_checkpoint(
             t.save, self.step, self.policy, self.optimizer, self.scheduler, self.rt,
-            extra={"step": self.step, "data": self.data.train.state_dict(), "config": self.cfg.to_dict()},
+            extra={"step": self.step, "data": self.data.train.state_dict(), "config": self.cfg.to_dict(),
+                   "objective": self.objective.state_dict()},
             sidecar_from=self.resume_from or self.cfg.model.load, save_total_limit=t.save_total_limit,
         )
 
