@@ -76,7 +76,8 @@ def run_dist_module(module: str, nproc: int = 2, timeout: int = 900, env: dict |
             f"--master-port={_free_port()}", "--master-addr=127.0.0.1",
             "-m", "tests.dist_utils", module, str(out),
         ]
-        full_env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", **(env or {})}
+        full_env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1",
+                    "MCORE_ALIGN_DIST_TIMEOUT": "180", **(env or {})}
         proc = subprocess.run(cmd, cwd=ROOT, env=full_env, capture_output=True, text=True, timeout=timeout)
         log = proc.stdout + proc.stderr
         per_case: dict = {}
@@ -97,18 +98,25 @@ class SkipCase(Exception):
 
 
 def _worker_main(module: str, out_prefix: str) -> None:
+    import datetime
+
     import torch.distributed as dist
+
+    # Under torchrun this file runs as __main__: worker modules raise tests.dist_utils.SkipCase.
+    from tests.dist_utils import SkipCase as ImportedSkipCase
 
     rank = int(os.environ["RANK"])
     if not dist.is_initialized():
-        dist.init_process_group("gloo")
+        # A case failing on one rank while the other waits in a collective must fail, not hang.
+        timeout = datetime.timedelta(seconds=float(os.environ.get("MCORE_ALIGN_DIST_TIMEOUT", "180")))
+        dist.init_process_group("gloo", timeout=timeout)
     mod = importlib.import_module(module)
     results = {}
     for name in dist_cases(module):
         try:
             getattr(mod, name)()
             results[name] = {"status": "ok", "message": ""}
-        except SkipCase as e:
+        except (SkipCase, ImportedSkipCase) as e:
             results[name] = {"status": "skip", "message": str(e)}
         except Exception:  # noqa: BLE001 - report every failure to pytest
             results[name] = {"status": "fail", "message": traceback.format_exc()}
@@ -120,8 +128,9 @@ def _worker_main(module: str, out_prefix: str) -> None:
                     teardown()
                 except Exception:  # noqa: BLE001
                     pass
+            # Written after every case, so a later hang or crash keeps what ran.
+            Path(f"{out_prefix}.rank{rank}.json").write_text(json.dumps(results))
             dist.barrier()
-    Path(f"{out_prefix}.rank{rank}.json").write_text(json.dumps(results))
     dist.destroy_process_group()
 
 

@@ -11,7 +11,6 @@ exits 1 when max|diff| / scale exceeds --tol.
 import argparse
 import sys
 
-import torch
 
 
 def main() -> int:

@@ -130,10 +130,12 @@ class ShardedSafetensorsWriter:
         self.buf: dict[str, torch.Tensor] = {}
         self.buf_bytes = 0
         self.shards: list[list[str]] = []
+        self.seen: set[str] = set()
         self.total_bytes = 0
 
     def add(self, name: str, tensor: torch.Tensor) -> None:
-        assert name not in self.buf and all(name not in s for s in self.shards), f"{name} written twice"
+        assert name not in self.seen, f"{name} written twice"
+        self.seen.add(name)
         nbytes = tensor.numel() * tensor.element_size()
         if self.buf and self.buf_bytes + nbytes > self.max:
             self._flush()

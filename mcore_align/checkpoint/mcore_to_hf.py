@@ -17,7 +17,6 @@ here; a head that a checkpoint does not hold is skipped (and listed in the log).
 """
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 import re

@@ -40,15 +40,36 @@ class ModelConfig:
     recompute_granularity: str | None = None
     """Activation recomputation: None, "full" or "selective"."""
     train_type: str = "full"
-    """"full" fine-tuning (LoRA: not in this release)."""
+    """"full" fine-tuning or "lora" (adapters on the frozen base; the reference is the
+    base itself, no second copy; checkpoints hold the adapters only). See docs/lora.md."""
+    # -- LoRA (train_type="lora"; issue 8) --
+    lora_rank: int = 8
+    """r of the adapters."""
+    lora_alpha: float = 32.0
+    """The adapter update is scaled by lora_alpha / lora_rank."""
+    lora_dropout: float = 0.05
+    """Dropout on the adapters' input."""
+    lora_target_modules: str | list[str] = "DEFAULT"
+    """DEFAULT (attention q/k/v), ALL (every linear layer), or a list of names: megatron's
+    (linear_qkv, linear_proj, linear_fc1, linear_fc2) or HF's (q_proj, k_proj, v_proj, o_proj,
+    gate_proj, up_proj, down_proj; fused groups must be listed whole)."""
 
     def __post_init__(self) -> None:
         if self.bf16 and self.fp16:
             raise ValueError("model: bf16 and fp16 are exclusive")
         if self.recompute_granularity not in (None, "full", "selective"):
             raise ValueError(f"model.recompute_granularity must be None, full or selective, got {self.recompute_granularity!r}")
-        if self.train_type != "full":
-            raise ValueError(f"model.train_type={self.train_type!r}: only 'full' is implemented")
+        if self.train_type not in ("full", "lora"):
+            raise ValueError(f"model.train_type must be 'full' or 'lora', got {self.train_type!r}")
+        if self.train_type == "lora":
+            self.lora_config()  # LoRA: validate rank, dropout and target names now
+
+    def lora_config(self):
+        """The adapters' LoRAConfig (train_type="lora")."""
+        from mcore_align.models.lora import LoRAConfig, resolve_target_modules
+
+        return LoRAConfig(rank=self.lora_rank, alpha=self.lora_alpha, dropout=self.lora_dropout,
+                          targets=resolve_target_modules(self.lora_target_modules))
 
 
 @dataclass(kw_only=True)
@@ -256,6 +277,8 @@ def build_config(raw: dict, overrides: typing.Sequence[str] = ()) -> RunConfig:
         raise ValueError("config: data.dataset is required")
     cfg = RunConfig(**{s: SECTIONS[s](**_coerce(SECTIONS[s], tree[s])) for s in SECTIONS})
     cfg.algo.objective_config()  # validate hyperparameters now, not at step 0
+    if cfg.parallel.context_parallel_size > 1 and not cfg.data.packing:
+        raise ValueError("context_parallel_size > 1 needs data.packing=true (CP splits packed THD sequences)")
     return cfg
 
 

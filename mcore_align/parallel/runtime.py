@@ -93,6 +93,13 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def _timeout():
+    """Collective timeout: $MCORE_ALIGN_DIST_TIMEOUT seconds (default 30 minutes, as megatron)."""
+    import datetime
+
+    return datetime.timedelta(seconds=float(os.environ.get("MCORE_ALIGN_DIST_TIMEOUT", 1800)))
+
+
 def init_process_group(device: torch.device) -> None:
     """torch.distributed from the torchrun environment; a 1-rank group when run plainly."""
     if dist.is_initialized():
@@ -103,7 +110,7 @@ def init_process_group(device: torch.device) -> None:
     backend = "nccl" if device.type == "cuda" else "gloo"
     if device.type == "cuda":
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
-    dist.init_process_group(backend=backend)
+    dist.init_process_group(backend=backend, timeout=_timeout())
 
 
 def initialize(parallel: ParallelConfig, device: str = "auto", seed: int = 1234) -> Runtime:
@@ -135,6 +142,7 @@ def initialize(parallel: ParallelConfig, device: str = "auto", seed: int = 1234)
         virtual_pipeline_model_parallel_size=parallel.virtual_pipeline_model_parallel_size,
         context_parallel_size=parallel.context_parallel_size,
         create_gloo_process_groups=dev.type == "cuda",
+        distributed_timeout_minutes=_timeout().total_seconds() / 60,
     )
     seed_everything(seed)
     return Runtime(

@@ -54,11 +54,18 @@ def _sharded_state(policy, optimizer, runtime, *, loading: bool) -> dict:
 
     # Unwrapped modules: the DDP wrapper would prefix local names with "module." (the
     # ShardedTensor keys, i.e. the checkpoint format, are the same either way).
-    sd = {_model_key(i, len(policy)): m.module.sharded_state_dict() for i, m in enumerate(policy)}
+    sd = {_model_key(i, len(policy)): _model_sharded_state(m.module) for i, m in enumerate(policy)}
     sd["optimizer"] = optimizer.sharded_state_dict(sd, is_loading=loading)
     rng = {"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None}
     sd["rng_state"] = ShardedObject("rng_state", rng, (runtime.world_size,), (runtime.rank,), replica_id=0)
     return sd
+
+
+def _model_sharded_state(module) -> dict:
+    """[LoRA] A model with adapters checkpoints only them (its base comes from model.load)."""
+    from mcore_align.models.lora import adapter_sharded_state_dict, has_adapters
+
+    return adapter_sharded_state_dict(module) if has_adapters(module) else module.sharded_state_dict()
 
 
 def save_checkpoint(save: str | Path, step: int, policy, optimizer, scheduler, runtime, *,
@@ -112,8 +119,13 @@ def load_checkpoint(path: str | Path, policy, optimizer, scheduler, runtime) -> 
     if not same_world:  # per-rank RNG states only make sense on the same layout
         sd.pop("rng_state")
     loaded = dist_checkpointing.load(sd, str(path))
+    from mcore_align.models.lora import has_adapters, load_adapter_state
+
     for i, m in enumerate(policy):
-        m.module.load_state_dict(loaded[_model_key(i, len(policy))])
+        if has_adapters(m.module):  # [LoRA] adapters only
+            load_adapter_state(m.module, loaded[_model_key(i, len(policy))])
+        else:
+            m.module.load_state_dict(loaded[_model_key(i, len(policy))])
     optimizer.load_state_dict(loaded["optimizer"])
     scheduler.load_state_dict(loaded["scheduler"])
     if same_world:

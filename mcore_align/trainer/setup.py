@@ -28,6 +28,10 @@ def build_policy(spec: ModelSpec, runtime: Runtime, cfg: RunConfig, load_dir: st
     chunks = build_model(spec, runtime, role="policy", opts=model_options(cfg))
     if load_dir is not None:
         load_model_weights(chunks, load_dir)
+    if cfg.model.train_type == "lora":  # [LoRA] adapters on the loaded base, base frozen, before DDP
+        from mcore_align.models.lora import apply_lora
+
+        apply_lora(chunks, cfg.model.lora_config(), seed=cfg.train.seed)
     ddp_cfg = DistributedDataParallelConfig(
         grad_reduce_in_fp32=True,
         # Overlap needs CUDA streams; in the CPU mode gradients are reduced after backward.

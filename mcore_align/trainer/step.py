@@ -28,6 +28,7 @@ import torch.distributed as dist
 
 from mcore_align.algorithms import GlobalCounts, SequenceStats
 from mcore_align.algorithms.kto import kl_partial_sums, kl_reference_point
+from mcore_align.ops.context_parallel import packed_seq_params, split_packed_for_cp
 from mcore_align.ops.logprobs import vocab_parallel_logprobs
 from mcore_align.ops.segments import allreduce_segment_sums, segment_sums
 
@@ -46,19 +47,24 @@ class DeviceBatch:
     """A micro-batch on the device, plus what earlier passes attached to it."""
 
     mb: object  # data.batch.MicroBatch (on device; CP slice when CP > 1)
+    psp: object = None  # PackedSeqParams for the model (global boundaries), None when padded
+    seg_cu: torch.Tensor | None = None  # [N+1] boundaries of this rank's tokens, for segment sums
     ref_sums: torch.Tensor | None = None  # [N] reference log-prob sums, all sequences
     policy_sums_nograd: torch.Tensor | None = None  # [N] policy sums from a forward-only pass
     extras: dict = field(default_factory=dict)
 
 
 class Stepper:
-    def __init__(self, runtime, objective, policy, reference=None):
+    def __init__(self, runtime, objective, policy, reference=None, *, reference_is_base: bool = False):
         from megatron.core.pipeline_parallel import get_forward_backward_func
 
         self.rt = runtime
         self.objective = objective
         self.policy = policy
         self.reference = reference
+        # [LoRA] the reference is the policy with its adapters switched off.
+        self.reference_is_base = reference_is_base
+        assert not (reference_is_base and reference is not None)
         self.fb = get_forward_backward_func()
         self.tp_group = runtime.pgs.tp
         self.cp_group = runtime.pgs.cp
@@ -73,25 +79,32 @@ class Stepper:
                 k: getattr(mb, k).to(dev, non_blocking=True)
                 for k in ("tokens", "position_ids", "labels", "loss_mask", "cu_seqlens")
             })
-            if self.cp_size > 1:
-                from mcore_align.ops.context_parallel import cp_slice_micro_batch
-
-                moved = cp_slice_micro_batch(moved, self.cp_group)
-            out.append(DeviceBatch(moved))
+            if self.cp_size == 1:
+                out.append(DeviceBatch(moved, psp=moved.packed_seq_params(), seg_cu=moved.cu_seqlens))
+                continue
+            # Context parallelism: this rank keeps chunks r and 2*CP-1-r of every sequence;
+            # attention and RoPE get the global boundaries, segment sums the local ones.
+            tok, lab, mask, pos, cu_local = split_packed_for_cp(
+                moved.tokens, moved.labels, moved.loss_mask, moved.position_ids,
+                cu_seqlens=moved.cu_seqlens, cp_rank=self.cp_group.rank(), cp_size=self.cp_size,
+            )
+            psp = packed_seq_params(moved.cu_seqlens, cp_group=self.cp_group)
+            moved = replace(moved, tokens=tok, labels=lab, loss_mask=mask, position_ids=pos)
+            out.append(DeviceBatch(moved, psp=psp, seg_cu=cu_local))
         return out
 
     # -- forward pieces -------------------------------------------------------------
     @staticmethod
-    def _model_forward(model, mb):
+    def _model_forward(model, b: "DeviceBatch"):
         return model(
-            input_ids=mb.tokens, position_ids=mb.position_ids, attention_mask=None,
-            packed_seq_params=mb.packed_seq_params(),
+            input_ids=b.mb.tokens, position_ids=b.mb.position_ids, attention_mask=None,
+            packed_seq_params=b.psp,
         )
 
-    def sequence_sums(self, mb, logits_BSV) -> tuple[torch.Tensor, torch.Tensor]:
+    def sequence_sums(self, b: "DeviceBatch", logits_BSV) -> tuple[torch.Tensor, torch.Tensor]:
         """Per-sequence sums of target log-probs over loss tokens: ([N], [N]), whole sequences."""
-        logp_BS = vocab_parallel_logprobs(logits_BSV, mb.labels, self.tp_group)
-        sums_N, counts_N = segment_sums(logp_BS.reshape(-1), mb.loss_mask.reshape(-1), mb.cu_seqlens)
+        logp_BS = vocab_parallel_logprobs(logits_BSV, b.mb.labels, self.tp_group)
+        sums_N, counts_N = segment_sums(logp_BS.reshape(-1), b.mb.loss_mask.reshape(-1), b.seg_cu)
         if self.cp_size > 1:
             sums_N, counts_N = allreduce_segment_sums(sums_N, counts_N, self.cp_group)
         return sums_N, counts_N
@@ -114,10 +127,10 @@ class Stepper:
 
         def step(data_iterator, model):
             b = next(data_iterator)
-            out = self._model_forward(model, b.mb)
+            out = self._model_forward(model, b)
 
             def loss_fn(logits):
-                sums, _ = self.sequence_sums(b.mb, logits.float() if logits.dtype == torch.float16 else logits)
+                sums, _ = self.sequence_sums(b, logits.float() if logits.dtype == torch.float16 else logits)
                 zero = logits.new_zeros(())
                 return zero, torch.tensor(0, dtype=torch.int), {"sums": sums.detach()}
 
@@ -128,6 +141,16 @@ class Stepper:
         if not outs:
             return None
         return [o["sums"] for o in outs]
+
+    def reference_sums(self, batches: list[DeviceBatch]) -> list[torch.Tensor] | None:
+        """Reference log-prob sums: the frozen reference, or (LoRA) the policy without adapters."""
+        if self.reference_is_base:  # [LoRA]
+            from mcore_align.models.lora import adapters_disabled
+
+            with adapters_disabled(self.policy):
+                return self.forward_only_sums(self.policy, batches)
+        assert self.reference is not None, "objective needs a reference but none was built"
+        return self.forward_only_sums(self.reference, batches)
 
     # -- statistics for the objective -----------------------------------------------
     def build_stats(self, b: DeviceBatch, sums_N, counts_N, kl_reference) -> SequenceStats:
@@ -151,7 +174,7 @@ class Stepper:
         return stats
 
     def _loss_fn(self, b: DeviceBatch, counts: GlobalCounts, kl_reference, logits):
-        sums, cnts = self.sequence_sums(b.mb, logits)
+        sums, cnts = self.sequence_sums(b, logits)
         stats = self.build_stats(b, sums, cnts, kl_reference)
         loss, metrics = self.objective(stats, counts)
         report = {"loss": loss.detach().reshape(()).float()}
@@ -164,7 +187,7 @@ class Stepper:
         """Device batches with reference / KL sums attached; returns (batches, z0 or None)."""
         batches = self.to_device(global_batch.micro_batches)
         if self.objective.needs_reference:
-            ref = ref_cache if ref_cache is not None else self.forward_only_sums(self.reference, batches)
+            ref = ref_cache if ref_cache is not None else self.reference_sums(batches)
             for b, r in zip(batches, ref or []):
                 b.ref_sums = r
         z0 = None
@@ -193,7 +216,7 @@ class Stepper:
 
         def step(data_iterator, model):
             b = next(data_iterator)
-            out = self._model_forward(model, b.mb)
+            out = self._model_forward(model, b)
             return out, partial(self._loss_fn, b, counts, z0)
 
         outs = self._run(self.policy, batches, step, forward_only=False)
@@ -219,7 +242,7 @@ class Stepper:
 
         def step(data_iterator, model):
             b = next(data_iterator)
-            out = self._model_forward(model, b.mb)
+            out = self._model_forward(model, b)
             return out, partial(self._loss_fn, b, counts, z0)
 
         with torch.no_grad():

@@ -55,9 +55,14 @@ class Trainer:
             report_path=Path(t.save) / "data_report.json" if t.save else None,
         )
         self.train_iters = t.train_iters or max(1, math.ceil(t.num_train_epochs * self.data.train.batches_per_epoch))
-        self.policy = build_policy(self.spec, self.rt, cfg, load_dir=None if self.resume_from else cfg.model.load)
+        # [LoRA] checkpoints hold only the adapters: the base always comes from model.load, and
+        # the reference is the policy with its adapters switched off (no second copy).
+        lora = cfg.model.train_type == "lora"
+        self.policy = build_policy(self.spec, self.rt, cfg,
+                                   load_dir=cfg.model.load if lora or not self.resume_from else None)
         self.reference = (
-            build_reference(self.spec, self.rt, cfg, cfg.model.load) if self.objective.needs_reference else None
+            build_reference(self.spec, self.rt, cfg, cfg.model.load)
+            if self.objective.needs_reference and not lora else None
         )
         self.optimizer, self.scheduler = build_optimizer(self.policy, self.rt, cfg, self.train_iters)
         wire_model_config(self.policy, self.optimizer, self.rt)
@@ -68,7 +73,8 @@ class Trainer:
             self.data.train.load_state_dict(extra["data"])
             self.objective.load_state_dict(extra.get("objective", {}))
             log.warning("resumed from %s at step %d", self.resume_from, self.step)
-        self.stepper = Stepper(self.rt, self.objective, self.policy, self.reference)
+        self.stepper = Stepper(self.rt, self.objective, self.policy, self.reference,
+                               reference_is_base=lora)  # [LoRA]
         self._stop_signal = False
         for sig in (signal.SIGTERM, signal.SIGUSR1):
             signal.signal(sig, self._on_signal)
@@ -76,7 +82,8 @@ class Trainer:
     # -- the loop -------------------------------------------------------------------
     def train(self) -> dict:
         t = self.cfg.train
-        ref_cache = self._precompute_reference() if (self.reference is not None and t.ref_model == "precompute") else None
+        ref_cache = (self._precompute_reference()
+                     if self.objective.needs_reference and t.ref_model == "precompute" else None)
         reporter = Reporter(
             enabled=self.rt.rank == 0, save=t.save, total_steps=self.train_iters, start_step=self.step,
             progress_bar=t.progress_bar, tensorboard=t.tensorboard, wandb_project=t.wandb_project,
@@ -148,7 +155,7 @@ class Trainer:
         cache = {}
         for step in range(self.step, self.train_iters):
             gb = next(self.data.train)
-            cache[step] = self.stepper.forward_only_sums(self.reference, self.stepper.to_device(gb.micro_batches))
+            cache[step] = self.stepper.reference_sums(self.stepper.to_device(gb.micro_batches))
         self.data.train.load_state_dict(state)
         self.reference = self.stepper.reference = None
         gc.collect()

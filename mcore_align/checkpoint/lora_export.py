@@ -1,0 +1,183 @@
+"""Export a LoRA training checkpoint: merged HF weights, or a PEFT adapter directory.
+
+A LoRA checkpoint (``model.train_type=lora``) holds the adapters only, under global
+keys ``decoder.layers.{i}.<module>.lora_A.weight`` / ``lora_B.weight`` (see
+``models/lora.py``); the base model is the run's ``model.load``, read from the
+checkpoint's saved config (or given explicitly).
+
+Both exports work in HF space with the family's weight adapter: the fused B of
+``linear_qkv`` (grouped q/k/v rows) or ``linear_fc1`` ([gate; up] rows) is split like
+the weight (``adapter.to_hf``), and every part shares the fused A, because
+``split_rows(B) @ A == split_rows(B @ A)``.
+
+* PEFT: ``adapter_model.safetensors`` with keys
+  ``base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight`` ... and
+  ``adapter_config.json``; ``peft.PeftModel.from_pretrained(hf_base, dir)`` loads it.
+* merged: the base exported with ``convert_mcore_to_hf`` (streaming, in the
+  checkpoint's dtype), then each safetensors shard in turn gets
+  ``W += lora_alpha / lora_rank * B @ A`` (in fp32) and is cast to the output dtype.
+  Peak memory: one shard plus the adapters.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import re
+import shutil
+from pathlib import Path
+
+import torch
+
+from mcore_align.checkpoint.layout import atomic_output_dir, parse_dtype, read_model_spec, resolve_checkpoint_dir
+from mcore_align.models.adapter import adapter_for
+from mcore_align.models.lora import HF_GROUPS, LoRAConfig, resolve_target_modules
+
+log = logging.getLogger(__name__)
+
+_KEY = re.compile(r"^(decoder\.layers\.\d+\..+)\.lora_([AB])\.weight$")
+
+
+def _saved_model_config(path: Path) -> dict:
+    from megatron.core import dist_checkpointing
+
+    common = dist_checkpointing.load_common_state_dict(str(path))
+    return (common.get("extra") or {}).get("config", {}).get("model", {})
+
+
+def is_lora_checkpoint(ckpt_dir: str | Path) -> bool:
+    from mcore_align.checkpoint.layout import init_single_process
+
+    init_single_process()
+    return _saved_model_config(resolve_checkpoint_dir(ckpt_dir)).get("train_type") == "lora"
+
+
+def read_lora_checkpoint(ckpt_dir: str | Path):
+    """(LoRAConfig, base checkpoint dir, {global module name: (A [r, in], B [out, r])}), unsharded."""
+    from megatron.core import dist_checkpointing
+    from megatron.core.dist_checkpointing.mapping import ShardedTensor
+    from torch.distributed.checkpoint import FileSystemReader
+
+    from mcore_align.checkpoint.layout import init_single_process
+
+    init_single_process()
+    path = resolve_checkpoint_dir(ckpt_dir)
+    mcfg = _saved_model_config(path)
+    if mcfg.get("train_type") != "lora":
+        raise ValueError(f"{path} is not a LoRA checkpoint (model.train_type={mcfg.get('train_type')!r})")
+    cfg = LoRAConfig(rank=mcfg["lora_rank"], alpha=mcfg["lora_alpha"], dropout=mcfg["lora_dropout"],
+                     targets=resolve_target_modules(mcfg["lora_target_modules"]))
+    stored = FileSystemReader(str(path)).read_metadata().state_dict_metadata
+    request = {}
+    for key, md in stored.items():
+        if _KEY.match(key):
+            buf = torch.empty(tuple(md.size), dtype=md.properties.dtype)
+            request[key] = ShardedTensor.from_rank_offsets(key, buf, replica_id=0)
+    if not request:
+        raise KeyError(f"{path}: no LoRA adapter tensors in the checkpoint")
+    loaded = dist_checkpointing.load(request, str(path))
+    pairs: dict[str, dict[str, torch.Tensor]] = {}
+    for key, t in loaded.items():
+        module, which = _KEY.match(key).groups()
+        pairs.setdefault(module, {})[which] = t
+    assert all(set(p) == {"A", "B"} for p in pairs.values()), "adapter without its A or B"
+    return cfg, mcfg["load"], {m: (p["A"], p["B"]) for m, p in sorted(pairs.items())}
+
+
+def hf_adapters(spec, adapters: dict) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """HF module name (``model.layers.0.self_attn.q_proj``) -> (A, B part), split by the family adapter."""
+    adapter = adapter_for(spec)
+    out = {}
+    for module, (A, B) in adapters.items():
+        for hf_name, B_part in adapter.to_hf(f"{module}.weight", B).items():
+            assert hf_name.endswith(".weight"), hf_name
+            out[hf_name[: -len(".weight")]] = (A, B_part)
+    return out
+
+
+def export_peft(ckpt_dir: str | Path, out_dir: str | Path, *, base_model_name_or_path: str | None = None,
+                dtype: str | torch.dtype | None = None, overwrite: bool = False) -> Path:
+    """Write a PEFT LoRA adapter directory (adapter_model.safetensors + adapter_config.json)."""
+    from peft import LoraConfig
+    from safetensors.torch import save_file
+
+    path = resolve_checkpoint_dir(ckpt_dir)
+    cfg, base, adapters = read_lora_checkpoint(path)
+    hf = hf_adapters(read_model_spec(path), adapters)
+    tensors = {}
+    for name, (A, B) in hf.items():
+        out_dtype = parse_dtype(dtype) or A.dtype
+        tensors[f"base_model.model.{name}.lora_A.weight"] = A.to(out_dtype).contiguous()
+        tensors[f"base_model.model.{name}.lora_B.weight"] = B.to(out_dtype).contiguous()
+    targets = sorted({h for m in cfg.targets for h in HF_GROUPS[m]})
+    peft_cfg = LoraConfig(r=cfg.rank, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout, target_modules=targets,
+                          bias="none", task_type="CAUSAL_LM", base_model_name_or_path=base_model_name_or_path or base)
+    with atomic_output_dir(out_dir, overwrite) as tmp:
+        save_file(tensors, tmp / "adapter_model.safetensors", metadata={"format": "pt"})
+        peft_cfg.save_pretrained(str(tmp))
+    log.info("exported PEFT adapters of %s (%d modules) -> %s", path, len(hf), out_dir)
+    return Path(out_dir)
+
+
+def export_merged(ckpt_dir: str | Path, out_dir: str | Path, *, base: str | Path | None = None,
+                  dtype: str | torch.dtype | None = None, max_shard_size: str | int = "5GB",
+                  overwrite: bool = False) -> Path:
+    """HF checkpoint of base + scaling * B @ A (``base`` defaults to the run's model.load)."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    from mcore_align.checkpoint.mcore_to_hf import convert_mcore_to_hf
+
+    path = resolve_checkpoint_dir(ckpt_dir)
+    cfg, saved_base, adapters = read_lora_checkpoint(path)
+    base = base or saved_base
+    deltas = hf_adapters(read_model_spec(path), adapters)
+    pending = {f"{name}.weight" for name in deltas}
+    with atomic_output_dir(out_dir, overwrite) as tmp:
+        # The base in its stored dtype: merging before any down-cast rounds once, not twice.
+        hf_dir = convert_mcore_to_hf(base, tmp / "base", dtype=None, max_shard_size=max_shard_size)
+        out_dtype = parse_dtype(dtype)
+        for f in sorted(hf_dir.glob("*.safetensors")):
+            with safe_open(str(f), framework="pt") as st:
+                shard = {k: st.get_tensor(k) for k in st.keys()}
+            for k, w in shard.items():
+                if k in pending:
+                    A, B = deltas[k[: -len(".weight")]]
+                    w = (w.float() + cfg.scaling * (B.float() @ A.float())).to(w.dtype)
+                    pending.discard(k)
+                shard[k] = w.to(out_dtype or w.dtype).contiguous()
+            save_file(shard, f, metadata={"format": "pt"})
+        if pending:
+            raise KeyError(f"adapted weights not found in the base export: {sorted(pending)}")
+        if out_dtype is not None:  # config.json states the dtype of the weights
+            cfg_file = hf_dir / "config.json"
+            c = json.loads(cfg_file.read_text())
+            from mcore_align.checkpoint.layout import dtype_name
+
+            for key in ("dtype", "torch_dtype"):
+                if key in c:
+                    c[key] = dtype_name(out_dtype)
+            cfg_file.write_text(json.dumps(c, indent=2, sort_keys=True) + "\n")
+            index = hf_dir / "model.safetensors.index.json"
+            if index.exists():
+                doc = json.loads(index.read_text())
+                doc.setdefault("metadata", {})["total_size"] = sum(
+                    n * out_dtype.itemsize for n in _numels(hf_dir).values())
+                index.write_text(json.dumps(doc, indent=2, sort_keys=True) + "\n")
+        for f in hf_dir.iterdir():
+            os.replace(f, tmp / f.name)
+        shutil.rmtree(hf_dir)
+    log.info("exported %s merged into %s -> %s", path, base, out_dir)
+    return Path(out_dir)
+
+
+def _numels(hf_dir: Path) -> dict[str, int]:
+    from safetensors import safe_open
+
+    out = {}
+    for f in hf_dir.glob("*.safetensors"):
+        with safe_open(str(f), framework="pt") as st:
+            for k in st.keys():
+                out[k] = math.prod(st.get_slice(k).get_shape())
+    return out

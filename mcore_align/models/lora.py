@@ -1,0 +1,353 @@
+"""LoRA adapters on megatron-core's tensor-parallel linears (Hu et al. 2021, arXiv:2106.09685).
+
+A target linear ``y = W x`` becomes ``y = W x + scaling * B A dropout(x)`` with
+``A [r, in]``, ``B [out, r]``, ``scaling = lora_alpha / lora_rank``, A initialised
+like PEFT's (kaiming-uniform, a=sqrt(5): U(-1/sqrt(in), 1/sqrt(in))) and B = 0, so a
+fresh adapter leaves the model unchanged. The base weights are frozen
+(``requires_grad=False``): megatron DDP and the optimizer only ever see the adapters.
+
+Tensor parallelism (TP ranks t = 0..T-1), for input ``x`` and output ``y``:
+
+* ColumnParallelLinear (``linear_qkv``, ``linear_fc1``; rank t holds rows W_t):
+  A is replicated, B is split by output rows like W (``B_t [out/T, r]``)::
+
+      h = A x                    [s, b, r], same on every rank
+      h = copy_to_tp(h)          identity; backward all-reduces dL/dh, which each rank
+                                 only has partially (B_t^T dL/dy_t)
+      y_t += scaling * B_t h     [s, b, out/T], laid out like the base output
+
+* RowParallelLinear (``linear_proj``, ``linear_fc2``; rank t holds columns W_t):
+  A is split by input columns like W (``A_t [r, in/T]``), B is replicated::
+
+      h_t = A_t x_t              partial sums of A x
+      h = reduce_from_tp(h_t)    all-reduce before B (backward: identity)
+      y += scaling * B h         added after the base layer's own all-reduce
+
+* Sequence parallelism: the column input is this rank's sequence shard
+  ``[s/T, b, H]``; A is applied to the shard and the small ``[s/T, b, r]`` result is
+  all-gathered (backward: reduce-scatter) instead of the ``[s/T, b, H]`` input. The
+  row path reduce-scatters ``h_t`` over the sequence (the base output is sequence
+  split too). The replicated factor (A of a column, B of a row) then sees only this
+  rank's tokens, so its gradient is partial over TP: it carries megatron's
+  ``sequence_parallel`` attribute and ``finalize_model_grads`` all-reduces it over
+  TP, exactly as for the LayerNorm weights.
+* Split factors carry megatron's ``tensor_model_parallel`` attributes, so gradient
+  norms (clipping) count replicated factors once.
+
+Fused layouts: one adapter on ``linear_qkv`` covers q, k and v (its B rows follow
+megatron's grouped qkv layout, see ``models/adapter.py``); one on ``linear_fc1``
+covers gate and up (B rows ``[gate; up]``, per TP rank ``[gate_t; up_t]`` like W).
+Export splits B rows with the family's weight adapter (``checkpoint/lora_export.py``).
+
+Where this departs from PEFT: q/k/v (and gate/up) share one A, since megatron fuses
+them into one matmul; PEFT's separate q_proj/k_proj/v_proj adapters receive copies of
+that A, which computes the same function.
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+import re
+import zlib
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+# Megatron module names (local and TE spec alike) of the linears LoRA can wrap.
+COLUMN_TARGETS = ("linear_qkv", "linear_fc1")
+ROW_TARGETS = ("linear_proj", "linear_fc2")
+# ms-swift / PEFT names -> the megatron module holding them. A fused module can only
+# be targeted as a whole: q_proj alone would need a masked B.
+HF_GROUPS = {
+    "linear_qkv": ("q_proj", "k_proj", "v_proj"),
+    "linear_proj": ("o_proj",),
+    "linear_fc1": ("gate_proj", "up_proj"),
+    "linear_fc2": ("down_proj",),
+}
+PRESETS = {
+    "DEFAULT": ("linear_qkv",),  # ms-swift's DEFAULT: attention q/k/v
+    "ALL": ("linear_qkv", "linear_proj", "linear_fc1", "linear_fc2"),  # every linear layer
+}
+
+
+def resolve_target_modules(value: str | list[str] | tuple[str, ...]) -> tuple[str, ...]:
+    """``DEFAULT`` / ``ALL`` / a list of megatron or HF module names -> megatron names.
+
+    >>> resolve_target_modules(["q_proj", "k_proj", "v_proj", "o_proj"])
+    ('linear_qkv', 'linear_proj')
+    """
+    if isinstance(value, str):
+        if value.upper() in PRESETS:
+            return PRESETS[value.upper()]
+        value = [v for v in value.split(",") if v]
+    names = list(value)
+    out = []
+    for mcore, hf in HF_GROUPS.items():
+        hit_hf = [n for n in names if n in hf]
+        if mcore in names or hit_hf:
+            if hit_hf and len(hit_hf) != len(hf):
+                raise ValueError(
+                    f"lora_target_modules: {hit_hf} is part of the fused megatron module {mcore}; "
+                    f"list all of {list(hf)} (or {mcore})")
+            out.append(mcore)
+    known = set(HF_GROUPS) | {h for g in HF_GROUPS.values() for h in g}
+    unknown = [n for n in names if n not in known]
+    if unknown or not out:
+        raise ValueError(f"lora_target_modules: unknown {unknown or names}; use DEFAULT, ALL or names from "
+                         f"{sorted(known)}")
+    return tuple(out)
+
+
+@dataclass(kw_only=True, frozen=True)
+class LoRAConfig:
+    """Adapter hyperparameters (ms-swift names)."""
+
+    rank: int = 8
+    """r: inner dimension of B @ A."""
+    alpha: float = 32.0
+    """lora_alpha: the update is scaled by alpha / rank."""
+    dropout: float = 0.05
+    """Dropout on the adapter's input (training mode only)."""
+    targets: tuple[str, ...] = PRESETS["DEFAULT"]
+    """Megatron module names to adapt (see resolve_target_modules)."""
+
+    def __post_init__(self) -> None:
+        if self.rank < 1:
+            raise ValueError(f"lora_rank must be >= 1, got {self.rank}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"lora_dropout must be in [0, 1), got {self.dropout}")
+
+    @property
+    def scaling(self) -> float:
+        return self.alpha / self.rank
+
+
+class _GatherSequence(torch.autograd.Function):
+    """All-gather along dim 0 (the sequence) over ``group``; backward: reduce-scatter.
+
+    megatron's ``gather_from_sequence_parallel_region`` does the same but allocates its
+    backward buffer on ``torch.cuda.current_device()``; this one allocates like its input.
+    """
+
+    @staticmethod
+    def forward(ctx, x_sBr, group):
+        ctx.group = group
+        out = x_sBr.new_empty((x_sBr.shape[0] * group.size(), *x_sBr.shape[1:]))
+        torch.distributed.all_gather_into_tensor(out, x_sBr.contiguous(), group=group)
+        return out
+
+    @staticmethod
+    def backward(ctx, g_SBr):
+        return _reduce_scatter_dim0(g_SBr, ctx.group), None
+
+
+class _ReduceScatterSequence(torch.autograd.Function):
+    """Sum over ``group`` and keep this rank's sequence shard (dim 0); backward: all-gather."""
+
+    @staticmethod
+    def forward(ctx, x_SBr, group):
+        ctx.group = group
+        return _reduce_scatter_dim0(x_SBr, group)
+
+    @staticmethod
+    def backward(ctx, g_sBr):
+        return _GatherSequence.forward(ctx, g_sBr, ctx.group), None
+
+
+def _reduce_scatter_dim0(x_SBr: torch.Tensor, group) -> torch.Tensor:
+    assert x_SBr.shape[0] % group.size() == 0, (x_SBr.shape, group.size())
+    out = x_SBr.new_empty((x_SBr.shape[0] // group.size(), *x_SBr.shape[1:]))
+    torch.distributed.reduce_scatter_tensor(out, x_SBr.contiguous(), group=group)
+    return out
+
+
+class LoRA(nn.Module):
+    """The adapter of one parallel linear; attached as its child ``lora`` (see apply_lora).
+
+    ``A``: column -> [r, in] replicated; row -> [r, in/T] split on dim 1.
+    ``B``: column -> [out/T, r] split on dim 0; row -> [out, r] replicated.
+    """
+
+    def __init__(self, kind: str, A: torch.Tensor, out_features: int, cfg: LoRAConfig, tp_group,
+                 sequence_parallel: bool):
+        from megatron.core.tensor_parallel.layers import set_tensor_model_parallel_attributes
+
+        super().__init__()
+        assert kind in ("column", "row"), kind
+        self.kind = kind
+        self.scaling = cfg.scaling
+        self.tp_group = tp_group
+        self.sequence_parallel = sequence_parallel and tp_group.size() > 1
+        self.dropout = nn.Dropout(cfg.dropout) if cfg.dropout > 0 else nn.Identity()
+        self.enabled = True
+        self.A = nn.Parameter(A)
+        self.B = nn.Parameter(torch.zeros(out_features, cfg.rank, dtype=A.dtype, device=A.device))
+        split, replicated = (self.B, self.A) if kind == "column" else (self.A, self.B)
+        set_tensor_model_parallel_attributes(split, True, 0 if kind == "column" else 1, 1)
+        if self.sequence_parallel:  # partial over TP: finalize_model_grads all-reduces it
+            replicated.sequence_parallel = True
+
+    def delta(self, x: torch.Tensor) -> torch.Tensor:
+        """scaling * B A dropout(x), laid out like the base layer's output."""
+        from megatron.core.tensor_parallel import mappings as M
+
+        h = F.linear(self.dropout(x), self.A)  # [s(/T), b, r]
+        if self.kind == "column":
+            if self.sequence_parallel:
+                h = _GatherSequence.apply(h, self.tp_group)  # [s, b, r]; backward: reduce-scatter
+            else:
+                h = M.copy_to_tensor_model_parallel_region(h, group=self.tp_group)
+        else:  # row: h holds partial sums over this rank's input columns
+            if self.sequence_parallel:
+                h = _ReduceScatterSequence.apply(h, self.tp_group)  # [s/T, b, r]; backward: all-gather
+            else:
+                h = M.reduce_from_tensor_model_parallel_region(h, group=self.tp_group)
+        return F.linear(h, self.B) * self.scaling
+
+    def extra_repr(self) -> str:
+        return f"{self.kind}, A={tuple(self.A.shape)}, B={tuple(self.B.shape)}, scaling={self.scaling}"
+
+
+def _lora_hook(module, args, output):
+    lora: LoRA = module.lora
+    if not lora.enabled:
+        return output
+    out, bias = output
+    return out + lora.delta(args[0]).to(out.dtype), bias
+
+
+def init_A(global_name: str, rank: int, in_features: int, seed: int, dtype: torch.dtype) -> torch.Tensor:
+    """The full (unsharded) A of one adapter, the same on every rank and at every layout.
+
+    Seeded by the run seed and the adapter's global name, so TP/PP layouts start from
+    identical adapters (a rank slices its part out).
+    """
+    gen = torch.Generator().manual_seed(seed * 1_000_003 + zlib.crc32(global_name.encode()))
+    bound = 1.0 / math.sqrt(in_features)  # PEFT: kaiming_uniform_(a=sqrt(5)) on [r, in]
+    return (torch.rand(rank, in_features, generator=gen, dtype=torch.float64) * 2 - 1).mul_(bound).to(dtype)
+
+
+def global_module_name(chunk, local_name: str) -> str:
+    """``decoder.layers.{local}.x`` -> ``decoder.layers.{global}.x`` (PP/VPP offsets)."""
+    m = re.match(r"decoder\.layers\.(\d+)\.(.*)", local_name)
+    assert m, local_name
+    layer = chunk.decoder.layers[int(m.group(1))]
+    return f"decoder.layers.{layer.layer_number - 1}.{m.group(2)}"
+
+
+def attach_lora(mod, global_name: str, cfg: LoRAConfig, *, seed: int) -> LoRA:
+    """Give one megatron parallel linear an adapter (child ``lora`` + a forward hook)."""
+    from megatron.core.tensor_parallel.layers import ColumnParallelLinear, RowParallelLinear
+
+    if type(mod) not in (ColumnParallelLinear, RowParallelLinear):
+        raise NotImplementedError(
+            f"LoRA wraps megatron's local-spec ColumnParallelLinear/RowParallelLinear; {global_name} is "
+            f"{type(mod).__name__} (Transformer Engine spec: not supported yet)")
+    w, tp = mod.weight, mod.tp_group
+    A_full = init_A(global_name, cfg.rank, mod.input_size, seed, w.dtype)
+    if isinstance(mod, ColumnParallelLinear):
+        assert not mod.gather_output, global_name  # the LoRA output is added in the split layout
+        lora = LoRA("column", A_full, mod.output_size_per_partition, cfg, tp, mod.sequence_parallel)
+    else:
+        assert mod.input_is_parallel, global_name
+        A = A_full.chunk(tp.size(), dim=1)[tp.rank()].contiguous()  # [r, in/T]
+        lora = LoRA("row", A, mod.output_size, cfg, tp, mod.sequence_parallel)
+    mod.lora = lora.to(w.device)
+    mod.register_forward_hook(_lora_hook)
+    return lora
+
+
+def apply_lora(chunks, cfg: LoRAConfig, *, seed: int) -> list[str]:
+    """Attach adapters to every target linear of ``chunks`` and freeze everything else.
+
+    Call after the base weights are loaded and before the DDP wrap. Returns the global
+    names of the adapted modules on this rank.
+    """
+    adapted = []
+    for chunk in chunks:
+        chunk.requires_grad_(False)
+        for name, mod in list(chunk.named_modules()):
+            if name.rsplit(".", 1)[-1] in cfg.targets:
+                gname = global_module_name(chunk, name)
+                attach_lora(mod, gname, cfg, seed=seed)
+                adapted.append(gname)
+    if not adapted:
+        raise ValueError(f"LoRA: no module named {cfg.targets} in the model")
+    return adapted
+
+
+def lora_modules(chunk):
+    """(local module name, LoRA) of every adapter in one chunk."""
+    return [(n[: -len(".lora")], m) for n, m in chunk.named_modules() if isinstance(m, LoRA)]
+
+
+def has_adapters(chunk) -> bool:
+    return any(isinstance(m, LoRA) for m in chunk.modules())
+
+
+@contextlib.contextmanager
+def adapters_disabled(chunks):
+    """The base model: every adapter of ``chunks`` (DDP-wrapped or not) switched off."""
+    loras = [m for c in chunks for m in c.modules() if isinstance(m, LoRA)]
+    before = [m.enabled for m in loras]
+    for m in loras:
+        m.enabled = False
+    try:
+        yield
+    finally:
+        for m, b in zip(loras, before):
+            m.enabled = b
+
+
+# -- checkpoints: adapters only ----------------------------------------------------------
+def adapter_sharded_state_dict(chunk) -> dict:
+    """``{local param name: ShardedTensor(Factory)}`` of this chunk's adapters.
+
+    Global keys ``decoder.layers.{g}.<module>.lora_A.weight`` / ``lora_B.weight`` hold
+    the unsharded factors, so a checkpoint resumes at any TP/PP layout. ``linear_fc1``'s
+    B is ``[gate_t; up_t]`` on each rank: megatron's swiglu factory stores it as the
+    global ``[gate; up]`` (as it does for the weight).
+    """
+    from megatron.core import parallel_state
+    from megatron.core.dist_checkpointing.mapping import ShardedTensor
+    from megatron.core.transformer.mlp import apply_swiglu_sharded_factory
+
+    dp = parallel_state.get_data_parallel_rank(with_context_parallel=True)
+    sd = {}
+    for name, lora in lora_modules(chunk):
+        g = global_module_name(chunk, name)
+        t, T = lora.tp_group.rank(), lora.tp_group.size()
+        kA, kB = f"{g}.lora_A.weight", f"{g}.lora_B.weight"
+        if lora.kind == "column":
+            a = ShardedTensor.from_rank_offsets(kA, lora.A, replica_id=(0, t, dp))
+            b = ShardedTensor.from_rank_offsets(kB, lora.B, (0, t, T), replica_id=(0, 0, dp))
+            if name.endswith("linear_fc1") and chunk.config.gated_linear_unit:
+                b = apply_swiglu_sharded_factory(b, ())
+        else:
+            a = ShardedTensor.from_rank_offsets(kA, lora.A, (1, t, T), replica_id=(0, 0, dp))
+            b = ShardedTensor.from_rank_offsets(kB, lora.B, replica_id=(0, t, dp))
+        sd[f"{name}.lora.A"], sd[f"{name}.lora.B"] = a, b
+    return sd
+
+
+def load_adapter_state(chunk, loaded: dict) -> None:
+    """Copy what ``dist_checkpointing.load`` returned for adapter_sharded_state_dict."""
+    params = dict(chunk.named_parameters())
+    expected = {n for n, p in params.items() if p.requires_grad}
+    assert set(loaded) == expected, (sorted(set(loaded) ^ expected))
+    with torch.no_grad():
+        for n, t in loaded.items():
+            params[n].copy_(t)
+
+
+def shard_adapter(kind: str, module: str, A: torch.Tensor, B: torch.Tensor, tp_rank: int, tp: int,
+                  gated: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """This TP rank's (A, B) of full factors, as apply_lora lays them out (for tests)."""
+    if kind == "row":
+        return A.chunk(tp, dim=1)[tp_rank], B
+    if module == "linear_fc1" and gated:
+        gate, up = B.chunk(2, dim=0)
+        return A, torch.cat([gate.chunk(tp)[tp_rank], up.chunk(tp)[tp_rank]])
+    return A, B.chunk(tp, dim=0)[tp_rank]
