@@ -5,12 +5,15 @@ import argparse
 import logging
 import sys
 
+from mcore_align.parallel.quiet import quiet_library_warnings
+
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description="Preference alignment on Megatron-Core (DPO, KTO, CPO, ORPO, SimPO, RM, SFT)")
     p.add_argument("--config", help="YAML file with sections model/data/parallel/optim/train/algo")
     p.add_argument("overrides", nargs="*", help="key=value or section.key=value (e.g. beta=0.2 train.save=/ckpt)")
     a = p.parse_args(argv)
+    quiet_library_warnings()
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s: %(message)s")
 
     from mcore_align.config import load_config

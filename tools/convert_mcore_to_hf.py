@@ -12,6 +12,12 @@ LoRA checkpoints (model.train_type=lora; docs/lora.md) hold the adapters only:
     python tools/convert_mcore_to_hf.py --ckpt runs/lora --out /models/merged --lora merged
     # PEFT adapter dir for peft.PeftModel.from_pretrained(hf_base, dir)
     python tools/convert_mcore_to_hf.py --ckpt runs/lora --out /models/adapter --lora peft
+
+Reward models (rlhf_type=rm; docs/algorithms.md) export the backbone (no lm_head) plus
+``value_head.safetensors``; ``--sequence-classification`` also writes ``score.weight`` and a
+config for ``AutoModelForSequenceClassification`` (num_labels=1):
+
+    python tools/convert_mcore_to_hf.py --ckpt runs/rm --out /models/rm --sequence-classification
 """
 import argparse
 import logging
@@ -33,6 +39,8 @@ def main() -> int:
     p.add_argument("--base", default=None,
                    help="LoRA: base mcore checkpoint (merged) or HF name/path recorded in adapter_config.json (peft); "
                         "default: the run's model.load")
+    p.add_argument("--sequence-classification", action="store_true",
+                   help="reward model: write an AutoModelForSequenceClassification checkpoint (score = value head)")
     a = p.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
@@ -52,6 +60,15 @@ def main() -> int:
     except (ValueError, FileNotFoundError, FileExistsError, KeyError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    if a.sequence_classification:  # [RM]
+        from pathlib import Path
+
+        from mcore_align.models.heads import VALUE_HEAD_FILE, write_sequence_classification
+
+        if not (Path(out) / VALUE_HEAD_FILE).exists():
+            print(f"error: --sequence-classification: {a.ckpt} is not a reward model (no value head)", file=sys.stderr)
+            return 2
+        write_sequence_classification(out)
     print(f"wrote {out}")
     return 0
 

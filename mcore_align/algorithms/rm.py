@@ -56,6 +56,9 @@ class RM(Objective):
     needs_reference = False
     config_cls = RMConfig
     data_kind = "paired"
+    output_head = "value"
+    """The trainer builds the model with a scalar value head (models/heads.py) and fills
+    stats.rewards with its value at each sequence's last token."""
 
     def __call__(self, stats: SequenceStats, counts: GlobalCounts) -> tuple[Tensor, Metrics]:
         num_pairs = require_positive(counts.num_pairs, "num_pairs", self.name)

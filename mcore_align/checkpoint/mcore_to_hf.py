@@ -167,6 +167,9 @@ def convert_mcore_to_hf(ckpt_dir: str | Path, out_dir: str | Path, dtype: str | 
     pieces = _param_requests(model)
     stored = _stored_metadata(path)
     names = adapter.mcore_names()
+    if "value_head.weight" in stored:  # [RM] a reward model has a value head instead of the LM head:
+        # export the backbone (no lm_head.weight) plus value_head.safetensors (see models/heads.py).
+        names = [n for n in names if not n.startswith("output_layer.")]
     missing = sorted({sh.key for n in names for sh, _ in pieces[n]} - set(stored))
     if missing:
         raise KeyError(f"{path}: checkpoint lacks model tensors {missing}")

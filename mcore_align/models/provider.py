@@ -35,6 +35,9 @@ class ModelOptions:
     core_attention: str = "auto"
     """Core attention for the local spec: "auto", "megatron" (local DotProductAttention,
     padded batches only) or "packed" (mcore_align.ops.attention, THD packed sequences)."""
+    head: str = "lm"
+    """Output head: "lm" (vocabulary projection) or "value" (reward model: hidden -> 1 at the
+    last stage, see models/heads.py; the LM head is not built, embeddings are untied)."""
 
 
 def have_transformer_engine() -> bool:
@@ -123,6 +126,10 @@ def build_model(spec: ModelSpec, runtime: Runtime, *, role: str = "policy", opts
     if role not in ROLES:
         raise ValueError(f"role must be one of {ROLES}, got {role!r}")
     opts = opts or ModelOptions()
+    from mcore_align.models.heads import HEADS, attach_value_head
+
+    if opts.head not in HEADS:
+        raise ValueError(f"head must be one of {HEADS}, got {opts.head!r}")
     par = runtime.parallel
     tp = par.tensor_model_parallel_size
     if spec.vocab_size % tp:
@@ -150,13 +157,16 @@ def build_model(spec: ModelSpec, runtime: Runtime, *, role: str = "policy", opts
             pre_process=parallel_state.is_pipeline_first_stage(ignore_virtual=False, vp_stage=stage),
             post_process=parallel_state.is_pipeline_last_stage(ignore_virtual=False, vp_stage=stage),
             parallel_output=True,
-            share_embeddings_and_output_weights=spec.tie_word_embeddings,
+            # [RM] a value head has no vocabulary projection to tie to the embeddings.
+            share_embeddings_and_output_weights=spec.tie_word_embeddings and opts.head == "lm",
             position_embedding_type="rope",
             rotary_base=spec.rope_theta,
             pg_collection=runtime.pgs,
             vp_stage=stage,
         )
         _apply_rope_scaling(model, spec)
+        if opts.head == "value":  # [RM] output_layer -> ValueHead (last stage only)
+            attach_value_head(model, runtime)
         if not runtime.is_cpu:
             model.cuda(torch.cuda.current_device())
         if role == "reference":

@@ -13,8 +13,11 @@ log = logging.getLogger(__name__)
 
 
 def model_options(cfg: RunConfig) -> ModelOptions:
+    from mcore_align.models.heads import objective_head
+
     dtype = torch.bfloat16 if cfg.model.bf16 else torch.float16 if cfg.model.fp16 else torch.float32
-    return ModelOptions(params_dtype=dtype, recompute_granularity=cfg.model.recompute_granularity)
+    return ModelOptions(params_dtype=dtype, recompute_granularity=cfg.model.recompute_granularity,
+                        head=objective_head(cfg.algo.rlhf_type))  # [RM] "value" for reward models
 
 
 def build_policy(spec: ModelSpec, runtime: Runtime, cfg: RunConfig, load_dir: str | None):
@@ -25,8 +28,13 @@ def build_policy(spec: ModelSpec, runtime: Runtime, cfg: RunConfig, load_dir: st
 
     if runtime.is_cpu and cfg.optim.use_distributed_optimizer:
         raise ValueError("use_distributed_optimizer needs CUDA; it is not available in the CPU execution mode")
-    chunks = build_model(spec, runtime, role="policy", opts=model_options(cfg))
-    if load_dir is not None:
+    opts = model_options(cfg)
+    chunks = build_model(spec, runtime, role="policy", opts=opts)
+    if load_dir is not None and opts.head == "value":  # [RM] a base/SFT checkpoint has no head yet
+        from mcore_align.models.heads import load_weights_with_optional_head
+
+        load_weights_with_optional_head(chunks, load_dir)
+    elif load_dir is not None:
         load_model_weights(chunks, load_dir)
     if cfg.model.train_type == "lora":  # [LoRA] adapters on the loaded base, base frozen, before DDP
         from mcore_align.models.lora import apply_lora

@@ -69,6 +69,8 @@ class Stepper:
         self.tp_group = runtime.pgs.tp
         self.cp_group = runtime.pgs.cp
         self.cp_size = runtime.parallel.context_parallel_size
+        # [RM] the model ends in a value head: its output is per-token values [B, S, 1].
+        self.value_head = getattr(objective, "output_head", "lm") == "value"
 
     # -- data ---------------------------------------------------------------------
     def to_device(self, micro_batches) -> list[DeviceBatch]:
@@ -173,9 +175,18 @@ class Stepper:
             stats.kl_reference = kl_reference
         return stats
 
-    def _loss_fn(self, b: DeviceBatch, counts: GlobalCounts, kl_reference, logits):
-        sums, cnts = self.sequence_sums(b, logits)
-        stats = self.build_stats(b, sums, cnts, kl_reference)
+    def _loss_fn(self, b: DeviceBatch, counts: GlobalCounts, kl_reference, output):
+        if self.value_head:  # [RM] output = values [B, S, 1]: one reward per sequence (its last token)
+            from mcore_align.models.heads import sequence_rewards
+
+            mb = b.mb
+            rewards = sequence_rewards(output, mb.position_ids, mb.seq_lengths, b.seg_cu,
+                                       self.cp_group if self.cp_size > 1 else None)
+            stats = SequenceStats(logps=rewards.detach(), num_tokens=mb.num_loss_tokens.to(rewards.device),
+                                  rewards=rewards)
+        else:  # output = vocab-parallel logits [B, S, V/TP]
+            sums, cnts = self.sequence_sums(b, output)
+            stats = self.build_stats(b, sums, cnts, kl_reference)
         loss, metrics = self.objective(stats, counts)
         report = {"loss": loss.detach().reshape(()).float()}
         for name, (s, c) in metrics.items():

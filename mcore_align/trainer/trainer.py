@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from mcore_align.algorithms import build_objective
+from mcore_align.algorithms import build_objective, check_weight_ratio
 from mcore_align.config import RunConfig
 from mcore_align.data.batch import required_pad_multiple
 from mcore_align.data.loader import build_data
@@ -54,6 +54,10 @@ class Trainer:
             pad_multiple=required_pad_multiple(par.tensor_model_parallel_size, par.context_parallel_size, par.sequence_parallel),
             report_path=Path(t.save) / "data_report.json" if t.save else None,
         )
+        if data_kind(self.objective) == "kto" and self.rt.rank == 0:  # [KTO] TRL's weight-balance warning
+            labels = self.data.train.store.rec_label[self.data.train.record_ids]
+            check_weight_ratio(int((labels == 1).sum()), int((labels == 0).sum()),
+                               self.objective.cfg.desirable_weight, self.objective.cfg.undesirable_weight)
         self.train_iters = t.train_iters or max(1, math.ceil(t.num_train_epochs * self.data.train.batches_per_epoch))
         # [LoRA] checkpoints hold only the adapters: the base always comes from model.load, and
         # the reference is the policy with its adapters switched off (no second copy).

@@ -189,3 +189,17 @@ def case_nan_steps_are_skipped_then_stop():
         raise AssertionError("expected TooManyNonFinite")
     except TooManyNonFinite as e:
         assert "2 consecutive steps" in str(e)
+
+
+def case_evaluate_tool():
+    """mcore_align.evaluate: policy == reference gives zero rewards and loss ln 2; the trained
+    TP=2 policy is preferred-consistent on its own training pairs."""
+    from mcore_align.evaluate import evaluate
+
+    common = ["tensor_model_parallel_size=2", "max_length=320", "truncation_strategy=right",
+              "max_tokens_per_micro_batch=1280", "global_batch_size=8", "device=cpu",
+              f"data.cache_dir={WORK / 'cache'}", "rpo_alpha=null"]
+    same = evaluate(CKPT, CKPT, [DATA], common)
+    assert abs(same["rewards/margins"]) < 1e-5 and abs(same["loss"] - math.log(2)) < 1e-5, same
+    trained = evaluate(str(WORK / "tp2"), CKPT, [DATA], common)
+    assert trained["rewards/accuracies"] > 0.7 and trained["rewards/margins"] > 0.1, trained

@@ -1,0 +1,223 @@
+"""Output heads: the reward model's value head (hidden -> 1) on megatron's ``GPTModel``.
+
+A reward model is the policy network with its vocabulary projection replaced by a
+scalar head. We build the ordinary ``GPTModel(post_process=True)`` (so the decoder keeps
+its final norm) and swap ``model.output_layer`` for a :class:`ValueHead`: GPTModel calls
+``output_layer(hidden_SBH, weight=..., runtime_gather_output=...)`` and, without labels,
+returns its output transposed to ``[B, S, 1]``. Nothing else in GPTModel's training path
+touches ``output_layer``; the LM weight is never built on the RM, and word embeddings are
+built untied (the LM head is gone, so there is nothing to tie).
+
+Parallelism:
+  * TP: the head's weight ``[1, H]`` is replicated on every TP rank, kept in fp32 and
+    initialised from a fixed seed (identical everywhere). Without sequence parallelism
+    every TP rank sees the full hidden states after the final norm and computes the same
+    loss, so its gradients are already identical across TP (no reduction).
+    With sequence parallelism each TP rank holds ``S/TP`` positions: the head is applied
+    to the local positions and the values are all-gathered with a *split* backward
+    (``tensor_parallel_output_grad=False``: the loss is replicated, each rank keeps the
+    gradient of its own positions); the weight's gradient is then a partial sum, and the
+    ``sequence_parallel`` attribute makes megatron's ``finalize_model_grads`` all-reduce
+    it over TP, exactly as for the layernorm weights.
+  * PP: only the last stage has ``output_layer``; the head lives there.
+  * CP: per-sequence rewards are read with a segment sum (see :func:`sequence_rewards`),
+    all-reduced over the CP group like the log-prob sums.
+
+Checkpoint key: ``value_head.weight`` (a ShardedTensor replicated over TP and DP). The
+state-dict *path* stays ``output_layer.weight`` (the module's name inside GPTModel).
+"""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+log = logging.getLogger(__name__)
+
+HEADS = ("lm", "value")
+VALUE_HEAD_KEY = "value_head.weight"
+"""Key of the head in megatron checkpoints (and its tensor name in value_head.safetensors)."""
+VALUE_HEAD_FILE = "value_head.safetensors"
+VALUE_HEAD_SEED = 20240611
+"""The head is initialised from this seed (the same weight on every rank and every layout)."""
+
+
+def objective_head(rlhf_type: str) -> str:
+    """Which output head objective ``rlhf_type`` trains: "value" for objectives that read
+    ``stats.rewards`` (their class sets ``output_head = "value"``), else "lm"."""
+    from mcore_align.algorithms.base import _lookup
+
+    return getattr(_lookup(rlhf_type), "output_head", "lm")
+
+
+class ValueHead(nn.Module):
+    """``values_SB1 = hidden_SBH @ weight_1H^T`` in fp32 (no bias, like HF's ``score``)."""
+
+    def __init__(self, hidden_size: int, *, init_std: float, sequence_parallel: bool, tp_group):
+        super().__init__()
+        gen = torch.Generator().manual_seed(VALUE_HEAD_SEED)
+        weight = torch.randn(1, hidden_size, generator=gen, dtype=torch.float32) * init_std
+        self.weight = nn.Parameter(weight)
+        # finalize_model_grads sums grads over TP for params marked like this (SP only).
+        self.weight.sequence_parallel = sequence_parallel
+        self.sequence_parallel = sequence_parallel  # read by GPTModel's inference path
+        self.tp_group = tp_group
+
+    def forward(self, hidden_SBH: torch.Tensor, weight=None, runtime_gather_output=None):
+        del weight, runtime_gather_output  # GPTModel's output-layer signature; nothing to tie or gather
+        values_SB1 = torch.nn.functional.linear(hidden_SBH.float(), self.weight)
+        if self.sequence_parallel:
+            from megatron.core.tensor_parallel.mappings import gather_from_sequence_parallel_region
+
+            # [S/TP, B, 1] -> [S, B, 1]; backward keeps this rank's slice (loss is replicated over TP).
+            values_SB1 = gather_from_sequence_parallel_region(
+                values_SB1, tensor_parallel_output_grad=False, group=self.tp_group)
+        return values_SB1, None
+
+    def sharded_state_dict(self, prefix: str = "", sharded_offsets: tuple = (), metadata=None):
+        from megatron.core.utils import make_sharded_tensor_for_checkpoint
+
+        # Replicated: replica_id (0, tp_rank, dp_rank) from parallel_state; one copy is written.
+        return {f"{prefix}weight": make_sharded_tensor_for_checkpoint(self.weight, VALUE_HEAD_KEY)}
+
+
+def attach_value_head(model, runtime) -> None:
+    """Replace the last stage's vocabulary projection by a :class:`ValueHead` (in place)."""
+    if not model.post_process:
+        return
+    cfg = model.config
+    model.output_layer = ValueHead(cfg.hidden_size, init_std=cfg.init_method_std,
+                                   sequence_parallel=cfg.sequence_parallel, tp_group=runtime.pgs.tp)
+    if not runtime.is_cpu:
+        model.output_layer.cuda(torch.cuda.current_device())
+
+
+def has_value_head(chunks) -> bool:
+    return any(isinstance(getattr(c, "output_layer", None), ValueHead) for c in chunks)
+
+
+def value_head_weight(chunks) -> torch.Tensor | None:
+    """The head's weight ``[1, H]`` on the last stage, else None."""
+    for c in chunks:
+        head = getattr(c, "output_layer", None)
+        if isinstance(head, ValueHead):
+            return head.weight
+    return None
+
+
+def load_weights_with_optional_head(chunks, ckpt_dir: str | Path) -> bool:
+    """Load ``ckpt_dir`` into chunks that carry a value head. A checkpoint without the head
+    (a base or SFT model) loads the backbone only and keeps the fresh head; an RM checkpoint
+    loads everything. Returns True when the head came from the checkpoint. Collective."""
+    from megatron.core import dist_checkpointing
+    from megatron.core.dist_checkpointing.mapping import ShardedTensor
+    from torch.distributed.checkpoint import FileSystemReader
+
+    from mcore_align.checkpoint import load_model_weights
+    from mcore_align.checkpoint.layout import resolve_checkpoint_dir
+
+    path = resolve_checkpoint_dir(ckpt_dir)
+    if VALUE_HEAD_KEY in FileSystemReader(str(path)).read_metadata().state_dict_metadata:
+        load_model_weights(chunks, path)
+        log.warning("value head loaded from %s", path)
+        return True
+    from megatron.core.dist_checkpointing.validation import StrictHandling
+
+    request = {}
+    for i, c in enumerate(chunks):
+        sd = c.sharded_state_dict()
+        request[f"chunk{i}"] = {k: v for k, v in sd.items()
+                                if not (isinstance(v, ShardedTensor) and v.key == VALUE_HEAD_KEY)}
+    loaded = dist_checkpointing.load(request, str(path), strict=StrictHandling.RAISE_UNEXPECTED)
+    for i, c in enumerate(chunks):
+        missing, unexpected = c.load_state_dict(loaded[f"chunk{i}"], strict=False)
+        assert not unexpected and all(m.startswith("output_layer.") for m in missing), (missing, unexpected)
+    if dist.get_rank() == 0:
+        log.warning("%s has no %s: value head freshly initialised (seed %d, std %.3g)", path, VALUE_HEAD_KEY,
+                    VALUE_HEAD_SEED, chunks[-1].config.init_method_std)
+    return False
+
+
+def sequence_rewards(values_BS1: torch.Tensor, position_ids: torch.Tensor, seq_lengths: torch.Tensor,
+                     cu_seqlens: torch.Tensor, cp_group=None) -> torch.Tensor:
+    """Per-sequence reward ``[N]``: the value at each sequence's LAST real token.
+
+    Sequence i occupies flat positions ``cu_seqlens[i]:cu_seqlens[i+1]`` and has
+    ``seq_lengths[i]`` real tokens, so its last token is the one whose position id is
+    ``seq_lengths[i] - 1``. Example (packed, pad_multiple 4, lengths 5 and 3)::
+
+        cu_seqlens = [0, 8, 12]; position_ids = [0 1 2 3 4 5 6 7 | 0 1 2 3]
+        last-token mask                      = [0 0 0 0 1 0 0 0 | 0 0 1 0]
+
+    A masked segment sum picks that one value per sequence; it works unchanged on a
+    context-parallel slice (pass this rank's position ids and LOCAL cu_seqlens; the rank
+    holding the token supplies it and the sums are all-reduced over CP), and in the padded
+    [B, S] layout (cu_seqlens = [0, S, 2S, ...]).
+    """
+    from mcore_align.ops.segments import allreduce_segment_sums, segment_of_token, segment_sums
+
+    values_T = values_BS1.reshape(-1)
+    pos_T = position_ids.reshape(-1)
+    seg_T = segment_of_token(cu_seqlens, values_T.shape[0])
+    last_T = pos_T == (seq_lengths.to(pos_T.device)[seg_T] - 1)
+    rewards_N, found_N = segment_sums(values_T, last_T, cu_seqlens)
+    rewards_N, found_N = allreduce_segment_sums(rewards_N, found_N, cp_group)
+    assert bool((found_N == 1).all()), f"expected one last token per sequence, found {found_N.tolist()}"
+    return rewards_N
+
+
+def write_sequence_classification(hf_dir: str | Path) -> Path:
+    """Turn an exported reward model (backbone + value_head.safetensors) into an HF
+    ``AutoModelForSequenceClassification`` checkpoint in place: ``score.weight [1, H]``
+    (the value head; HF's score has no bias either) goes to ``score.safetensors`` beside
+    the backbone shards (indexed by ``model.safetensors.index.json``), and config.json
+    gets ``<Family>ForSequenceClassification``, ``num_labels=1`` and ``pad_token_id``.
+
+    HF pools the logit of the LAST NON-PAD token of each row; training reads the last
+    real token. They agree when no sequence ends in the pad token: the pad id is taken
+    from the tokenizer and a warning is logged when it equals EOS (then right-padded
+    batches of sequences ending in EOS would be pooled one token early; score one
+    sequence per call, as `mcore_align.score` does, or set a distinct pad token).
+    """
+    import json
+
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    hf_dir = Path(hf_dir)
+    with safe_open(str(hf_dir / VALUE_HEAD_FILE), "pt") as f:
+        head_1H = f.get_tensor(VALUE_HEAD_KEY)
+    save_file({"score.weight": head_1H.contiguous()}, hf_dir / "score.safetensors", metadata={"format": "pt"})
+    index_path = hf_dir / "model.safetensors.index.json"
+    if index_path.exists():
+        index = json.loads(index_path.read_text())
+    else:  # single-file export: index it so the extra file is found
+        with safe_open(str(hf_dir / "model.safetensors"), "pt") as f:
+            index = {"metadata": {}, "weight_map": {k: "model.safetensors" for k in f.keys()}}
+    assert "score.weight" not in index["weight_map"], "already a sequence-classification export"
+    index["weight_map"]["score.weight"] = "score.safetensors"
+    index_path.write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+
+    cfg = json.loads((hf_dir / "config.json").read_text())
+    arch = (cfg.get("architectures") or ["ForCausalLM"])[0]
+    if not arch.endswith("ForCausalLM"):
+        raise ValueError(f"{hf_dir}: cannot derive a sequence-classification class from {arch!r}")
+    cfg["architectures"] = [arch[: -len("ForCausalLM")] + "ForSequenceClassification"]
+    cfg["num_labels"] = 1
+    cfg["id2label"], cfg["label2id"] = {"0": "LABEL_0"}, {"LABEL_0": 0}
+    try:
+        from transformers import AutoTokenizer
+
+        tok = AutoTokenizer.from_pretrained(str(hf_dir))
+        pad = tok.pad_token_id
+        if pad is not None and pad == tok.eos_token_id:
+            log.warning("pad token == EOS (%d): batched HF scoring pools one token early for sequences "
+                        "ending in EOS; score one sequence per call", pad)
+    except (OSError, ValueError):
+        pad = cfg.get("pad_token_id")
+    cfg["pad_token_id"] = pad
+    (hf_dir / "config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
+    return hf_dir
