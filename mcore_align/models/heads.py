@@ -194,9 +194,12 @@ def write_sequence_classification(hf_dir: str | Path) -> Path:
     index_path = hf_dir / "model.safetensors.index.json"
     if index_path.exists():
         index = json.loads(index_path.read_text())
-    else:  # single-file export: index it so the extra file is found
-        with safe_open(str(hf_dir / "model.safetensors"), "pt") as f:
-            index = {"metadata": {}, "weight_map": {k: "model.safetensors" for k in f.keys()}}
+    else:  # single-file export: index it so the extra file is found (transformers reads a present
+        # model.safetensors alone, ignoring any index, so the file is renamed to a shard name)
+        single = "model-00001-of-00001.safetensors"
+        (hf_dir / "model.safetensors").rename(hf_dir / single)
+        with safe_open(str(hf_dir / single), "pt") as f:
+            index = {"metadata": {}, "weight_map": {k: single for k in f.keys()}}
     assert "score.weight" not in index["weight_map"], "already a sequence-classification export"
     index["weight_map"]["score.weight"] = "score.safetensors"
     index_path.write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")

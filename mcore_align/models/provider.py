@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from mcore_align.models.norm import TorchRMSNorm
 from mcore_align.models.spec import ModelSpec
 from mcore_align.parallel.runtime import ParallelConfig, Runtime
 
@@ -107,6 +108,12 @@ def layer_spec(spec: ModelSpec, opts: ModelOptions, *, use_te: bool):
     if use_te:
         return get_gpt_layer_with_transformer_engine_spec(qk_layernorm=spec.qk_norm)
     ls = get_gpt_layer_local_spec(qk_layernorm=spec.qk_norm, normalization="RMSNorm")
+    # torch RMSNorm that accepts sequence parallelism (megatron's wrapper refuses it).
+    ls.submodules.input_layernorm = TorchRMSNorm
+    ls.submodules.pre_mlp_layernorm = TorchRMSNorm
+    if spec.qk_norm:
+        ls.submodules.self_attention.submodules.q_layernorm = TorchRMSNorm
+        ls.submodules.self_attention.submodules.k_layernorm = TorchRMSNorm
     if opts.core_attention in ("auto", "packed"):
         try:
             from mcore_align.ops.attention import PackedCoreAttention
@@ -151,7 +158,7 @@ def build_model(spec: ModelSpec, runtime: Runtime, *, role: str = "policy", opts
         stage = vp_stage if par.virtual_pipeline_model_parallel_size else None
         model = GPTModel(
             config=cfg,
-            transformer_layer_spec=lspec,
+            transformer_layer_spec=lspec if use_te else _local_block_spec(lspec, cfg, stage),
             vocab_size=spec.vocab_size,
             max_sequence_length=spec.max_position_embeddings,
             pre_process=parallel_state.is_pipeline_first_stage(ignore_virtual=False, vp_stage=stage),
@@ -174,6 +181,20 @@ def build_model(spec: ModelSpec, runtime: Runtime, *, role: str = "policy", opts
             model.eval()
         chunks.append(model)
     return chunks
+
+
+def _local_block_spec(lspec, cfg, vp_stage):
+    """The block of this stage's layers with our RMSNorm as the final norm too."""
+    from megatron.core.transformer.spec_utils import ModuleSpec
+    from megatron.core.transformer.transformer_block import (
+        TransformerBlock,
+        TransformerBlockSubmodules,
+        get_num_layers_to_build,
+    )
+
+    n = get_num_layers_to_build(cfg, vp_stage=vp_stage)
+    return ModuleSpec(module=TransformerBlock,
+                      submodules=TransformerBlockSubmodules(layer_specs=[lspec] * n, layer_norm=TorchRMSNorm))
 
 
 def _apply_rope_scaling(model, spec: ModelSpec) -> None:

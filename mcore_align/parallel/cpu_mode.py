@@ -8,8 +8,8 @@ What megatron-core 0.16 does that fails on a CPU-only torch build, and what we d
 (see also ``shared/notes/megatron-core-on-cpu.md``):
 
 * ``torch.cuda.current_device()`` is used as a device for buffers (rotary
-  embeddings, TP gather buffers, p2p). -> returns 0, and the device redirect below
-  maps device 0 / ``"cuda"`` to CPU.
+  embeddings, TP gather buffers, sequence-parallel reduce-scatter in backward, p2p).
+  -> returns ``torch.device("cpu")``.
 * Literal ``device="cuda"`` in factory calls (schedules' ``total_num_tokens``,
   ``get_default_causal_mask``, ``clip_grads``, ``grad_scaler``) and ``.cuda()`` calls.
   -> a :class:`torch.overrides.TorchFunctionMode` rewrites CUDA device arguments
@@ -105,7 +105,10 @@ def _patch_rng() -> None:
 
 
 def _patch_cuda_runtime() -> None:
-    torch.cuda.current_device = lambda: 0
+    # A device object, not index 0: megatron passes it straight to factory calls, some of
+    # them inside autograd backward functions, where the (thread-local) redirect mode below
+    # is not active.
+    torch.cuda.current_device = lambda: torch.device("cpu")
     torch.cuda.synchronize = lambda device=None: None
     torch.cuda.empty_cache = lambda: None
     torch.cuda.set_device = lambda device: None

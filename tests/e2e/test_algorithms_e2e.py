@@ -167,7 +167,8 @@ def test_rm_exports_score_like_megatron(results, work):
     cfg = json.loads((outs["seqcls"] / "config.json").read_text())
     assert cfg["architectures"] == ["Qwen2ForSequenceClassification"] and cfg["num_labels"] == 1
     assert cfg["pad_token_id"] is not None
-    megatron = {k: torch.tensor(json.loads((work / f"rm_scores_{k}.json").read_text())) for k in ("tp2", "pp2")}
+    megatron = {k: torch.tensor(json.loads((work / f"rm_scores_{k}.json").read_text()), dtype=torch.float64)
+                for k in ("tp2", "pp2")}
     torch.testing.assert_close(megatron["tp2"], megatron["pp2"], rtol=0, atol=1e-4)
     for name, out in outs.items():
         hf = torch.tensor(score_hf(out, [str(work / "heldout.jsonl")], paired=True, max_length=320,
