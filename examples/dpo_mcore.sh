@@ -36,9 +36,12 @@ if [ -z "${MODEL:-}" ]; then
   fi
 fi
 DATASET=${DATASET:-${MCORE_ALIGN_DATA:-../shared/data}/dpo_en_demo.json}
+# torchrun forwards SIGUSR1 (Slurm's early warning) as well as SIGTERM to the ranks, and
+# gives them SHUTDOWN_TIMEOUT seconds to finish the step and write the checkpoint.
 exec "$PYTHON" -m torch.distributed.run \
   --nnodes "$NNODES" --node-rank "$NODE_RANK" --nproc-per-node "$NPROC_PER_NODE" \
   --master-addr "$MASTER_ADDR" --master-port "$MASTER_PORT" \
+  --signals-to-handle SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1 --shutdown-timeout "${SHUTDOWN_TIMEOUT:-600}" \
   -m mcore_align.train --config "$CONFIG" \
   rlhf_type="$ALGO" model.load="$MODEL" "data.dataset=[$DATASET]" train.save="$SAVE" train.device="$DEVICE" \
   tensor_model_parallel_size="$TP" pipeline_model_parallel_size="$PP" context_parallel_size="$CP" \

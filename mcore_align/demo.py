@@ -3,8 +3,12 @@
 The preference task is one a 2-layer random model can learn in a few minutes:
 for varied prompts, the chosen answer is courteous and on topic, the rejected one
 is curt and dismissive (disjoint vocabularies), so the policy can move probability
-mass from one style to the other. Held-out pairs use prompts never trained on;
-their reward accuracy is printed before and after training.
+mass from one style to the other. Held-out pairs (a separate `val_dataset`) are about
+topics never seen in training; their reward accuracy is printed before and after
+training, and the demo fails if it does not reach 0.9.
+
+Steps: tiny HF model -> convert -> verify the conversion at TP=2 against
+`transformers` -> DPO at TP=2 -> export to HF -> summary.
 """
 from __future__ import annotations
 
@@ -20,6 +24,7 @@ from pathlib import Path
 TOPICS = ["the weather", "a recipe", "the history of science", "a poem", "the python function",
           "two numbers", "a short story", "the best response", "my homework", "the river",
           "the city", "three examples", "a helpful summary", "the data", "your code"]
+HELDOUT_TOPICS = ["the mountain", "a letter", "the garden", "my travel plans", "the music"]
 ASKS = ["Can you help me with {t}?", "Tell me about {t}.", "What do you think of {t}?",
         "Please explain {t}.", "I need advice on {t}.", "Write something about {t}."]
 GOOD = ["Sure, I would be glad to help with {t}. Here is a clear answer.",
@@ -28,11 +33,11 @@ GOOD = ["Sure, I would be glad to help with {t}. Here is a clear answer.",
 BAD = ["No.", "Figure it out yourself.", "Not my problem, go away.", "Whatever, I do not care."]
 
 
-def make_task(path: Path, n: int, seed: int) -> None:
+def make_task(path: Path, n: int, seed: int, topics: list[str] = TOPICS) -> None:
     rng = random.Random(seed)
     rows = []
     for _ in range(n):
-        t = rng.choice(TOPICS)
+        t = rng.choice(topics)
         rows.append({"prompt": rng.choice(ASKS).format(t=t), "chosen": rng.choice(GOOD).format(t=t),
                      "rejected": rng.choice(BAD)})
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -57,11 +62,16 @@ def main() -> None:
 
     hf = make_tiny_model(out / "hf_base", "qwen2", num_layers=2, hidden_size=64, vocab_size=512)
     run([py, "tools/convert_hf_to_mcore.py", "--hf", str(hf), "--out", str(out / "mcore_base"), "--overwrite"])
+    torchrun = [py, "-m", "torch.distributed.run", f"--nproc-per-node={a.nproc}"]
+    # The converted checkpoint computes the HF model's logits at the training layout (exit 1 if not).
+    run([*torchrun, "tools/verify_conversion.py", "--hf", str(hf), "--ckpt", str(out / "mcore_base"),
+         "--tp", str(a.nproc), "--device", "cpu"], env={"OMP_NUM_THREADS": "1"})
     make_task(out / "data" / "prefs.jsonl", 480, seed=0)
+    make_task(out / "data" / "heldout.jsonl", 96, seed=99, topics=HELDOUT_TOPICS)
     save = out / "run"
-    run([py, "-m", "torch.distributed.run", f"--nproc-per-node={a.nproc}", "-m", "mcore_align.train",
-         "--config", "examples/configs/dpo_demo.yaml",
+    run([*torchrun, "-m", "mcore_align.train", "--config", "examples/configs/dpo_demo.yaml",
          f"model.load={out / 'mcore_base'}", f"data.dataset=[{out / 'data' / 'prefs.jsonl'}]",
+         f"data.val_dataset=[{out / 'data' / 'heldout.jsonl'}]",
          f"train.save={save}", f"train.train_iters={a.steps}", f"data.cache_dir={out / 'cache'}"],
         env={"OMP_NUM_THREADS": "1"})
     run([py, "tools/convert_mcore_to_hf.py", "--ckpt", str(save), "--out", str(out / "hf_dpo"), "--overwrite"])
@@ -70,13 +80,20 @@ def main() -> None:
     tr = [r for r in rows if "loss" in r]
     print("\n=== demo summary ===")
     print(f"train loss: {tr[0]['loss']:.4f} (step 1) -> {tr[-1]['loss']:.4f} (step {tr[-1]['step']})")
+    final_acc = ev[-1]["eval/rewards/accuracies"] if ev else float("nan")
     if ev:
-        print(f"held-out reward accuracy: {ev[0]['eval/rewards/accuracies']:.3f} (step {ev[0]['step']}) -> "
-              f"{ev[-1]['eval/rewards/accuracies']:.3f} (step {ev[-1]['step']})")
+        # At step 0 the policy is the reference: every reward is 0, a tie, which (as in TRL)
+        # does not count as accurate; chance level for a trained-but-uninformed policy is 0.5.
+        print(f"held-out reward accuracy: {ev[0]['eval/rewards/accuracies']:.3f} (step {ev[0]['step']}, "
+              f"policy = reference, rewards ~0) -> {final_acc:.3f} (step {ev[-1]['step']})")
         print(f"held-out reward margin:   {ev[0]['eval/rewards/margins']:.3f} -> {ev[-1]['eval/rewards/margins']:.3f}")
     print(f"plot: {save / 'training_curves.png'}")
     print(f"exported HF model: {out / 'hf_dpo'}")
     print(f"total time: {time.time() - t0:.0f} s")
+    if not final_acc >= 0.9:
+        print(f"FAIL: held-out reward accuracy {final_acc:.3f} < 0.9", file=sys.stderr)
+        sys.exit(1)
+    print("OK: held-out reward accuracy >= 0.9")
 
 
 if __name__ == "__main__":

@@ -12,8 +12,10 @@ import argparse
 import sys
 
 
-
 def main() -> int:
+    from mcore_align.parallel.quiet import quiet_library_warnings
+
+    quiet_library_warnings()
     from mcore_align.checkpoint.layout import DTYPES
     from mcore_align.checkpoint.verify import verify_checkpoint
     from mcore_align.parallel import ParallelConfig, destroy, initialize

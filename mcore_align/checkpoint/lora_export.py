@@ -78,7 +78,9 @@ def read_lora_checkpoint(ckpt_dir: str | Path):
         raise KeyError(f"{path}: no LoRA adapter tensors in the checkpoint")
     loaded = dist_checkpointing.load(request, str(path))
     pairs: dict[str, dict[str, torch.Tensor]] = {}
-    for key, t in loaded.items():
+    # load() also returns the checkpoint's common (non-tensor) state: keep the adapters only.
+    for key in request:
+        t = loaded[key]
         module, which = _KEY.match(key).groups()
         pairs.setdefault(module, {})[which] = t
     assert all(set(p) == {"A", "B"} for p in pairs.values()), "adapter without its A or B"
@@ -108,7 +110,8 @@ def export_peft(ckpt_dir: str | Path, out_dir: str | Path, *, base_model_name_or
     tensors = {}
     for name, (A, B) in hf.items():
         out_dtype = parse_dtype(dtype) or A.dtype
-        tensors[f"base_model.model.{name}.lora_A.weight"] = A.to(out_dtype).contiguous()
+        # A fused megatron linear (qkv, gate+up) has one A: each HF projection gets its own copy.
+        tensors[f"base_model.model.{name}.lora_A.weight"] = A.to(out_dtype).clone().contiguous()
         tensors[f"base_model.model.{name}.lora_B.weight"] = B.to(out_dtype).contiguous()
     targets = sorted({h for m in cfg.targets for h in HF_GROUPS[m]})
     peft_cfg = LoraConfig(r=cfg.rank, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout, target_modules=targets,

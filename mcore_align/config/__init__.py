@@ -176,6 +176,13 @@ class RunConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     algo: AlgoConfig = field(default_factory=AlgoConfig)
 
+    def __post_init__(self) -> None:
+        if self.model.train_type == "lora" and self.algo.rlhf_type == "rm":
+            # The value head would be frozen with the base and is not part of an adapter
+            # checkpoint or of the PEFT export: refuse rather than train a random head.
+            raise ValueError("model.train_type=lora is not supported with rlhf_type=rm yet; "
+                             "train the reward model with train_type=full")
+
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 

@@ -26,12 +26,17 @@ ROLE_CHOSEN, ROLE_REJECTED, ROLE_UNPAIRED, ROLE_KL = 0, 1, 2, 3
 
 
 def required_pad_multiple(tp: int, cp: int, sequence_parallel: bool) -> int:
-    """Multiple each packed sequence is padded to: TP (sequence parallelism splits the
-    sequence dimension across TP ranks) and 2 * CP (context parallelism splits every
-    sequence into 2 * CP load-balanced chunks). lcm(tp if sp else 1, 2cp if cp > 1 else 1)."""
+    """Multiple each packed sequence is padded to.
+
+    Context parallelism splits every sequence into 2 * CP load-balanced chunks, so a rank
+    keeps L / CP tokens of it; sequence parallelism then splits this rank's tokens over
+    the TP ranks, so L / CP must also be a multiple of TP:
+    lcm(tp * cp if sp else 1, 2 * cp if cp > 1 else 1).
+    Example: tp=4, cp=2, sp: lcm(8, 4) = 8 (with 4, a 4-token sequence would leave 2
+    tokens per CP rank, which 4 TP ranks cannot split)."""
     if tp < 1 or cp < 1:
         raise ValueError(f"tp and cp must be >= 1, got tp={tp} cp={cp}")
-    return math.lcm(tp if sequence_parallel else 1, 2 * cp if cp > 1 else 1)
+    return math.lcm(tp * cp if sequence_parallel else 1, 2 * cp if cp > 1 else 1)
 
 
 def round_up(x: int | np.ndarray, m: int):
@@ -137,10 +142,13 @@ class GlobalBatch:
 
 
 # ---- planning -----------------------------------------------------------------------
-def plan_bins(sizes: np.ndarray, capacity: int, dp_size: int) -> list[list[list[int]]]:
+def plan_bins(sizes: np.ndarray, capacity: int, dp_size: int, multiple_of: int = 1) -> list[list[list[int]]]:
     """Pack units of `sizes` (padded tokens) into bins of `capacity`, then give every DP
-    rank the same number of bins, balanced by tokens. Returns per rank a list of bins,
+    rank the same number of bins (or one fewer, see below), balanced by tokens. Returns per rank a list of bins,
     each a list of unit indices. Deterministic for the same inputs.
+
+    multiple_of: every rank's bin count must be a multiple of it (megatron's interleaved
+    1F1B schedule runs a multiple of PP micro-batches); ranks then get equal counts.
     """
     n = len(sizes)
     if n < dp_size:
@@ -161,11 +169,21 @@ def plan_bins(sizes: np.ndarray, capacity: int, dp_size: int) -> list[list[list[
         else:
             bins.append([int(u)])
             free.append(capacity - s)
-    # Every rank must run the same number of micro-batches: split the fullest
-    # multi-unit bins until the bin count is a multiple of dp_size.
-    while len(bins) % dp_size:
+    # Balance the micro-batch count over ranks: split the fullest multi-unit bins until
+    # the bin count is a multiple of dp_size. When every bin already holds a single unit
+    # (units close to the capacity) nothing can be split: ranks then differ by at most one
+    # micro-batch, which megatron handles (the DP gradient reduction happens once, after
+    # the last micro-batch, and losses are normalised by global counts).
+    target = dp_size * multiple_of
+    while len(bins) % target:
         cand = [b for b in range(len(bins)) if len(bins[b]) > 1]
-        assert cand, "n >= dp_size guarantees a splittable bin"
+        if not cand and multiple_of == 1:
+            break
+        if not cand:
+            raise ValueError(
+                f"cannot make {len(bins)} micro-batches of one unit each a multiple of dp_size * "
+                f"{multiple_of} (interleaved pipeline: a multiple of PP per rank): raise global_batch_size "
+                "or lower max_tokens_per_micro_batch")
         b = max(cand, key=lambda i: (len(bins[i]), capacity - free[i], -i))
         units = sorted(bins[b], key=lambda u: -sizes[u])
         halves: list[list[int]] = [[], []]
@@ -177,8 +195,8 @@ def plan_bins(sizes: np.ndarray, capacity: int, dp_size: int) -> list[list[list[
         bins[b], free[b] = halves[0], capacity - loads[0]
         bins.append(halves[1])
         free.append(capacity - loads[1])
-    # Longest-processing-time assignment with exactly M bins per rank.
-    per_rank = len(bins) // dp_size
+    # Longest-processing-time assignment with at most ceil(bins / dp) bins per rank.
+    per_rank = -(-len(bins) // dp_size)
     loads_b = [capacity - f for f in free]
     heap = [(0, r) for r in range(dp_size)]
     out: list[list[list[int]]] = [[] for _ in range(dp_size)]

@@ -48,6 +48,8 @@ class DataConfig:
     """Force one input format instead of auto-detection (see `formats.FORMATS`)."""
     val_fraction: float = 0.0
     """Fraction of records held out (seeded) for the eval loader; 0 disables it."""
+    val_dataset: list[str] | None = None
+    """Separate eval dataset(s), same syntax as `dataset` (instead of `val_fraction`)."""
 
     def __post_init__(self) -> None:
         if isinstance(self.dataset, str):
@@ -66,6 +68,13 @@ class DataConfig:
             raise ValueError(f"micro_batch_size must be >= 1, got {self.micro_batch_size}")
         if not 0.0 <= self.val_fraction < 1.0:
             raise ValueError(f"val_fraction must be in [0, 1), got {self.val_fraction}")
+        if isinstance(self.val_dataset, str):
+            self.val_dataset = [self.val_dataset]
+        if self.val_dataset is not None:
+            if not self.val_dataset or not all(isinstance(d, str) and d for d in self.val_dataset):
+                raise ValueError(f"val_dataset must be a non-empty list of paths, got {self.val_dataset!r}")
+            if self.val_fraction > 0:
+                raise ValueError("give either val_dataset or val_fraction, not both")
         from .formats import FORMATS  # local import: formats imports nothing from here
 
         if self.dataset_format is not None and self.dataset_format not in FORMATS:

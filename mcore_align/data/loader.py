@@ -1,6 +1,7 @@
 """Sampler, global-batch loader and the `build_data` entry point."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 from dataclasses import dataclass
@@ -75,10 +76,11 @@ class BatchLoader:
 
     def __init__(self, store: TokenizedStore, record_ids: np.ndarray, *, kind: str, cfg: DataConfig,
                  dp_rank: int, dp_size: int, global_batch_size: int, pad_multiple: int, pad_id: int,
-                 train: bool):
+                 train: bool, microbatch_multiple: int = 1):
         self.store, self.kind, self.cfg = store, kind, cfg
         self.dp_rank, self.dp_size, self.gbs = dp_rank, dp_size, global_batch_size
         self.pad_multiple, self.pad_id, self.train = pad_multiple, pad_id, train
+        self.microbatch_multiple = microbatch_multiple  # PP with the interleaved schedule, else 1
         self.record_ids = record_ids
         self.sampler = EpochSampler(record_ids, global_batch_size, cfg.seed) if train else None
 
@@ -148,9 +150,8 @@ class BatchLoader:
         packed = self.cfg.packing
         if packed:
             sizes = np.array([sum(round_up(r.length, self.pad_multiple) for r in u) for u in units])
-            plan = plan_bins(sizes, self.cfg.max_tokens_per_micro_batch, self.dp_size)
-            n_mb = len(plan[0])
-            slot = n_mb * self.dp_size * self.cfg.max_tokens_per_micro_batch
+            plan = plan_bins(sizes, self.cfg.max_tokens_per_micro_batch, self.dp_size, self.microbatch_multiple)
+            slot = sum(len(bins) for bins in plan) * self.cfg.max_tokens_per_micro_batch
         else:
             mbs = self.cfg.micro_batch_size
             n = len(units)
@@ -158,6 +159,9 @@ class BatchLoader:
                 raise ValueError(f"padded mode: global_batch_size={n} must be a multiple of "
                                  f"micro_batch_size * dp_size = {mbs * self.dp_size}")
             per_rank = -(-n // self.dp_size)  # eval's last batch may be ragged
+            if -(-per_rank // mbs) % self.microbatch_multiple:
+                raise ValueError(f"padded mode: {-(-per_rank // mbs)} micro-batches per rank is not a multiple of "
+                                 f"{self.microbatch_multiple} (interleaved pipeline: PP)")
             plan = [[list(range(r * per_rank + i, min(r * per_rank + i + mbs, (r + 1) * per_rank, n)))
                      for i in range(0, per_rank, mbs)] for r in range(self.dp_size)]
             # Slots of a padded micro-batch: rows * S, with S its longest sequence rounded up.
@@ -218,12 +222,14 @@ def _is_rank0() -> bool:
 
 def build_data(cfg: DataConfig, tokenizer, objective_kind: str, *, dp_rank: int = 0, dp_size: int = 1,
                global_batch_size: int, pad_multiple: int = 1, report_path: str | Path | None = None,
-               report_batches: int = 50) -> DataBundle:
+               report_batches: int = 50, microbatch_multiple: int = 1) -> DataBundle:
     """Tokenize (cached), split, and return the training and eval loaders for one DP rank.
 
     objective_kind: "paired" (DPO, CPO, ORPO, SimPO, RM), "kto", "sft" or "prompt".
     global_batch_size counts units: pairs for "paired", examples otherwise.
     pad_multiple: see `required_pad_multiple(tp, cp, sequence_parallel)`.
+    microbatch_multiple: each rank's micro-batch count is a multiple of it (PP when the
+    interleaved pipeline schedule runs, which needs that).
     The data report (counts by reason, length statistics, packing efficiency estimated
     on the first `report_batches` global batches) is logged on rank 0 and written to
     `report_path` when given.
@@ -251,9 +257,16 @@ def build_data(cfg: DataConfig, tokenizer, objective_kind: str, *, dp_rank: int 
     n_val = int(round(n * cfg.val_fraction))
     val_ids, train_ids = np.sort(perm[:n_val]), np.sort(perm[n_val:])
     common = dict(kind=objective_kind, cfg=cfg, dp_rank=dp_rank, dp_size=dp_size,
-                  global_batch_size=global_batch_size, pad_multiple=pad_multiple, pad_id=_pad_id(tokenizer))
+                  global_batch_size=global_batch_size, pad_multiple=pad_multiple, pad_id=_pad_id(tokenizer),
+                  microbatch_multiple=microbatch_multiple)
     train = BatchLoader(store, train_ids, train=True, **common)
     evl = BatchLoader(store, val_ids, train=False, **common) if n_val else None
+    if cfg.val_dataset:  # a separate eval dataset: its own (cached) store, every record
+        vstore = load_or_build_store(dataclasses.replace(cfg, dataset=cfg.val_dataset, val_dataset=None),
+                                     tokenizer, objective_kind)
+        if vstore.num_records == 0:
+            raise ValueError(f"no usable records in val_dataset {cfg.val_dataset}; data report: {json.dumps(vstore.meta)}")
+        evl = BatchLoader(vstore, np.arange(vstore.num_records), train=False, **common)
     report = make_report(store, train, evl, report_batches)
     if _is_rank0():
         log.info("data report:\n%s", json.dumps(report, indent=1))
@@ -268,7 +281,7 @@ def make_report(store: TokenizedStore, train: BatchLoader, evl: BatchLoader | No
     meta = {k: v for k, v in store.meta.items() if k != "array_sizes"}
     probe = BatchLoader(store, train.record_ids, kind=train.kind, cfg=train.cfg, dp_rank=0,
                         dp_size=train.dp_size, global_batch_size=train.gbs, pad_multiple=train.pad_multiple,
-                        pad_id=train.pad_id, train=True)
+                        pad_id=train.pad_id, train=True, microbatch_multiple=train.microbatch_multiple)
     real = slot = mbs = 0
     steps = min(num_batches, probe.batches_per_epoch)
     for _ in range(steps):

@@ -39,6 +39,30 @@ class ModelOptions:
     head: str = "lm"
     """Output head: "lm" (vocabulary projection) or "value" (reward model: hidden -> 1 at the
     last stage, see models/heads.py; the LM head is not built, embeddings are untied)."""
+    transformer_engine: bool = True
+    """Use Transformer Engine's layer spec when TE imports and CUDA is present. False forces
+    megatron's local spec (LoRA wraps the local ColumnParallelLinear/RowParallelLinear)."""
+
+
+_REPORTED: set = set()
+
+
+def report_model_backends(use_te: bool, opts: ModelOptions, runtime: Runtime) -> None:
+    """The one start-up line that says which layer spec and core attention run (rank 0, once)."""
+    if use_te:
+        what = "Transformer Engine layer spec (TE core attention, THD for packed sequences)"
+    elif opts.core_attention == "megatron":
+        what = "local layer spec, megatron DotProductAttention (padded batches only)"
+    else:
+        from mcore_align.ops.attention import select_backend
+
+        why = ("disabled for LoRA" if not opts.transformer_engine else
+               "CPU execution mode" if runtime.is_cpu else "Transformer Engine not installed")
+        what = f"local layer spec ({why}), packed core attention: {select_backend(runtime.device.type)}"
+    if what not in _REPORTED and runtime.rank == 0:
+        _REPORTED.add(what)
+        # Training (packed attention) shows it; the tools' padded forward passes keep it quiet.
+        log.log(logging.INFO if opts.core_attention == "megatron" else logging.WARNING, "model: %s", what)
 
 
 def have_transformer_engine() -> bool:
@@ -149,7 +173,8 @@ def build_model(spec: ModelSpec, runtime: Runtime, *, role: str = "policy", opts
             f"num_key_value_heads {spec.num_query_groups} and num_attention_heads "
             f"{spec.num_attention_heads} must be divisible by tensor_model_parallel_size {tp}"
         )
-    use_te = have_transformer_engine() and not runtime.is_cpu
+    use_te = opts.transformer_engine and have_transformer_engine() and not runtime.is_cpu
+    report_model_backends(use_te, opts, runtime)
     cfg = transformer_config(spec, par, opts, cpu=runtime.is_cpu)
     lspec = layer_spec(spec, opts, use_te=use_te)
     vpp = par.virtual_pipeline_model_parallel_size or 1

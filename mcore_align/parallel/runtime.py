@@ -104,12 +104,16 @@ def init_process_group(device: torch.device) -> None:
     """torch.distributed from the torchrun environment; a 1-rank group when run plainly."""
     if dist.is_initialized():
         return
-    if "RANK" not in os.environ:  # plain `python ...`: a world of one
-        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", str(_free_port()))
     backend = "nccl" if device.type == "cuda" else "gloo"
     if device.type == "cuda":
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+    if "RANK" not in os.environ:
+        # Plain `python ...`: a world of one. The rendezvous address is passed, not written
+        # into os.environ, so child processes (converters, torchrun launches from tests)
+        # do not inherit RANK/MASTER_PORT and collide with this process's store.
+        dist.init_process_group(backend=backend, timeout=_timeout(), rank=0, world_size=1,
+                                init_method=f"tcp://127.0.0.1:{_free_port()}")
+        return
     dist.init_process_group(backend=backend, timeout=_timeout())
 
 

@@ -195,7 +195,10 @@ class Stepper:
 
     # -- the step -------------------------------------------------------------------
     def prepare(self, global_batch, ref_cache=None) -> tuple[list[DeviceBatch], torch.Tensor | None]:
-        """Device batches with reference / KL sums attached; returns (batches, z0 or None)."""
+        """Device batches with reference / KL sums attached; returns (batches, z0 or None).
+
+        ``ref_cache``: precomputed reference sums of these micro-batches (a list, empty on
+        non-last pipeline stages), or None to run the reference now."""
         batches = self.to_device(global_batch.micro_batches)
         if self.objective.needs_reference:
             ref = ref_cache if ref_cache is not None else self.reference_sums(batches)
@@ -236,7 +239,9 @@ class Stepper:
         bad = torch.tensor([0.0 if math.isfinite(metrics.get("loss", 0.0)) and self._grads_finite() else 1.0],
                            device=self.rt.device)
         dist.all_reduce(bad, op=dist.ReduceOp.MAX)
-        if bad.item() > 0:
+        # fp16: megatron's loss scaler must see the overflow to back off, so its optimizer
+        # step (which finds the inf, lowers the scale and skips) runs instead of ours.
+        if bad.item() > 0 and not _has_loss_scaler(optimizer):
             for m in self.policy:
                 m.zero_grad_buffer()
             optimizer.zero_grad()
@@ -246,9 +251,9 @@ class Stepper:
             scheduler.step(increment=1)
         return StepResult(metrics, skipped=not ok, grad_norm=float(grad_norm) if grad_norm is not None else None)
 
-    def eval_step(self, global_batch) -> dict[str, float]:
+    def eval_step(self, global_batch, ref_cache=None) -> dict[str, float]:
         """Objective metrics of the policy on a batch, without gradients."""
-        batches, z0 = self.prepare(global_batch)
+        batches, z0 = self.prepare(global_batch, ref_cache)
         counts = GlobalCounts(**global_batch.counts_dict())
 
         def step(data_iterator, model):
@@ -300,3 +305,9 @@ class Stepper:
         last = dist.get_global_rank(pp, pp.size() - 1)
         dist.broadcast_object_list(obj, src=last, group=pp)
         return obj[0]
+
+
+def _has_loss_scaler(optimizer) -> bool:
+    """True for fp16 (a dynamic loss scaler skips overflowing steps itself)."""
+    return any(getattr(o, "grad_scaler", None) is not None
+               for o in getattr(optimizer, "chained_optimizers", [optimizer]))

@@ -53,6 +53,8 @@ class Trainer:
             dp_rank=self.rt.dp_rank, dp_size=self.rt.dp_size, global_batch_size=t.global_batch_size,
             pad_multiple=required_pad_multiple(par.tensor_model_parallel_size, par.context_parallel_size, par.sequence_parallel),
             report_path=Path(t.save) / "data_report.json" if t.save else None,
+            # megatron's interleaved 1F1B runs a multiple of PP micro-batches
+            microbatch_multiple=par.pipeline_model_parallel_size if par.virtual_pipeline_model_parallel_size else 1,
         )
         if data_kind(self.objective) == "kto" and self.rt.rank == 0:  # [KTO] TRL's weight-balance warning
             labels = self.data.train.store.rec_label[self.data.train.record_ids]
@@ -79,6 +81,7 @@ class Trainer:
             log.warning("resumed from %s at step %d", self.resume_from, self.step)
         self.stepper = Stepper(self.rt, self.objective, self.policy, self.reference,
                                reference_is_base=lora)  # [LoRA]
+        self._eval_ref_cache: list | None = None  # reference sums of eval batches (precompute)
         self._stop_signal = False
         for sig in (signal.SIGTERM, signal.SIGUSR1):
             signal.signal(sig, self._on_signal)
@@ -124,12 +127,14 @@ class Trainer:
                 log.warning("stopping at step %d (signal or exit_after_steps); relaunch to resume", self.step)
                 reporter.close(plot=False)
                 return {"step": self.step, "history": history, "stopped": True}
-        if self.data.eval is not None:
-            reporter.log(self.step, self.evaluate(), prefix="eval/")
+        final_eval = self.evaluate() if self.data.eval is not None else {}
+        if final_eval:
+            reporter.log(self.step, final_eval, prefix="eval/")
         if t.save and not (t.save_interval and self.step % t.save_interval == 0):
             self.save()
         plot = reporter.close(plot=t.plot)
-        return {"step": self.step, "history": history, "stopped": False, "plot": str(plot) if plot else None}
+        return {"step": self.step, "history": history, "stopped": False, "eval": final_eval,
+                "plot": str(plot) if plot else None}
 
     # -- pieces ---------------------------------------------------------------------
     def evaluate(self) -> dict:
@@ -138,7 +143,8 @@ class Trainer:
         for i, gb in enumerate(self.data.eval):
             if i >= self.cfg.train.eval_iters:
                 break
-            for k, v in self.stepper.eval_step(gb).items():
+            ref = self._eval_ref_cache[i] if self._eval_ref_cache is not None else None
+            for k, v in self.stepper.eval_step(gb, ref_cache=ref).items():
                 sums[k] = sums.get(k, 0.0) + v
             n += 1
         return {k: v / n for k, v in sums.items()} if n else {}
@@ -153,14 +159,20 @@ class Trainer:
         )
 
     def _precompute_reference(self) -> dict[int, list]:
-        """One forward-only pass of the reference over the batches of the remaining steps,
-        then the reference weights are freed. Keyed by step (the loader is deterministic)."""
+        """One forward-only pass of the reference over the batches of the remaining steps
+        (and over the eval batches), then the reference weights are freed. Keyed by step
+        (the loaders are deterministic). Non-last pipeline stages compute no sums: their
+        entries are empty lists."""
+        def sums(gb) -> list:
+            return self.stepper.reference_sums(self.stepper.to_device(gb.micro_batches)) or []
+
         state = self.data.train.state_dict()
         cache = {}
         for step in range(self.step, self.train_iters):
-            gb = next(self.data.train)
-            cache[step] = self.stepper.reference_sums(self.stepper.to_device(gb.micro_batches))
+            cache[step] = sums(next(self.data.train))
         self.data.train.load_state_dict(state)
+        if self.data.eval is not None:
+            self._eval_ref_cache = [sums(gb) for _, gb in zip(range(self.cfg.train.eval_iters), self.data.eval)]
         self.reference = self.stepper.reference = None
         gc.collect()
         log.warning("precomputed reference log-probs for %d steps; reference model freed", len(cache))

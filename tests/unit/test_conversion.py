@@ -88,7 +88,7 @@ def test_bf16_path_and_export_loads_in_transformers(hf_models, tmp_path):
 
 def test_export_of_training_save_dir_with_extra_head(hf_models, tmp_path):
     """A trainer-style save ({"model": ..., other state}, iter_* + latest file) exports,
-    and a registered extra head (the RM value head) lands in its own file."""
+    and a registered extra head (the RM value head) lands in its own file, replacing the LM head."""
     from megatron.core import dist_checkpointing
     from megatron.core.dist_checkpointing.mapping import ShardedTensor
 
@@ -113,7 +113,10 @@ def test_export_of_training_save_dir_with_extra_head(hf_models, tmp_path):
     (tmp_path / "save" / "latest_checkpointed_iteration.txt").write_text("10")
     write_checkpoint_extras(tmp_path / "save", spec, torch.float32, tmp_path / "mc")
     convert_mcore_to_hf(tmp_path / "save", tmp_path / "back")
-    assert_same_tensors(hf_tensors(hf), load_file(tmp_path / "back" / "model.safetensors"))
+    # [RM] a checkpoint with a value head is a reward model: the backbone is exported
+    # without the LM head (the value head replaces it), the head goes to its own file.
+    expected = {k: v for k, v in hf_tensors(hf).items() if k != "lm_head.weight"}
+    assert_same_tensors(expected, load_file(tmp_path / "back" / "model.safetensors"))
     assert torch.equal(load_file(tmp_path / "back" / "value_head.safetensors")["value_head.weight"], value_head)
 
 

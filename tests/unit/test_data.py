@@ -279,10 +279,19 @@ def test_plan_bins_and_pad_multiple():
     assert len(plan_bins(sizes, 1000, 1)[0]) == -(-int(sizes.sum()) // 1000)
     with pytest.raises(ValueError, match="cannot give each of 4 DP ranks"):
         plan_bins(sizes[:3], 1000, 4)
+    # Units too large to share a bin: nothing can be split, ranks differ by one micro-batch.
+    plan = plan_bins(np.array([600, 700, 800]), 1000, 2)
+    assert sorted(len(r) for r in plan) == [1, 2]
+    assert sorted(u for r in plan for b in r for u in b) == [0, 1, 2]
     assert required_pad_multiple(1, 1, False) == 1
     assert required_pad_multiple(4, 1, True) == 4
     assert required_pad_multiple(4, 2, False) == 4
     assert required_pad_multiple(2, 3, True) == 6
+    # SP + CP: a rank keeps L / CP tokens of each sequence, and TP must divide them.
+    assert required_pad_multiple(4, 2, True) == 8
+    for tp, cp in ((2, 2), (4, 2), (2, 3), (8, 4)):
+        m = required_pad_multiple(tp, cp, True)
+        assert m % (2 * cp) == 0 and (m // cp) % tp == 0, (tp, cp, m)
 
 
 def test_resume_and_epochs(toks, tmp_path):

@@ -21,7 +21,8 @@ CKPT = os.environ.get("MA_TEST_CKPT", "")
 WORK = Path(os.environ.get("MA_TEST_WORK", "/tmp/ma_lora_worker"))
 DATA = os.environ.get("MA_TEST_DATA", "")
 TOKENS = Path(os.environ.get("MA_TEST_TOKENS", "/nonexistent"))
-LORA = ("train_type=lora", "lora_rank=4", "lora_alpha=8", "lora_target_modules=ALL")
+# Dropout off: the layout comparison and exact resume need deterministic steps.
+LORA = ("train_type=lora", "lora_rank=4", "lora_alpha=8", "lora_dropout=0.0", "lora_target_modules=ALL")
 
 
 def _cfg(save: str | None, *overrides: str):

@@ -175,9 +175,15 @@ def case_crash_mid_save_keeps_previous():
 
 
 def case_precompute_equals_co_resident():
-    a = _losses(Trainer(_cfg(None, "train_iters=3", "ref_model=co_resident")).train())
-    b = _losses(Trainer(_cfg(None, "train_iters=3", "ref_model=precompute")).train())
-    torch.testing.assert_close(torch.tensor(a), torch.tensor(b), rtol=0, atol=1e-6)
+    # DP=2, then PP=2 with an eval split (eval also uses the precomputed reference sums,
+    # and non-last stages hold no sums).
+    for extra in ((), ("pipeline_model_parallel_size=2", "val_fraction=0.2", "eval_interval=2")):
+        ra = Trainer(_cfg(None, "train_iters=3", "ref_model=co_resident", *extra)).train()
+        rb = Trainer(_cfg(None, "train_iters=3", "ref_model=precompute", *extra)).train()
+        torch.testing.assert_close(torch.tensor(_losses(ra)), torch.tensor(_losses(rb)), rtol=0, atol=1e-6)
+    assert rb["eval"] and set(ra["eval"]) == set(rb["eval"]), (ra.get("eval"), rb.get("eval"))
+    for k in ra["eval"]:
+        assert abs(ra["eval"][k] - rb["eval"][k]) < 1e-6, (k, ra["eval"], rb["eval"])
 
 
 def case_step0_policy_equals_reference():
