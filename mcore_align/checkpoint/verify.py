@@ -19,6 +19,8 @@ def megatron_logits(chunks, tokens_BS: torch.Tensor, runtime) -> torch.Tensor | 
     from megatron.core import parallel_state
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
+    from mcore_align.models.heads import lm_logits
+
     b, s = tokens_BS.shape
     position_ids_1S = torch.arange(s)[None]
     # One sequence per micro-batch, so stages overlap (the interleaved schedule needs
@@ -29,7 +31,7 @@ def megatron_logits(chunks, tokens_BS: torch.Tensor, runtime) -> torch.Tensor | 
         tokens_1S = next(data_iterator)
         # attention_mask=None: megatron's default causal mask (padding-free batch).
         out = model(tokens_1S, position_ids_1S, attention_mask=None)
-        return out, lambda output, non_loss_data=True: output
+        return out, lambda output, non_loss_data=True: lm_logits(model, output)  # fused head: hidden -> logits
 
     vpp = len(chunks)
     data = [iter(micro) for _ in range(vpp)] if vpp > 1 else iter(micro)

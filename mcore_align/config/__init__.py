@@ -39,6 +39,11 @@ class ModelConfig:
     """Train in fp16 with dynamic loss scaling."""
     recompute_granularity: str | None = None
     """Activation recomputation: None, "full" or "selective"."""
+    fused_logprobs: bool = True
+    """Compute log-probs straight from the final hidden states, chunk by chunk (output-layer
+    matmul + log-softmax per chunk, recomputed in backward): the [tokens, V/TP] logits are
+    never materialised, which is what runs out of memory on long sequences with large
+    vocabularies. False: the model outputs logits and the chunked kernel reads them."""
     train_type: str = "full"
     """"full" fine-tuning or "lora" (adapters on the frozen base; the reference is the
     base itself, no second copy; checkpoints hold the adapters only). See docs/lora.md."""
@@ -211,9 +216,14 @@ def _parse_value(text: str):
     return yaml.safe_load(text)
 
 
+# Other names users bring from the seed (ms-swift) for the same setting.
+ALIASES = {"sft_type": "train_type"}
+
+
 def resolve_key(key: str) -> tuple[str, str]:
     """Map ``beta`` / ``algo.beta`` / ``tensor_model_parallel_size`` to (section, field)."""
     fields = _section_fields()
+    key = ALIASES.get(key, key)
     if "." in key:
         sec, name = key.split(".", 1)
         if sec not in fields:

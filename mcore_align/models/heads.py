@@ -224,3 +224,61 @@ def write_sequence_classification(hf_dir: str | Path) -> Path:
     cfg["pad_token_id"] = pad
     (hf_dir / "config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
     return hf_dir
+
+
+# -- the LM head without logits: hidden states out, log-probs fused in the loss ----------------
+def _emit_hidden_forward(self, hidden_SBH: torch.Tensor, weight=None, runtime_gather_output=None):
+    """``ColumnParallelLinear.forward`` replacement: return the final hidden states.
+
+    GPTModel calls ``output_layer(hidden_SBH, weight=shared_embedding_or_None, ...)`` and
+    returns the result transposed to ``[B, S(/TP with SP), H]``; the loss then runs
+    ``ops.logprobs.fused_linear_logprobs`` with :func:`lm_output_weight`, so the
+    ``[tokens, V/TP]`` logits exist one chunk at a time, never whole.
+    """
+    del weight, runtime_gather_output  # the weight is read by lm_output_weight in the loss
+    return hidden_SBH, None
+
+
+def emit_hidden_states(model) -> None:
+    """Make the last stage's LM output layer return hidden states (in place).
+
+    Only the instance's ``forward`` changes: the module, its weight and its checkpoint key
+    (``output_layer.weight``) stay, so checkpoints and export are unaffected.
+    """
+    if not model.post_process:
+        return
+    layer = model.output_layer
+    layer.forward = _emit_hidden_forward.__get__(layer)
+    layer.emits_hidden_states = True
+
+
+def emits_hidden_states(model) -> bool:
+    """True when ``model``'s (DDP-unwrapped) output is hidden states, not logits."""
+    from megatron.core.utils import unwrap_model
+
+    return getattr(getattr(unwrap_model(model), "output_layer", None), "emits_hidden_states", False)
+
+
+def lm_output_weight(model) -> torch.Tensor:
+    """The vocabulary projection ``[V/TP, H]`` of the last stage: the tied embedding copy or
+    the output layer's own weight (the one GPTModel would use)."""
+    from megatron.core.utils import unwrap_model
+
+    m = unwrap_model(model)
+    return m.shared_embedding_or_output_weight() if m.share_embeddings_and_output_weights else m.output_layer.weight
+
+
+def lm_logits(model, output_BSX: torch.Tensor) -> torch.Tensor:
+    """Vocab-parallel logits ``[B, S, V/TP]`` from what ``model`` returned: its logits, or (fused
+    head) its hidden states ``[B, S(/TP with SP), H]`` times the output weight. For tools and
+    tests that need whole logits; training never builds them."""
+    if not emits_hidden_states(model):
+        return output_BSX
+    from megatron.core.tensor_parallel.mappings import gather_from_sequence_parallel_region
+    from megatron.core.utils import unwrap_model
+
+    layer = unwrap_model(model).output_layer
+    hidden_SBH = output_BSX.transpose(0, 1)
+    if layer.sequence_parallel:  # [S/TP, B, H] -> [S, B, H]
+        hidden_SBH = gather_from_sequence_parallel_region(hidden_SBH, group=layer.tp_group)
+    return (hidden_SBH @ lm_output_weight(model).t()).transpose(0, 1)

@@ -39,6 +39,10 @@ class ModelOptions:
     head: str = "lm"
     """Output head: "lm" (vocabulary projection) or "value" (reward model: hidden -> 1 at the
     last stage, see models/heads.py; the LM head is not built, embeddings are untied)."""
+    fused_logprobs: bool = False
+    """LM head: the model outputs final hidden states and the loss computes log-probs with
+    the fused output-layer kernel (``ops.logprobs.fused_linear_logprobs``), so the
+    ``[tokens, V/TP]`` logits are never materialised. False: the model outputs logits."""
     transformer_engine: bool = True
     """Use Transformer Engine's layer spec when TE imports and CUDA is present. False forces
     megatron's local spec (LoRA wraps the local ColumnParallelLinear/RowParallelLinear)."""
@@ -157,7 +161,7 @@ def build_model(spec: ModelSpec, runtime: Runtime, *, role: str = "policy", opts
     if role not in ROLES:
         raise ValueError(f"role must be one of {ROLES}, got {role!r}")
     opts = opts or ModelOptions()
-    from mcore_align.models.heads import HEADS, attach_value_head
+    from mcore_align.models.heads import HEADS, attach_value_head, emit_hidden_states
 
     if opts.head not in HEADS:
         raise ValueError(f"head must be one of {HEADS}, got {opts.head!r}")
@@ -199,6 +203,8 @@ def build_model(spec: ModelSpec, runtime: Runtime, *, role: str = "policy", opts
         _apply_rope_scaling(model, spec)
         if opts.head == "value":  # [RM] output_layer -> ValueHead (last stage only)
             attach_value_head(model, runtime)
+        elif opts.fused_logprobs:  # hidden states out; log-probs fused in the loss
+            emit_hidden_states(model)
         if not runtime.is_cpu:
             model.cuda(torch.cuda.current_device())
         if role == "reference":

@@ -38,8 +38,15 @@ def make_tiny_model(
     max_shard_size: str | int = "2GB",
     init_std: float = 0.02,
     seed: int = 0,
+    rope_theta: float = 10000.0,
+    rms_norm_eps: float = 1e-6,
+    rope_scaling: dict | None = None,
 ) -> Path:
-    """Write a random-init HF checkpoint + tokenizer to ``out_dir``; returns the path."""
+    """Write a random-init HF checkpoint + tokenizer to ``out_dir``; returns the path.
+
+    ``rope_scaling``: HF's dict, replacing the family's (the tiny Llama uses Llama 3.1's
+    ``llama3`` scaling with a 128-token original window, so it matters at short lengths).
+    """
     from transformers import AutoConfig, AutoModelForCausalLM
 
     if family not in TINY_FAMILIES:
@@ -57,14 +64,14 @@ def make_tiny_model(
         num_attention_heads=num_heads,
         num_key_value_heads=num_kv_heads,
         max_position_embeddings=max_position_embeddings,
-        rms_norm_eps=1e-6,
-        rope_theta=10000.0,
+        rms_norm_eps=rms_norm_eps,
+        rope_theta=rope_theta,
         tie_word_embeddings=tie_word_embeddings,
         initializer_range=init_std,
         bos_token_id=tok.bos_token_id,
         eos_token_id=tok.eos_token_id,
         pad_token_id=tok.pad_token_id,
-        **extra,
+        **{**extra, **({"rope_scaling": rope_scaling} if rope_scaling else {})},
     )
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)

@@ -18,6 +18,7 @@ def model_options(cfg: RunConfig) -> ModelOptions:
     dtype = torch.bfloat16 if cfg.model.bf16 else torch.float16 if cfg.model.fp16 else torch.float32
     return ModelOptions(params_dtype=dtype, recompute_granularity=cfg.model.recompute_granularity,
                         head=objective_head(cfg.algo.rlhf_type),  # [RM] "value" for reward models
+                        fused_logprobs=cfg.model.fused_logprobs,
                         # [LoRA] adapters wrap megatron's local parallel linears, not TE's.
                         transformer_engine=cfg.model.train_type != "lora")
 

@@ -7,8 +7,9 @@ Flow of a step (``Stepper.train_step``):
    parallelism is handled by megatron) give per-sequence log-prob sums of the
    frozen reference (objectives with ``needs_reference``) and, for KTO, of the
    policy on the mismatched KL sequences; they are attached to the micro-batches.
-3. ``forward_backward_func`` runs the policy. The loss function turns vocab-parallel
-   logits into per-sequence sums (``ops.logprobs`` + ``ops.segments``, all-reduced
+3. ``forward_backward_func`` runs the policy. The loss function turns the model's
+   output (final hidden states with the fused head, the default; vocab-parallel logits
+   otherwise) into per-sequence sums (``ops.logprobs`` + ``ops.segments``, all-reduced
    over CP) and calls the objective, which returns a contribution already
    normalised by *global* counts. The provider builds with
    ``calculate_per_token_loss=True`` and ``finalize_model_grads`` is called without
@@ -29,7 +30,8 @@ import torch.distributed as dist
 from mcore_align.algorithms import GlobalCounts, SequenceStats
 from mcore_align.algorithms.kto import kl_partial_sums, kl_reference_point
 from mcore_align.ops.context_parallel import packed_seq_params, split_packed_for_cp
-from mcore_align.ops.logprobs import vocab_parallel_logprobs
+from mcore_align.models.heads import emits_hidden_states, lm_output_weight
+from mcore_align.ops.logprobs import fused_linear_logprobs, vocab_parallel_logprobs
 from mcore_align.ops.segments import allreduce_segment_sums, segment_sums
 
 ROLE_CHOSEN, ROLE_REJECTED, ROLE_UNPAIRED, ROLE_KL = 0, 1, 2, 3
@@ -69,6 +71,7 @@ class Stepper:
         self.tp_group = runtime.pgs.tp
         self.cp_group = runtime.pgs.cp
         self.cp_size = runtime.parallel.context_parallel_size
+        self.sequence_parallel = runtime.parallel.sequence_parallel
         # [RM] the model ends in a value head: its output is per-token values [B, S, 1].
         self.value_head = getattr(objective, "output_head", "lm") == "value"
 
@@ -103,9 +106,21 @@ class Stepper:
             packed_seq_params=b.psp,
         )
 
-    def sequence_sums(self, b: "DeviceBatch", logits_BSV) -> tuple[torch.Tensor, torch.Tensor]:
-        """Per-sequence sums of target log-probs over loss tokens: ([N], [N]), whole sequences."""
-        logp_BS = vocab_parallel_logprobs(logits_BSV, b.mb.labels, self.tp_group)
+    def sequence_sums(self, b: "DeviceBatch", output, model) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-sequence sums of target log-probs over loss tokens: ([N], [N]), whole sequences.
+
+        ``output`` is what ``model`` returned: vocab-parallel logits ``[B, S, V/TP]``, or (fused
+        head, models/heads.py) final hidden states ``[B, S(/TP with SP), H]`` that go through
+        the output-layer matmul chunk by chunk inside the log-prob kernel.
+        """
+        if emits_hidden_states(model):
+            hidden_SBH = output.transpose(0, 1)  # GPTModel transposed [S(/TP), B, H] to [B, S, H]
+            logp_SB = fused_linear_logprobs(hidden_SBH, lm_output_weight(model), b.mb.labels.t(), self.tp_group,
+                                            sequence_parallel=self.sequence_parallel)
+            logp_BS = logp_SB.t()
+        else:
+            logits = output.float() if output.dtype == torch.float16 else output
+            logp_BS = vocab_parallel_logprobs(logits, b.mb.labels, self.tp_group)
         sums_N, counts_N = segment_sums(logp_BS.reshape(-1), b.mb.loss_mask.reshape(-1), b.seg_cu)
         if self.cp_size > 1:
             sums_N, counts_N = allreduce_segment_sums(sums_N, counts_N, self.cp_group)
@@ -131,9 +146,9 @@ class Stepper:
             b = next(data_iterator)
             out = self._model_forward(model, b)
 
-            def loss_fn(logits):
-                sums, _ = self.sequence_sums(b, logits.float() if logits.dtype == torch.float16 else logits)
-                zero = logits.new_zeros(())
+            def loss_fn(output):
+                sums, _ = self.sequence_sums(b, output, model)
+                zero = output.new_zeros(())
                 return zero, torch.tensor(0, dtype=torch.int), {"sums": sums.detach()}
 
             return out, loss_fn
@@ -175,7 +190,7 @@ class Stepper:
             stats.kl_reference = kl_reference
         return stats
 
-    def _loss_fn(self, b: DeviceBatch, counts: GlobalCounts, kl_reference, output):
+    def _loss_fn(self, b: DeviceBatch, counts: GlobalCounts, kl_reference, model, output):
         if self.value_head:  # [RM] output = values [B, S, 1]: one reward per sequence (its last token)
             from mcore_align.models.heads import sequence_rewards
 
@@ -184,8 +199,8 @@ class Stepper:
                                        self.cp_group if self.cp_size > 1 else None)
             stats = SequenceStats(logps=rewards.detach(), num_tokens=mb.num_loss_tokens.to(rewards.device),
                                   rewards=rewards)
-        else:  # output = vocab-parallel logits [B, S, V/TP]
-            sums, cnts = self.sequence_sums(b, output)
+        else:  # output = vocab-parallel logits [B, S, V/TP] or hidden states (fused head)
+            sums, cnts = self.sequence_sums(b, output, model)
             stats = self.build_stats(b, sums, cnts, kl_reference)
         loss, metrics = self.objective(stats, counts)
         report = {"loss": loss.detach().reshape(()).float()}
@@ -231,7 +246,7 @@ class Stepper:
         def step(data_iterator, model):
             b = next(data_iterator)
             out = self._model_forward(model, b)
-            return out, partial(self._loss_fn, b, counts, z0)
+            return out, partial(self._loss_fn, b, counts, z0, model)
 
         outs = self._run(self.policy, batches, step, forward_only=False)
         metrics = self.reduce_metrics(outs)
@@ -259,7 +274,7 @@ class Stepper:
         def step(data_iterator, model):
             b = next(data_iterator)
             out = self._model_forward(model, b)
-            return out, partial(self._loss_fn, b, counts, z0)
+            return out, partial(self._loss_fn, b, counts, z0, model)
 
         with torch.no_grad():
             outs = self._run(self.policy, batches, step, forward_only=True)

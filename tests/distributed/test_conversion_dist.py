@@ -19,6 +19,8 @@ def root(tmp_path_factory):
         ("qwen3", "qwen3", {}),
         ("llama", "llama", {"num_layers": 4}),
         ("qwen2_tied", "qwen2", {"tie_word_embeddings": True}),
+        # Mistral with its own rope theta and norm eps (a provider that ignored them would fail).
+        ("mistral", "mistral", {"rope_theta": 1e6, "rms_norm_eps": 1e-5}),
     ]:
         make_tiny_model(root / name / "hf", family, **kw)
         convert_hf_to_mcore(root / name / "hf", root / name / "mc", dtype="fp32")

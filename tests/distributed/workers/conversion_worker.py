@@ -51,6 +51,11 @@ def case_llama_pp2_vpp2():
     _check("llama", pp=2, vpp=2)  # 4 layers: one per virtual stage
 
 
+def case_mistral_at_each_layout():
+    for tp, pp in ((1, 1), (2, 1), (1, 2)):
+        _check("mistral", tp=tp, pp=pp)
+
+
 def case_tied_pp2():
     _check("qwen2_tied", pp=2)  # output layer on the last stage comes from the embedding
 

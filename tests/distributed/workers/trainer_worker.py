@@ -186,6 +186,18 @@ def case_precompute_equals_co_resident():
         assert abs(ra["eval"][k] - rb["eval"][k]) < 1e-6, (k, ra["eval"], rb["eval"])
 
 
+def case_fused_logprobs_equal_logits_path():
+    # The fused head (hidden states out, output-layer matmul inside the log-prob kernel) and the
+    # logits path give the same training run: TP=2 with sequence parallelism, and PP=2.
+    for layout in (("tensor_model_parallel_size=2", "sequence_parallel=true"), ("pipeline_model_parallel_size=2",)):
+        runs = {}
+        for fused in ("true", "false"):
+            res = Trainer(_cfg(None, "train_iters=3", f"fused_logprobs={fused}", *layout)).train()
+            runs[fused] = ([h["loss"] for h in res["history"]], [h["grad_norm"] for h in res["history"]])
+        torch.testing.assert_close(torch.tensor(runs["true"][0]), torch.tensor(runs["false"][0]), rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(torch.tensor(runs["true"][1]), torch.tensor(runs["false"][1]), rtol=1e-4, atol=1e-6)
+
+
 def case_step0_policy_equals_reference():
     # At step 0 the policy is the reference: DPO rewards are ~0 whatever the split.
     for mb_tokens in ("640", "2560"):
