@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """LoRA DPO next to full DPO: peak memory and step time on the same model, data and batch.
 
-    .venv/bin/python benchmarks/bench_lora.py [--steps 8] [--hidden 512 --layers 8 --vocab 8192]
+    .venv/bin/python benchmarks/bench_lora.py [--steps 6] [--hidden 512 --layers 8 --vocab 8192]
 
 Builds a random Qwen2-style model, converts it, and trains DPO (sigmoid, beta 0.1, no RPO
 term, co-resident reference for full DPO) with `python -m mcore_align.train` as one CPU
@@ -55,12 +55,12 @@ def make_pairs(path: Path, n: int, words: int, seed: int = 0) -> None:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--steps", type=int, default=8)
+    p.add_argument("--steps", type=int, default=6)
     p.add_argument("--gbs", type=int, default=8)
     p.add_argument("--hidden", type=int, default=512)
     p.add_argument("--layers", type=int, default=8)
     p.add_argument("--vocab", type=int, default=8192)
-    p.add_argument("--words", type=int, default=60, help="words per prompt / response")
+    p.add_argument("--words", type=int, default=25, help="words per prompt / response")
     a = p.parse_args()
     from mcore_align.models.tiny import make_tiny_model
 
@@ -79,8 +79,8 @@ def main() -> None:
         "LoRA DPO, r=8, ALL linears": ["train_type=lora", "lora_rank=8", "lora_target_modules=ALL"],
     }
     rows = []
-    for name, extra in runs.items():
-        save = work / name.split(",")[0].replace(" ", "_").replace("(", "").replace(")", "")
+    for i, (name, extra) in enumerate(runs.items()):
+        save = work / f"run{i}"
         cmd = [sys.executable, "-m", "mcore_align.train", f"model.load={work / 'mcore'}", f"data.dataset=[{data}]",
                "max_length=1024", "max_tokens_per_micro_batch=4096", f"global_batch_size={a.gbs}",
                f"train_iters={a.steps}", "learning_rate=1e-5", "rpo_alpha=null", "device=cpu", "progress_bar=false",

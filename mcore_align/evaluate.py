@@ -5,11 +5,13 @@
 
 Runs one pass (whole global batches) over the dataset with the objective's metrics
 (``rewards/accuracies``, ``rewards/margins``, ``logps/*``, the loss) and prints them
-as JSON on rank 0, so runs can be compared. Any TP/PP/DP layout works.
+as JSON on rank 0, so runs can be compared. Any TP/PP/DP layout works. A LoRA policy
+checkpoint (adapters only) is evaluated as its base (the run's ``model.load``) + adapters.
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import sys
@@ -22,6 +24,7 @@ def evaluate(policy: str, reference: str, dataset: list[str], overrides: list[st
 
     from mcore_align.algorithms import build_objective
     from mcore_align.checkpoint import load_model_weights, read_model_spec, resolve_checkpoint_dir
+    from mcore_align.checkpoint.lora_export import is_lora_checkpoint, load_lora_model
     from mcore_align.config import build_config
     from mcore_align.data.batch import required_pad_multiple
     from mcore_align.data.loader import build_data
@@ -44,8 +47,13 @@ def evaluate(policy: str, reference: str, dataset: list[str], overrides: list[st
                       pad_multiple=required_pad_multiple(par.tensor_model_parallel_size, par.context_parallel_size,
                                                          par.sequence_parallel))
     opts = model_options(cfg)
-    pol = build_model(spec, rt, role="reference", opts=opts)  # frozen: evaluation only
-    load_model_weights(pol, policy)
+    lora = is_lora_checkpoint(policy)
+    # frozen: evaluation only; [LoRA] adapters wrap the local spec's linears
+    pol = build_model(spec, rt, role="reference", opts=dataclasses.replace(opts, transformer_engine=not lora))
+    if lora:  # adapters only: base (the run's model.load) + adapters
+        load_lora_model(pol, policy)
+    else:
+        load_model_weights(pol, policy)
     ref = None
     if objective.needs_reference:
         ref = build_model(spec, rt, role="reference", opts=opts)

@@ -47,10 +47,47 @@ def _saved_model_config(path: Path) -> dict:
 
 
 def is_lora_checkpoint(ckpt_dir: str | Path) -> bool:
+    import torch.distributed as dist
+
     from mcore_align.checkpoint.layout import init_single_process
 
-    init_single_process()
+    if not dist.is_initialized():  # offline tools; under torchrun the trainer's world is kept
+        init_single_process()
     return _saved_model_config(resolve_checkpoint_dir(ckpt_dir)).get("train_type") == "lora"
+
+
+def saved_lora_config(path: Path):
+    """(LoRAConfig, base checkpoint dir) recorded in a LoRA training checkpoint."""
+    mcfg = _saved_model_config(path)
+    if mcfg.get("train_type") != "lora":
+        raise ValueError(f"{path} is not a LoRA checkpoint (model.train_type={mcfg.get('train_type')!r})")
+    cfg = LoRAConfig(rank=mcfg["lora_rank"], alpha=mcfg["lora_alpha"], dropout=mcfg["lora_dropout"],
+                     targets=resolve_target_modules(mcfg["lora_target_modules"]))
+    return cfg, mcfg["load"]
+
+
+def load_lora_model(chunks, ckpt_dir: str | Path, base: str | Path | None = None) -> Path:
+    """Built model chunks (any layout) <- the base weights + the adapters of a LoRA checkpoint.
+
+    The base is the run's ``model.load`` unless ``base`` is given. Adapters are attached
+    (``apply_lora``) and filled from the checkpoint; everything stays frozen (evaluation).
+    Collective over all ranks. Returns the resolved checkpoint directory.
+    """
+    from megatron.core import dist_checkpointing
+
+    from mcore_align.checkpoint.loading import load_model_weights
+    from mcore_align.models.lora import adapter_sharded_state_dict, apply_lora, load_adapter_state
+
+    path = resolve_checkpoint_dir(ckpt_dir)
+    cfg, saved_base = saved_lora_config(path)
+    load_model_weights(chunks, base or saved_base)
+    apply_lora(chunks, cfg, seed=0)  # initial values are overwritten by the checkpoint's
+    loaded = dist_checkpointing.load({f"chunk{i}": adapter_sharded_state_dict(c) for i, c in enumerate(chunks)},
+                                     str(path))
+    for i, c in enumerate(chunks):
+        load_adapter_state(c, loaded[f"chunk{i}"])
+        c.requires_grad_(False)
+    return path
 
 
 def read_lora_checkpoint(ckpt_dir: str | Path):
@@ -63,11 +100,7 @@ def read_lora_checkpoint(ckpt_dir: str | Path):
 
     init_single_process()
     path = resolve_checkpoint_dir(ckpt_dir)
-    mcfg = _saved_model_config(path)
-    if mcfg.get("train_type") != "lora":
-        raise ValueError(f"{path} is not a LoRA checkpoint (model.train_type={mcfg.get('train_type')!r})")
-    cfg = LoRAConfig(rank=mcfg["lora_rank"], alpha=mcfg["lora_alpha"], dropout=mcfg["lora_dropout"],
-                     targets=resolve_target_modules(mcfg["lora_target_modules"]))
+    cfg, base = saved_lora_config(path)
     stored = FileSystemReader(str(path)).read_metadata().state_dict_metadata
     request = {}
     for key, md in stored.items():
@@ -84,7 +117,7 @@ def read_lora_checkpoint(ckpt_dir: str | Path):
         module, which = _KEY.match(key).groups()
         pairs.setdefault(module, {})[which] = t
     assert all(set(p) == {"A", "B"} for p in pairs.values()), "adapter without its A or B"
-    return cfg, mcfg["load"], {m: (p["A"], p["B"]) for m, p in sorted(pairs.items())}
+    return cfg, base, {m: (p["A"], p["B"]) for m, p in sorted(pairs.items())}
 
 
 def hf_adapters(spec, adapters: dict) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:

@@ -33,6 +33,9 @@ class ModelConfig:
     load: str
     """Megatron-Core checkpoint to start from (written by tools/convert_hf_to_mcore.py or by
     a previous run's ``save``). Its ``model_spec.json`` and ``tokenizer/`` define the model."""
+    ref_load: str | None = None
+    """Reference-model checkpoint for objectives that use one (TRL's / ms-swift's ``ref_model``);
+    None: the reference is ``load`` (the usual case). Must have the same architecture."""
     bf16: bool = False
     """Train in bf16 (fp32 main weights and grads in the optimizer)."""
     fp16: bool = False
@@ -68,6 +71,9 @@ class ModelConfig:
             raise ValueError(f"model.train_type must be 'full' or 'lora', got {self.train_type!r}")
         if self.train_type == "lora":
             self.lora_config()  # LoRA: validate rank, dropout and target names now
+            if self.ref_load is not None:
+                raise ValueError("model.ref_load cannot be used with train_type=lora: the reference is the "
+                                 "base model (model.load) with the adapters switched off")
 
     def lora_config(self):
         """The adapters' LoRAConfig (train_type="lora")."""

@@ -54,6 +54,8 @@ class SeqRef:
     kto_label: bool
     length: int
     completion_of: int = -1
+    margin: float = math.nan
+    """Paired data: the pair's reward-model margin (NaN: none)."""
 
 
 @dataclass
@@ -88,6 +90,8 @@ class MicroBatch:
     """int64 [N]: loss_mask sum per sequence."""
     seq_lengths: torch.Tensor
     """int64 [N]: real (unpadded) length of each sequence."""
+    margin: torch.Tensor
+    """float32 [N]: the pair's reward-model margin on its sequences (NaN: none)."""
     packed: bool
     """True for the [1, T] THD layout."""
 
@@ -270,5 +274,6 @@ def collate(store, refs: list[SeqRef], packed: bool, pad_multiple: int, pad_id: 
         kto_label=torch.tensor([r.kto_label for r in refs], dtype=torch.bool),
         num_loss_tokens=torch.from_numpy(nlt),
         seq_lengths=torch.from_numpy(lens),
+        margin=torch.tensor([r.margin for r in refs], dtype=torch.float32),
         packed=packed,
     )

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -58,6 +59,8 @@ class Example:
     """KTO desirability."""
     images: list[Any] = field(default_factory=list)
     """Kept for vision models; the text pipeline does not read them."""
+    margin: float | None = None
+    """Paired data: optional reward-model margin of the pair (field ``margin``)."""
 
 
 # ---- reading ------------------------------------------------------------------------
@@ -289,8 +292,25 @@ def _system(rec: dict, fmt: str, loc: str) -> list[dict[str, str]]:
     return [{"role": "system", "content": system}] if system else []
 
 
+def _margin(rec: dict, fmt: str, loc: str) -> float | None:
+    """Optional per-pair reward-model margin (TRL's RewardTrainer column ``margin``)."""
+    v = rec.get("margin")
+    if v is None:
+        return None
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+        raise BadRecord("mistyped_field", f"{loc}: field 'margin' must be a finite number, got {v!r} "
+                        f"(detected format '{fmt}')")
+    return float(v)
+
+
 def normalize(rec: Any, fmt: str, loc: str) -> Example:
     """Turn one raw record of format `fmt` into an `Example` (raises `BadRecord`)."""
+    ex = _normalize(rec, fmt, loc)
+    ex.margin = _margin(rec, fmt, loc)
+    return ex
+
+
+def _normalize(rec: Any, fmt: str, loc: str) -> Example:
     if isinstance(rec, BadRecord):
         raise rec
     if not isinstance(rec, dict):

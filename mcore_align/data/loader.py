@@ -126,12 +126,14 @@ class BatchLoader:
         seqs = st.rec_seq[recs]
         lens = st.seq_len(seqs.clip(min=0))
         labels = st.rec_label[recs]
+        margins = st.rec_margin[recs]
         out = []
         for u in range(len(recs)):
             s0, s1 = int(seqs[u, 0]), int(seqs[u, 1])
             if self.kind == "paired":
-                out.append([SeqRef(s0, ROLE_CHOSEN, u, False, int(lens[u, 0])),
-                            SeqRef(s1, ROLE_REJECTED, u, False, int(lens[u, 1]))])
+                m = float(margins[u])
+                out.append([SeqRef(s0, ROLE_CHOSEN, u, False, int(lens[u, 0]), margin=m),
+                            SeqRef(s1, ROLE_REJECTED, u, False, int(lens[u, 1]), margin=m)])
             elif self.kind == "kto":
                 # KL sequence: this prompt + the completion of the previous example of
                 # the global batch (shift by one, as TRL does), placed right after it.

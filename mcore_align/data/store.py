@@ -8,6 +8,7 @@ Layout of `<cache_dir>/<key>/` (key = hash of dataset contents + tokenizer + set
     seq_plen.bin   int32  [S]              prompt length of sequence s
     rec_seq.bin    int64  [R, 2]           record -> (chosen/only seq, rejected seq or -1)
     rec_label.bin  int8   [R]              KTO label (1, 0) or -1
+    rec_margin.bin float32 [R]             paired data: reward-model margin, NaN when absent
     meta.json      counts by reason, formats, length statistics
 
 Records are streamed in chunks, so building needs RAM for one chunk, not the dataset
@@ -33,10 +34,10 @@ from .formats import BadRecord, content_fingerprint, detect_format, iter_dataset
 from .tokenization import RecordTokenizer
 
 log = logging.getLogger(__name__)
-CACHE_VERSION = 1
+CACHE_VERSION = 2
 _CHUNK = 1024  # records tokenized per batched tokenizer call
 _ARRAYS = {"tokens": np.int32, "targets": np.uint8, "seq_off": np.int64, "seq_plen": np.int32,
-           "rec_seq": np.int64, "rec_label": np.int8}
+           "rec_seq": np.int64, "rec_label": np.int8, "rec_margin": np.float32}
 
 
 def tokenizer_fingerprint(tokenizer) -> str:
@@ -70,6 +71,7 @@ class TokenizedStore:
     seq_plen: np.ndarray
     rec_seq: np.ndarray
     rec_label: np.ndarray
+    rec_margin: np.ndarray
     meta: dict
 
     @classmethod
@@ -108,7 +110,7 @@ class _Writer:
         self.files[name].write(arr.tobytes())
         self.sizes[name] += arr.size
 
-    def add(self, rec, label: int) -> None:
+    def add(self, rec, label: int, margin: float | None = None) -> None:
         sid = []
         for tok, tgt in zip(rec.tokens, rec.targets):
             self._write("tokens", tok)
@@ -120,6 +122,7 @@ class _Writer:
             self.num_seqs += 1
         self._write("rec_seq", np.array(sid + [-1] * (2 - len(sid))))
         self._write("rec_label", np.array([label]))
+        self._write("rec_margin", np.array([np.nan if margin is None else margin]))
 
     def close(self) -> dict:
         for f in self.files.values():
@@ -147,9 +150,9 @@ def build_store(cfg: DataConfig, tokenizer, objective_kind: str, out: Path) -> N
         pending: list = []
 
         def flush():
-            for rec, label in zip(rt.tokenize([p[0] for p in pending]), [p[1] for p in pending]):
+            for rec, (_, label, margin) in zip(rt.tokenize([p[0] for p in pending]), pending):
                 if rec is not None:
-                    writer.add(rec, label)
+                    writer.add(rec, label, margin)
             pending.clear()
 
         for spec in cfg.dataset:
@@ -171,7 +174,7 @@ def build_store(cfg: DataConfig, tokenizer, objective_kind: str, out: Path) -> N
                     if len(examples) < 10:
                         examples.append(str(e))
                     continue
-                pending.append((rendered, -1 if ex.label is None else int(ex.label)))
+                pending.append((rendered, -1 if ex.label is None else int(ex.label), ex.margin))
                 if len(pending) >= _CHUNK:
                     flush()
             formats.setdefault(spec, fmt)

@@ -1,6 +1,7 @@
 """Build the policy (megatron DDP), the frozen reference, optimizer and LR scheduler."""
 from __future__ import annotations
 
+import dataclasses
 import logging
 import torch
 
@@ -60,8 +61,13 @@ def build_policy(spec: ModelSpec, runtime: Runtime, cfg: RunConfig, load_dir: st
 
 
 def build_reference(spec: ModelSpec, runtime: Runtime, cfg: RunConfig, load_dir: str):
-    from mcore_align.checkpoint import load_model_weights
+    """The frozen reference (same layout as the policy), weights from ``load_dir``."""
+    from mcore_align.checkpoint import load_model_weights, read_model_spec
 
+    ref_spec = read_model_spec(load_dir)
+    if dataclasses.replace(ref_spec, init_std=spec.init_std) != spec:  # init_std: irrelevant once trained
+        raise ValueError(f"reference checkpoint {load_dir} has another architecture than the policy: "
+                         f"{ref_spec} vs {spec}")
     chunks = build_model(spec, runtime, role="reference", opts=model_options(cfg))
     load_model_weights(chunks, load_dir)
     return chunks

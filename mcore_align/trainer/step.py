@@ -198,7 +198,7 @@ class Stepper:
             rewards = sequence_rewards(output, mb.position_ids, mb.seq_lengths, b.seg_cu,
                                        self.cp_group if self.cp_size > 1 else None)
             stats = SequenceStats(logps=rewards.detach(), num_tokens=mb.num_loss_tokens.to(rewards.device),
-                                  rewards=rewards)
+                                  rewards=rewards, margins=_pair_margins(mb, rewards.device))
         else:  # output = vocab-parallel logits [B, S, V/TP] or hidden states (fused head)
             sums, cnts = self.sequence_sums(b, output, model)
             stats = self.build_stats(b, sums, cnts, kl_reference)
@@ -326,3 +326,12 @@ def _has_loss_scaler(optimizer) -> bool:
     """True for fp16 (a dynamic loss scaler skips overflowing steps itself)."""
     return any(getattr(o, "grad_scaler", None) is not None
                for o in getattr(optimizer, "chained_optimizers", [optimizer]))
+
+
+def _pair_margins(mb, device) -> torch.Tensor | None:
+    """[RM] per-pair margins [P] in pair order (the chosen sequences), or None when the data
+    has none; a pair without one (NaN) gets 0 (plain Bradley-Terry)."""
+    m = mb.margin[mb.seq_role == ROLE_CHOSEN]
+    if not torch.isfinite(m).any():
+        return None
+    return torch.nan_to_num(m, nan=0.0).to(device)

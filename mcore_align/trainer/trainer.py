@@ -67,7 +67,7 @@ class Trainer:
         self.policy = build_policy(self.spec, self.rt, cfg,
                                    load_dir=cfg.model.load if lora or not self.resume_from else None)
         self.reference = (
-            build_reference(self.spec, self.rt, cfg, cfg.model.load)
+            build_reference(self.spec, self.rt, cfg, cfg.model.ref_load or cfg.model.load)
             if self.objective.needs_reference and not lora else None
         )
         self.optimizer, self.scheduler = build_optimizer(self.policy, self.rt, cfg, self.train_iters)

@@ -40,6 +40,10 @@ def work(tmp_path_factory):
     hf = make_tiny_model(root / "hf", "qwen2", num_layers=2, hidden_size=64, vocab_size=512)
     subprocess.run([sys.executable, "tools/convert_hf_to_mcore.py", "--hf", str(hf), "--out", str(root / "mcore")],
                    cwd=ROOT, check=True, capture_output=True)
+    # Another random model of the same architecture: a reference that differs from the policy.
+    ref = make_tiny_model(root / "hf_ref", "qwen2", num_layers=2, hidden_size=64, vocab_size=512, seed=1)
+    subprocess.run([sys.executable, "tools/convert_hf_to_mcore.py", "--hf", str(ref), "--out", str(root / "mcore_ref")],
+                   cwd=ROOT, check=True, capture_output=True)
     (root / "paired.json").write_text(json.dumps(_shortest("dpo_en_demo.json")))
     kto = _shortest("kto_en_demo.json")
     assert {r["label"] for r in kto} == {True, False}
@@ -52,7 +56,7 @@ def work(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def results(work):
-    env = {"MA_TEST_CKPT": str(work / "mcore"), "MA_TEST_WORK": str(work),
+    env = {"MA_TEST_CKPT": str(work / "mcore"), "MA_TEST_REF_CKPT": str(work / "mcore_ref"), "MA_TEST_WORK": str(work),
            "MA_TEST_DATA_PAIRED": str(work / "paired.json"), "MA_TEST_DATA_KTO": str(work / "kto.json"),
            "MA_TEST_DATA_SFT": str(work / "sft.json"), "MA_TEST_DATA_TASK": str(work / "task.jsonl"),
            "MA_TEST_HELDOUT": str(work / "heldout.jsonl")}
@@ -65,12 +69,12 @@ def test_algorithm_case(results, case):
 
 
 # ---- step-1 loss from transformers -------------------------------------------------------
-def _hf_sequence_stats(work, batch, value_head=None):
+def _hf_sequence_stats(work, batch, value_head=None, hf_dir: str = "hf"):
     """Per sequence of the dumped global batch: role, pair index, KTO label, float64 sum of
     log-probs over loss tokens and their count (or, with a value head, the reward)."""
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(work / "hf", dtype=torch.float64).eval()
+    model = AutoModelForCausalLM.from_pretrained(work / hf_dir, dtype=torch.float64).eval()
     rows = []
     for mb in batch["micro_batches"]:
         tok, lab, mask = (mb[k].reshape(-1) for k in ("tokens", "labels", "loss_mask"))
@@ -101,19 +105,22 @@ def _pairs(rows):
     return t(0, "sum"), t(1, "sum"), t(0, "count"), t(1, "count")
 
 
-def _expected_loss(algo, rows):
+def _expected_loss(algo, rows, ref_rows=None):
+    """The objective from float64 per-sequence stats; ``ref_rows``: the reference model's
+    stats of the same sequences (None: the reference is the policy, as at step 1)."""
     ls = F.logsigmoid
+    ref_rows = ref_rows or rows
     if algo == "sft":
         return -sum(r["sum"] for r in rows) / sum(r["count"] for r in rows)
-    if algo == "kto":  # beta 0.1, weights 1; the reference is the same model at step 1
+    if algo == "kto":  # beta 0.1, weights 1 (KTO paper Eq. 8, TRL's kto_loss)
         beta = 0.1
-        scored = [r for r in rows if r["role"] == 2]
-        kl = [r for r in rows if r["role"] == 3]
-        assert len(kl) == len(scored)
-        pol = torch.tensor([r["sum"] for r in scored], dtype=torch.float64)
-        ref = pol.clone()  # reference == policy at step 1 (same weights)
-        z0 = max(0.0, sum(r["sum"] - r["sum"] for r in kl) / len(kl))
-        lab = torch.tensor([r["label"] for r in scored])
+        pol = torch.tensor([r["sum"] for r in rows if r["role"] == 2], dtype=torch.float64)
+        ref = torch.tensor([r["sum"] for r in ref_rows if r["role"] == 2], dtype=torch.float64)
+        kl_pol = torch.tensor([r["sum"] for r in rows if r["role"] == 3], dtype=torch.float64)
+        kl_ref = torch.tensor([r["sum"] for r in ref_rows if r["role"] == 3], dtype=torch.float64)
+        assert len(kl_pol) == len(pol)
+        z0 = max(0.0, float((kl_pol - kl_ref).mean()))  # detached reference point, clamped at 0
+        lab = torch.tensor([r["label"] for r in rows if r["role"] == 2])
         logr = pol - ref
         per = torch.where(lab, 1 - torch.sigmoid(beta * (logr - z0)), 1 - torch.sigmoid(beta * (z0 - logr)))
         return float(per.mean())
@@ -121,8 +128,8 @@ def _expected_loss(algo, rows):
     if algo == "rm":
         return float(-ls(pc - pr).mean())
     nll = float(-pc.sum() / nc.sum())  # token-mean NLL of the chosen responses
-    if algo == "dpo":  # beta 0.1, rpo_alpha 1.0; reference = the same model at step 1
-        rc, rr = pc.clone(), pr.clone()
+    if algo == "dpo":  # beta 0.1, rpo_alpha 1.0
+        rc, rr, _, _ = _pairs(ref_rows)
         return float(-ls(0.1 * ((pc - rc) - (pr - rr))).mean()) + 1.0 * nll
     if algo == "cpo":  # beta 0.1, cpo_alpha 1.0
         return float(-ls(0.1 * (pc - pr)).mean()) + 1.0 * nll
@@ -147,6 +154,20 @@ def test_first_step_loss_matches_transformers(results, work, algo):
         assert counts["num_tokens"] == sum(r["count"] for r in scored)
     expected = _expected_loss(algo, rows)
     logged = json.loads((work / f"{algo}_tp2_history.json").read_text())[0]["loss"]
+    assert abs(logged - expected) <= 2e-5 * max(1.0, abs(expected)), (algo, logged, expected)
+
+
+@pytest.mark.parametrize("algo", ["dpo", "kto"])
+def test_first_step_loss_with_another_reference_matches_transformers(results, work, algo):
+    """model.ref_load: the reference is a different model, so the preference terms are live."""
+    results.check("case_reference_objectives_first_step_with_another_reference")
+    batch = torch.load(work / f"{algo}_otherref_batch.pt")
+    rows = _hf_sequence_stats(work, batch)
+    ref_rows = _hf_sequence_stats(work, batch, hf_dir="hf_ref")
+    expected = _expected_loss(algo, rows, ref_rows)
+    trivial = _expected_loss(algo, rows)  # what a reference == policy bug would log
+    assert abs(expected - trivial) > 1e-3, (expected, trivial)
+    logged = json.loads((work / f"{algo}_otherref_history.json").read_text())[0]["loss"]
     assert abs(logged - expected) <= 2e-5 * max(1.0, abs(expected)), (algo, logged, expected)
 
 

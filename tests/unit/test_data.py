@@ -409,3 +409,35 @@ def test_config_validation_and_report_file(toks, tmp_path):
                report_path=out)
     rep = json.loads(out.read_text())
     assert rep["records_kept"] == 8 and 0 < rep["packing"]["efficiency_real_over_slots"] <= 1
+
+
+def test_reward_margin_column_reaches_the_micro_batch(toks, tmp_path):
+    """TRL's optional `margin` column: per pair, on both its sequences; NaN where absent; the
+    RM step turns it into per-pair margins in pair order (0 for pairs without one)."""
+    from mcore_align.trainer.step import _pair_margins
+
+    recs = _pair_records(6)
+    margins = [0.5, None, 2.0, -1.0, 3, None]
+    for r, m in zip(recs, margins):
+        if m is not None:
+            r["margin"] = m
+    path = write_jsonl(tmp_path / "m.jsonl", recs)
+    data = build_data(cfg_(tmp_path, [path]), toks["chatml"], "paired", global_batch_size=6)
+    gb = next(data.train)
+    want = {i: (float("nan") if m is None else float(m)) for i, m in enumerate(margins)}
+    for mb in gb.micro_batches:
+        recs_of = [gb.record_ids[int(p)] for p in mb.pair_index]
+        got = mb.margin.tolist()
+        for rid, g in zip(recs_of, got):
+            w = want[rid]
+            assert (np.isnan(w) and np.isnan(g)) or g == w, (rid, g, w)
+        pm = _pair_margins(mb, torch.device("cpu"))
+        chosen_recs = [gb.record_ids[int(p)] for p, r in zip(mb.pair_index, mb.seq_role) if int(r) == 0]
+        expect = torch.tensor([0.0 if np.isnan(want[r]) else want[r] for r in chosen_recs])
+        if all(np.isnan(want[r]) for r in chosen_recs):
+            assert pm is None
+        else:
+            torch.testing.assert_close(pm, expect)
+    bad = write_jsonl(tmp_path / "bad.jsonl", [{**_pair_records(1)[0], "margin": "big"}])
+    with pytest.raises(Exception, match=r"bad\.jsonl.*'margin' must be a finite number"):
+        build_data(cfg_(tmp_path, [bad]), toks["chatml"], "paired", global_batch_size=1)

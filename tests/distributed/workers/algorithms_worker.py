@@ -121,6 +121,19 @@ def _paired_case(algo: str, layout: str):
         _check_paired_accuracy(f"{algo}_{layout}", h)
 
 
+def case_reference_objectives_first_step_with_another_reference():
+    """DPO and KTO with model.ref_load = a different model: at step 1 the preference terms are
+    not trivial (policy != reference); the pytest side recomputes them from transformers."""
+    for algo in ("dpo", "kto"):
+        name = f"{algo}_otherref"
+        tr = Trainer(_cfg(algo, None, "train_iters=1", "tensor_model_parallel_size=2",
+                          f"model.ref_load={os.environ['MA_TEST_REF_CKPT']}"))
+        _dump_first_batch(tr, name)
+        h = tr.train()["history"]
+        if dist.get_rank() == 0:
+            (WORK / f"{name}_history.json").write_text(json.dumps(h))
+
+
 def case_sft_tp2():
     h = _train("sft", "tp2")["history"]
     assert h[-1]["nll_loss"] < h[0]["nll_loss"] - 0.3, [x["nll_loss"] for x in h]

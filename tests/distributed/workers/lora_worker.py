@@ -261,3 +261,17 @@ def case_resume_is_exact():
     assert second.step == 2, second.step
     rest = _losses(second.train())
     torch.testing.assert_close(torch.tensor(_losses(first) + rest), torch.tensor(full), rtol=0, atol=1e-6)
+
+
+def case_evaluate_tool_reads_lora_checkpoint():
+    """mcore_align.evaluate on an adapters-only checkpoint: base (model.load) + adapters, at a
+    layout other than the training one; the trained policy prefers its training pairs."""
+    from mcore_align.evaluate import evaluate
+
+    common = ["pipeline_model_parallel_size=2", "max_length=320", "truncation_strategy=right",
+              "max_tokens_per_micro_batch=1280", "global_batch_size=8", "device=cpu",
+              f"data.cache_dir={WORK / 'cache'}", "rpo_alpha=null"]
+    base = evaluate(CKPT, CKPT, [DATA], common)
+    assert abs(base["rewards/margins"]) < 1e-5, base
+    trained = evaluate(str(WORK / "tp2"), CKPT, [DATA], common)
+    assert trained["rewards/accuracies"] > 0.7 and trained["rewards/margins"] > 0.1, trained
