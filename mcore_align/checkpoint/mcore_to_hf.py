@@ -200,8 +200,18 @@ def convert_mcore_to_hf(ckpt_dir: str | Path, out_dir: str | Path, dtype: str | 
             for f in tok.iterdir():
                 if f.is_file():
                     shutil.copy2(f, tmp / f.name)
+        if not (tmp / "generation_config.json").exists():
+            _write_generation_config(tmp)
     log.info("exported %s -> %s (%s)", path, out_dir, out_dtype)
     return Path(out_dir)
+
+
+def _write_generation_config(out: Path) -> None:
+    """The source had no generation_config.json: derive transformers' default from config.json
+    (bos / eos / pad token ids), as ``save_pretrained`` would."""
+    from transformers import AutoConfig, GenerationConfig
+
+    GenerationConfig.from_model_config(AutoConfig.from_pretrained(out)).save_pretrained(out)
 
 
 def _write_hf_config(out: Path, hf_config: dict, dtype: torch.dtype) -> None:

@@ -174,6 +174,8 @@ def build_store(cfg: DataConfig, tokenizer, objective_kind: str, out: Path) -> N
                     if len(examples) < 10:
                         examples.append(str(e))
                     continue
+                if ex.images:  # parsed and validated, but this text pipeline has no vision model
+                    rt.warnings["images_ignored"] += 1
                 pending.append((rendered, -1 if ex.label is None else int(ex.label), ex.margin))
                 if len(pending) >= _CHUNK:
                     flush()
@@ -216,24 +218,50 @@ def load_or_build_store(cfg: DataConfig, tokenizer, objective_kind: str) -> Toke
     """Open the cached tokenized dataset, building it first if needed.
 
     With torch.distributed initialised, only local rank 0 of each node tokenizes; the
-    others wait on a barrier and then open the cache. Without it, the caller builds.
+    others wait for the cache folder (or rank 0's failure note) on the filesystem, not
+    in a collective, so tokenizing a large dataset cannot hit the collective timeout.
+    Without torch.distributed, the caller builds.
     """
+    import torch
     import torch.distributed as dist
 
     out = Path(cfg.cache_dir) / cache_key(cfg, tokenizer, objective_kind)
     distributed = dist.is_available() and dist.is_initialized()
     local_rank = int(os.environ.get("LOCAL_RANK", "0")) if distributed else 0
-    error: BaseException | None = None
-    if not (out / "meta.json").exists() and local_rank == 0:
-        log.info("tokenizing %s into %s", cfg.dataset, out)
-        try:
-            build_store(cfg, tokenizer, objective_kind, out)
-        except BaseException as e:  # re-raised after the barrier so no rank hangs
-            error = e
+    failed = None
     if distributed:
-        dist.barrier()
-    if error is not None:
-        raise error
+        # A per-launch name for the failure note, so a note left by an earlier run is never read.
+        nonce = [int(torch.randint(0, 2**62, (1,))) if dist.get_rank() == 0 else 0]
+        dist.broadcast_object_list(nonce, src=0)  # (object collective: works on gloo and NCCL)
+        failed = out.parent / f"{out.name}.failed-{nonce[0]}-{socket.gethostname()}"
+    if not (out / "meta.json").exists():
+        if local_rank == 0:
+            log.info("tokenizing %s into %s", cfg.dataset, out)
+            try:
+                build_store(cfg, tokenizer, objective_kind, out)
+            except BaseException as e:
+                if failed is not None:  # let this node's waiting ranks stop with the same error
+                    failed.parent.mkdir(parents=True, exist_ok=True)
+                    failed.write_text(f"{type(e).__name__}: {e}")
+                raise
+        else:
+            _wait_for_cache(out, failed)
+    if failed is not None and local_rank == 0:
+        failed.unlink(missing_ok=True)
     if not (out / "meta.json").exists():
         raise RuntimeError(f"tokenized cache {out} missing after local rank 0 built it; see its log")
     return TokenizedStore.open(out)
+
+
+def _wait_for_cache(out: Path, failed: Path, poll_s: float = 1.0) -> None:
+    """Wait until local rank 0 has renamed the finished cache into place, or raise its error."""
+    import time
+
+    waited = 0.0
+    while not (out / "meta.json").exists():
+        if failed.exists():
+            raise RuntimeError(f"local rank 0 failed to tokenize into {out}: {failed.read_text()}")
+        time.sleep(poll_s)
+        waited += poll_s
+        if waited % 600 < poll_s:
+            log.info("still waiting for local rank 0 to tokenize into %s (%.0f s)", out, waited)

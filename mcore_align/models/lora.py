@@ -55,6 +55,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from mcore_align.ops.collectives import all_gather_dim0, reduce_scatter_dim0
+
 # Megatron module names (local and TE spec alike) of the linears LoRA can wrap.
 COLUMN_TARGETS = ("linear_qkv", "linear_fc1")
 ROW_TARGETS = ("linear_proj", "linear_fc2")
@@ -124,45 +126,6 @@ class LoRAConfig:
         return self.alpha / self.rank
 
 
-class _GatherSequence(torch.autograd.Function):
-    """All-gather along dim 0 (the sequence) over ``group``; backward: reduce-scatter.
-
-    megatron's ``gather_from_sequence_parallel_region`` does the same but allocates its
-    backward buffer on ``torch.cuda.current_device()``; this one allocates like its input.
-    """
-
-    @staticmethod
-    def forward(ctx, x_sBr, group):
-        ctx.group = group
-        out = x_sBr.new_empty((x_sBr.shape[0] * group.size(), *x_sBr.shape[1:]))
-        torch.distributed.all_gather_into_tensor(out, x_sBr.contiguous(), group=group)
-        return out
-
-    @staticmethod
-    def backward(ctx, g_SBr):
-        return _reduce_scatter_dim0(g_SBr, ctx.group), None
-
-
-class _ReduceScatterSequence(torch.autograd.Function):
-    """Sum over ``group`` and keep this rank's sequence shard (dim 0); backward: all-gather."""
-
-    @staticmethod
-    def forward(ctx, x_SBr, group):
-        ctx.group = group
-        return _reduce_scatter_dim0(x_SBr, group)
-
-    @staticmethod
-    def backward(ctx, g_sBr):
-        return _GatherSequence.forward(ctx, g_sBr, ctx.group), None
-
-
-def _reduce_scatter_dim0(x_SBr: torch.Tensor, group) -> torch.Tensor:
-    assert x_SBr.shape[0] % group.size() == 0, (x_SBr.shape, group.size())
-    out = x_SBr.new_empty((x_SBr.shape[0] // group.size(), *x_SBr.shape[1:]))
-    torch.distributed.reduce_scatter_tensor(out, x_SBr.contiguous(), group=group)
-    return out
-
-
 class LoRA(nn.Module):
     """The adapter of one parallel linear; attached as its child ``lora`` (see apply_lora).
 
@@ -196,12 +159,12 @@ class LoRA(nn.Module):
         h = F.linear(self.dropout(x), self.A)  # [s(/T), b, r]
         if self.kind == "column":
             if self.sequence_parallel:
-                h = _GatherSequence.apply(h, self.tp_group)  # [s, b, r]; backward: reduce-scatter
+                h = all_gather_dim0(h, self.tp_group)  # [s, b, r]; backward: reduce-scatter
             else:
                 h = M.copy_to_tensor_model_parallel_region(h, group=self.tp_group)
         else:  # row: h holds partial sums over this rank's input columns
             if self.sequence_parallel:
-                h = _ReduceScatterSequence.apply(h, self.tp_group)  # [s/T, b, r]; backward: all-gather
+                h = reduce_scatter_dim0(h, self.tp_group)  # [s/T, b, r]; backward: all-gather
             else:
                 h = M.reduce_from_tensor_model_parallel_region(h, group=self.tp_group)
         return F.linear(h, self.B) * self.scaling

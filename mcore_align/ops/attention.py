@@ -52,7 +52,8 @@ from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.transformer_config import TransformerConfig
 from megatron.core.utils import divide
 
-from mcore_align.ops.context_parallel import _group_size, all_gather_cp, check_cp_divisible
+from mcore_align.ops.collectives import group_size
+from mcore_align.ops.context_parallel import all_gather_cp, check_cp_divisible
 
 log = logging.getLogger(__name__)
 
@@ -216,15 +217,15 @@ class PackedCoreAttention(MegatronModule):
         if pg_collection is None:
             pg_collection = ProcessGroupCollection.use_mpu_process_groups(required_pgs=["tp", "cp"])
         self.tp_group, self.cp_group = pg_collection.tp, pg_collection.cp
-        if _group_size(self.cp_group) != config.context_parallel_size:
+        if group_size(self.cp_group) != config.context_parallel_size:
             raise ValueError(
-                f"cp group has {_group_size(self.cp_group)} ranks, config.context_parallel_size is "
+                f"cp group has {group_size(self.cp_group)} ranks, config.context_parallel_size is "
                 f"{config.context_parallel_size}"
             )
         self.layer_number = max(1, layer_number)
         self.attn_mask_type = attn_mask_type
         self.attention_type = attention_type
-        tp = _group_size(self.tp_group)
+        tp = group_size(self.tp_group)
         self.num_heads_per_partition = divide(config.num_attention_heads, tp)
         self.num_groups_per_partition = divide(config.num_query_groups, tp)
         self.head_dim = config.kv_channels
@@ -267,7 +268,7 @@ class PackedCoreAttention(MegatronModule):
             return self._forward_padded(query, key, value, attention_mask, mask_type, dropout_p)
 
     def _forward_padded(self, q_SBND, k_SBGD, v_SBGD, attention_mask, mask_type, dropout_p):
-        if _group_size(self.cp_group) > 1:
+        if group_size(self.cp_group) > 1:
             raise NotImplementedError(
                 "context parallelism in PackedCoreAttention needs packed THD input (packed_seq_params)"
             )
@@ -303,7 +304,7 @@ class PackedCoreAttention(MegatronModule):
         cu_kv = psp.cu_seqlens_kv_padded if psp.cu_seqlens_kv_padded is not None else psp.cu_seqlens_kv
         if cu_kv is not None and cu_kv is not cu and not torch.equal(cu_kv, cu):
             raise ValueError("self-attention on packed sequences needs cu_seqlens_kv == cu_seqlens_q")
-        cp_size = _group_size(self.cp_group)
+        cp_size = group_size(self.cp_group)
         cp_rank = 0 if cp_size == 1 else self.cp_group.rank()
         check_cp_divisible(cu, cp_size)
         if int(cu[-1]) != q.shape[0] * cp_size:

@@ -35,7 +35,8 @@ How a trainer uses it (per micro-batch, on every CP rank):
 from __future__ import annotations
 
 import torch
-import torch.distributed as dist
+
+from mcore_align.ops.collectives import all_gather_dim0, group_size
 
 __all__ = [
     "cp_local_token_index",
@@ -45,10 +46,6 @@ __all__ = [
     "packed_seq_params",
     "all_gather_cp",
 ]
-
-
-def _group_size(group) -> int:
-    return 1 if group is None else dist.get_world_size(group)
 
 
 def _seqlens(cu_seqlens: torch.Tensor) -> list[int]:
@@ -142,29 +139,6 @@ def packed_seq_params(cu_seqlens: torch.Tensor, *, cp_group=None):
     )
 
 
-class _AllGatherCP(torch.autograd.Function):
-    """Forward: all-gather along dim 0 over the CP group. Backward: reduce-scatter (sum).
-
-    Every rank's queries use every rank's K/V, so the gradient of this rank's K/V is the
-    sum over ranks of their partial gradients for it.
-    """
-
-    @staticmethod
-    def forward(ctx, x, group):
-        ctx.group = group
-        world = _group_size(group)
-        out = x.new_empty((x.shape[0] * world, *x.shape[1:]))
-        dist.all_gather_into_tensor(out, x.contiguous(), group=group)
-        return out
-
-    @staticmethod
-    def backward(ctx, grad_out):
-        world = _group_size(ctx.group)
-        grad_in = grad_out.new_empty((grad_out.shape[0] // world, *grad_out.shape[1:]))
-        dist.reduce_scatter_tensor(grad_in, grad_out.contiguous(), group=ctx.group)
-        return grad_in, None
-
-
 def all_gather_cp(x: torch.Tensor, cu_seqlens: torch.Tensor, cp_group) -> torch.Tensor:
     """Differentiable gather of a CP-split packed tensor back to GLOBAL token order (dim 0).
 
@@ -172,10 +146,12 @@ def all_gather_cp(x: torch.Tensor, cu_seqlens: torch.Tensor, cp_group) -> torch.
     reduce-scatters: gradients from every rank's use of the full tensor are summed onto the
     owner of each token (the right rule for K/V, where all ranks read the whole tensor).
     """
-    cp_size = _group_size(cp_group)
+    cp_size = group_size(cp_group)
     if cp_size == 1:
         return x
-    gathered = _AllGatherCP.apply(x, cp_group)  # [CP * T/CP, ...] rank-major, local order
+    # [CP * T/CP, ...] rank-major, local order; backward reduce-scatters, because every rank's
+    # queries read every rank's K/V, so a K/V gradient is the sum of all ranks' parts.
+    gathered = all_gather_dim0(x, cp_group)
     # gathered[j] is global token perm[j]; global[g] = gathered[inv[g]].
     perm = torch.cat([cp_local_token_index(cu_seqlens, r, cp_size) for r in range(cp_size)])
     inv = torch.empty_like(perm)

@@ -38,13 +38,7 @@ import torch
 import torch.distributed as dist
 from megatron.core.tensor_parallel.utils import VocabUtility
 
-
-def _group_size(group) -> int:
-    return 1 if group is None else dist.get_world_size(group)
-
-
-def _group_rank(group) -> int:
-    return 0 if group is None else dist.get_rank(group)
+from mcore_align.ops.collectives import all_gather_dim0, group_rank, group_size
 
 
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -63,7 +57,7 @@ class VocabParallelLogprobs:
         owned [False, True, True].
         """
         start, end = VocabUtility.vocab_range_from_per_partition_vocab_size(
-            partition_vocab_size, _group_rank(tp_group), _group_size(tp_group)
+            partition_vocab_size, group_rank(tp_group), group_size(tp_group)
         )
         owned_T = (target_T >= start) & (target_T < end)
         local_T = torch.where(owned_T, target_T - start, torch.zeros_like(target_T))
@@ -107,7 +101,7 @@ class VocabParallelLogprobs:
         """
         with_entropy = stats_KT.shape[0] == 4
         max_T, sumexp_T = stats_KT[0], stats_KT[1]
-        if _group_size(tp_group) > 1:
+        if group_size(tp_group) > 1:
             gmax_T = max_T.clone()
             dist.all_reduce(gmax_T, op=dist.ReduceOp.MAX, group=tp_group)
             # Rescale from the local max m_r to the global max M:
@@ -239,31 +233,6 @@ def vocab_parallel_logprobs(
     return _VocabParallelLogprobs.apply(logits, target, tp_group, chunk_size, return_entropy)
 
 
-class _GatherFromSequenceParallel(torch.autograd.Function):
-    """Forward: all-gather along dim 0 over the TP group. Backward: reduce-scatter (sum).
-
-    Same as megatron's ``gather_from_sequence_parallel_region`` but allocates on the
-    input's device (megatron's allocates on ``torch.cuda.current_device()``).
-    """
-
-    @staticmethod
-    def forward(ctx, x, group):
-        ctx.group = group
-        world = _group_size(group)
-        out = x.new_empty((x.shape[0] * world, *x.shape[1:]))
-        dist.all_gather_into_tensor(out, x.contiguous(), group=group)
-        return out
-
-    @staticmethod
-    def backward(ctx, grad_out):
-        world = _group_size(ctx.group)
-        grad_in = grad_out.new_empty((grad_out.shape[0] // world, *grad_out.shape[1:]))
-        # Each rank holds partial gradients (its vocab shard) for every token: sum them
-        # and keep this rank's sequence slice.
-        dist.reduce_scatter_tensor(grad_in, grad_out.contiguous(), group=ctx.group)
-        return grad_in, None
-
-
 class _FusedLinearLogprobs(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, target, tp_group, chunk_size, allreduce_grad_hidden):
@@ -301,7 +270,7 @@ class _FusedLinearLogprobs(torch.autograd.Function):
             if need_grad_weight:
                 grad_weight_VH += g_CV.t() @ h_CH
             del g_CV
-        if ctx.allreduce_grad_hidden and _group_size(ctx.tp_group) > 1:
+        if ctx.allreduce_grad_hidden and group_size(ctx.tp_group) > 1:
             # hidden is replicated over TP; each rank has the part from its vocab shard.
             dist.all_reduce(grad_hidden_TH, group=ctx.tp_group)
         grad_weight = grad_weight_VH.to(weight.dtype) if need_grad_weight else None
@@ -341,8 +310,8 @@ def fused_linear_logprobs(
     """
     if weight.shape[-1] != hidden.shape[-1]:
         raise ValueError(f"weight {tuple(weight.shape)} and hidden {tuple(hidden.shape)} disagree on H")
-    if sequence_parallel and _group_size(tp_group) > 1:
-        hidden = _GatherFromSequenceParallel.apply(hidden, tp_group)
+    if sequence_parallel and group_size(tp_group) > 1:
+        hidden = all_gather_dim0(hidden, tp_group)  # backward: reduce-scatter of grad_hidden
     if hidden.shape[:-1] != target.shape:
         raise ValueError(f"target shape {tuple(target.shape)} must be (gathered) hidden shape {tuple(hidden.shape)} without H")
     return _FusedLinearLogprobs.apply(hidden, weight, target, tp_group, chunk_size, not sequence_parallel)

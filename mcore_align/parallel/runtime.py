@@ -123,7 +123,7 @@ def initialize(parallel: ParallelConfig, device: str = "auto", seed: int = 1234)
     Re-entrant: an existing megatron layout is destroyed first, so tests may run
     several layouts in one process.
     """
-    from megatron.core import parallel_state, tensor_parallel
+    from megatron.core import parallel_state
     from megatron.core.process_groups_config import ProcessGroupCollection
 
     dev = resolve_device(device)

@@ -62,6 +62,19 @@ def test_round_trip_is_bitwise(hf_models, tmp_path, name):
         assert len(list((tmp_path / "back").glob("model-*-of-*.safetensors"))) > 1
 
 
+def test_export_writes_generation_config_when_the_source_had_none(hf_models, tmp_path):
+    from transformers import GenerationConfig
+
+    hf = tmp_path / "hf"
+    shutil.copytree(hf_models["llama"], hf)
+    (hf / "generation_config.json").unlink()
+    convert_hf_to_mcore(hf, tmp_path / "mc")
+    convert_mcore_to_hf(tmp_path / "mc", tmp_path / "back")
+    gen = GenerationConfig.from_pretrained(tmp_path / "back")
+    cfg = json.loads((hf / "config.json").read_text())
+    assert (gen.bos_token_id, gen.eos_token_id) == (cfg["bos_token_id"], cfg["eos_token_id"])
+
+
 def test_bf16_path_and_export_loads_in_transformers(hf_models, tmp_path):
     from transformers import AutoModelForCausalLM
 

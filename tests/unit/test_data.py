@@ -441,3 +441,40 @@ def test_reward_margin_column_reaches_the_micro_batch(toks, tmp_path):
     bad = write_jsonl(tmp_path / "bad.jsonl", [{**_pair_records(1)[0], "margin": "big"}])
     with pytest.raises(Exception, match=r"bad\.jsonl.*'margin' must be a finite number"):
         build_data(cfg_(tmp_path, [bad]), toks["chatml"], "paired", global_batch_size=1)
+
+
+def test_waiting_ranks_poll_the_filesystem(tmp_path):
+    """Non-zero local ranks wait for the cache on disk (no collective timeout), and stop with
+    rank 0's error when it leaves its failure note."""
+    import threading
+
+    from mcore_align.data.store import _wait_for_cache
+
+    out, failed = tmp_path / "cache" / "key", tmp_path / "cache" / "key.failed-1-host"
+    failed.parent.mkdir(parents=True)
+    failed.write_text("ValueError: data.jsonl:3: malformed JSON")
+    with pytest.raises(RuntimeError, match="local rank 0 failed.*data.jsonl:3"):
+        _wait_for_cache(out, failed, poll_s=0.01)
+    failed.unlink()
+
+    def finish():
+        out.mkdir()
+        (out / "meta.json").write_text("{}")
+
+    timer = threading.Timer(0.2, finish)
+    timer.start()
+    _wait_for_cache(out, failed, poll_s=0.01)  # returns once meta.json exists
+    timer.join()
+    assert (out / "meta.json").exists()
+
+
+def test_images_are_counted_not_dropped_silently(toks, tmp_path):
+    """ms-swift records with `images`: the text pipeline keeps the text and reports how many
+    records carried images it does not use."""
+    recs = _pair_records(4)
+    recs[1]["images"] = ["a.jpg"]
+    recs[3]["images"] = ["b.jpg", "c.jpg"]
+    path = write_jsonl(tmp_path / "img.jsonl", recs)
+    data = build_data(cfg_(tmp_path, [path]), toks["chatml"], "paired", global_batch_size=2)
+    assert data.report["records_kept"] == 4
+    assert data.report["warnings"].get("images_ignored") == 2
