@@ -104,8 +104,10 @@ class Trainer:
             config=self.cfg.to_dict(),
         )
         bad_in_row, steps_this_launch, history = 0, 0, []
+        last_eval: tuple[int, dict] | None = None  # (step, metrics) of the latest evaluation
         if t.eval_interval and self.data.eval is not None and self.step == 0:
-            reporter.log(0, self.evaluate(), prefix="eval/")  # the starting point of the curve
+            last_eval = (0, self.evaluate())
+            reporter.log(0, last_eval[1], prefix="eval/")  # the starting point of the curve
         while self.step < self.train_iters:
             gb = next(self.data.train)
             t0 = time.time()
@@ -126,7 +128,8 @@ class Trainer:
                     "lower the learning rate, check the data, or raise train.max_consecutive_nan"
                 )
             if t.eval_interval and self.data.eval is not None and self.step % t.eval_interval == 0:
-                reporter.log(self.step, self.evaluate(), prefix="eval/")
+                last_eval = (self.step, self.evaluate())
+                reporter.log(self.step, last_eval[1], prefix="eval/")
             stop = self._agreed_stop() or (t.exit_after_steps is not None and steps_this_launch >= t.exit_after_steps)
             if t.save and (stop or (t.save_interval and self.step % t.save_interval == 0)):
                 self.save()
@@ -134,9 +137,12 @@ class Trainer:
                 log.warning("stopping at step %d (signal or exit_after_steps); relaunch to resume", self.step)
                 reporter.close(plot=False)
                 return {"step": self.step, "history": history, "stopped": True}
-        final_eval = self.evaluate() if self.data.eval is not None else {}
-        if final_eval:
-            reporter.log(self.step, final_eval, prefix="eval/")
+        if last_eval is not None and last_eval[0] == self.step:  # the interval already evaluated here
+            final_eval = last_eval[1]
+        else:
+            final_eval = self.evaluate() if self.data.eval is not None else {}
+            if final_eval:
+                reporter.log(self.step, final_eval, prefix="eval/")
         if t.save and not (t.save_interval and self.step % t.save_interval == 0):
             self.save()
         plot = reporter.close(plot=t.plot)

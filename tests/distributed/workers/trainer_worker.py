@@ -129,6 +129,31 @@ def case_resume_is_exact():
     torch.testing.assert_close(torch.tensor(_losses(first) + rest), torch.tensor(full), rtol=0, atol=1e-6)
 
 
+def case_outputs_metrics_plot_and_pruning():
+    """What the user sees: metrics.jsonl with the required keys (train and eval/), the PNG plot,
+    the data report, and save_total_limit pruning with the latest marker on the last save."""
+    save = _save_dir("outputs")
+    Trainer(_cfg(save, "train_iters=6", "save_interval=2", "save_total_limit=2", "plot=true",
+                 "val_fraction=0.25", "eval_interval=3", "eval_iters=1")).train()
+    if dist.get_rank() != 0:
+        return
+    root = Path(save)
+    assert sorted(p.name for p in root.glob("iter_*")) == ["iter_0000004", "iter_0000006"]
+    assert (root / "latest_checkpointed_iteration.txt").read_text().strip() == "6"
+    rows = [json.loads(line) for line in (root / "metrics.jsonl").read_text().splitlines()]
+    train = [r for r in rows if "loss" in r]
+    assert [r["step"] for r in train] == [1, 2, 3, 4, 5, 6]
+    need = {"step", "loss", "lr", "grad_norm", "tokens_per_sec", "rewards/chosen", "rewards/rejected",
+            "rewards/accuracies", "rewards/margins", "logps/chosen", "logps/rejected"}
+    assert all(need <= set(r) for r in train), [sorted(need - set(r)) for r in train]
+    evals = [r for r in rows if "eval/loss" in r]
+    assert [r["step"] for r in evals] == [0, 3, 6], rows
+    assert {"eval/rewards/accuracies", "eval/rewards/margins", "eval/logps/chosen"} <= set(evals[0])
+    assert (root / "training_curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    report = json.loads((root / "data_report.json").read_text())
+    assert report["train_records"] + report["eval_records"] == report["records_kept"] > 0
+
+
 def case_sigterm_checkpoints_and_resumes():
     save = _save_dir("sigterm")
     tr = Trainer(_cfg(save, "train_iters=4"))
