@@ -21,9 +21,13 @@ What megatron-core 0.16 does that fails on a CPU-only torch build, and what we d
 * ``torch.cuda.synchronize`` / ``empty_cache`` / streams raise without CUDA. ->
   no-ops (there is nothing asynchronous to wait for on CPU).
 
-Not supported in this mode (rejected with a clear error by the runtime, not
-silently changed): the distributed optimizer, gradient-reduce overlap, and
-Transformer Engine.
+Not supported in this mode. Refused with a clear error before training
+(``trainer.setup.check_device_support``): the distributed optimizer, bf16/fp16
+training (megatron's mixed-precision optimizer wraps CUDA tensors only), and virtual
+pipeline stages at PP=2 (gloo crosses the two directions' messages to the single peer).
+Switched off: Transformer Engine (the local layer spec is built; the start-up line
+``model: ...`` says so) and gradient-reduce overlap (it needs CUDA streams; gradients
+are reduced once after the last micro-batch).
 """
 from __future__ import annotations
 

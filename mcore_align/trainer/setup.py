@@ -24,14 +24,32 @@ def model_options(cfg: RunConfig) -> ModelOptions:
                         transformer_engine=cfg.model.train_type != "lora")
 
 
+def check_device_support(cfg: RunConfig, runtime: Runtime) -> None:
+    """What the CPU execution mode cannot train, refused before anything is built."""
+    if not runtime.is_cpu:
+        return
+    if cfg.optim.use_distributed_optimizer:
+        raise ValueError("use_distributed_optimizer needs CUDA; it is not available in the CPU execution mode")
+    if cfg.model.bf16 or cfg.model.fp16:
+        # megatron's mixed-precision optimizer wraps torch.cuda tensors only.
+        raise ValueError("model.bf16 / model.fp16 training needs CUDA (megatron's mixed-precision optimizer); "
+                         "train in fp32 in the CPU execution mode")
+    par = cfg.parallel
+    if par.virtual_pipeline_model_parallel_size and par.pipeline_model_parallel_size == 2:
+        # At PP=2 a rank's previous and next stage are the same peer; megatron's interleaved
+        # schedule posts activation and gradient messages to it in one batch, and gloo matches
+        # them by posting order, so they cross. PP >= 3 is exact (tests/e2e/test_vpp_e2e.py).
+        raise ValueError("virtual_pipeline_model_parallel_size with pipeline_model_parallel_size=2 cannot train "
+                         "in the CPU execution mode (gloo); use pipeline_model_parallel_size >= 3 or no virtual "
+                         "pipeline")
+
+
 def build_policy(spec: ModelSpec, runtime: Runtime, cfg: RunConfig, load_dir: str | None):
     """Policy chunks wrapped in megatron DDP, weights loaded from ``load_dir`` (if given)."""
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
 
     from mcore_align.checkpoint import load_model_weights
 
-    if runtime.is_cpu and cfg.optim.use_distributed_optimizer:
-        raise ValueError("use_distributed_optimizer needs CUDA; it is not available in the CPU execution mode")
     opts = model_options(cfg)
     chunks = build_model(spec, runtime, role="policy", opts=opts)
     if load_dir is not None and opts.head == "value":  # [RM] a base/SFT checkpoint has no head yet

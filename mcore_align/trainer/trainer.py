@@ -18,7 +18,8 @@ from mcore_align.data.loader import build_data
 from mcore_align.parallel.runtime import initialize
 from mcore_align.trainer.checkpointing import latest_checkpoint, load_checkpoint, save_checkpoint
 from mcore_align.trainer.reporting import Reporter
-from mcore_align.trainer.setup import build_optimizer, build_policy, build_reference, wire_model_config
+from mcore_align.trainer.setup import (build_optimizer, build_policy, build_reference, check_device_support,
+                                       wire_model_config)
 from mcore_align.trainer.step import Stepper
 
 log = logging.getLogger(__name__)
@@ -42,14 +43,8 @@ class Trainer:
         self.cfg = cfg
         t = cfg.train
         self.rt = initialize(cfg.parallel, device=t.device, seed=t.seed)
+        check_device_support(cfg, self.rt)
         par = cfg.parallel
-        if par.virtual_pipeline_model_parallel_size and par.pipeline_model_parallel_size == 2 and self.rt.is_cpu:
-            # At PP=2 a rank's previous and next stage are the same peer; megatron's interleaved
-            # schedule posts activation and gradient messages to it in one batch, and gloo matches
-            # them by posting order, so they cross. PP >= 3 is exact (tests/e2e/test_vpp_e2e.py).
-            raise ValueError("virtual_pipeline_model_parallel_size with pipeline_model_parallel_size=2 cannot train "
-                             "in the CPU execution mode (gloo); use pipeline_model_parallel_size >= 3 or no virtual "
-                             "pipeline")
         self.resume_from = latest_checkpoint(t.save)
         source = Path(self.resume_from or cfg.model.load)  # model_spec.json + tokenizer/
         self.spec = read_model_spec(source)

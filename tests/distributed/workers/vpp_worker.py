@@ -45,14 +45,20 @@ def case_interleaved_equals_1f1b():
     torch.testing.assert_close(torch.tensor(runs["vpp"][1]), torch.tensor(runs["1f1b"][1]), rtol=1e-4, atol=1e-6)
 
 
-def case_pp2_interleaved_is_refused_on_cpu():
+def case_what_cpu_mode_cannot_train_is_refused():
     import pytest
 
     from mcore_align.parallel.runtime import ParallelConfig, initialize
 
-    with pytest.raises(ValueError, match="virtual_pipeline_model_parallel_size with pipeline_model_parallel_size=2"):
-        Trainer(build_config({"model": {"load": CKPT}, "data": {"dataset": [DATA], "cache_dir": str(WORK / "cache")},
-                              "train": {"device": "cpu"}},
-                             ("pipeline_model_parallel_size=2", "virtual_pipeline_model_parallel_size=2",
-                              "tensor_model_parallel_size=2")))
+    base = {"model": {"load": CKPT}, "data": {"dataset": [DATA], "cache_dir": str(WORK / "cache")},
+            "train": {"device": "cpu"}}
+    for overrides, message in (
+        (("pipeline_model_parallel_size=2", "virtual_pipeline_model_parallel_size=2", "tensor_model_parallel_size=2"),
+         "virtual_pipeline_model_parallel_size with pipeline_model_parallel_size=2"),
+        (("bf16=true",), "bf16 / model.fp16 training needs CUDA"),
+        (("fp16=true",), "bf16 / model.fp16 training needs CUDA"),
+        (("use_distributed_optimizer=true",), "use_distributed_optimizer needs CUDA"),
+    ):
+        with pytest.raises(ValueError, match=message):
+            Trainer(build_config(base, overrides))
     initialize(ParallelConfig(), device="cpu")
