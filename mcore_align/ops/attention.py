@@ -158,15 +158,59 @@ class PackedAttentionKernels:
         return doc_k[idx], pos_k[idx], doc_k, pos_k
 
     @staticmethod
-    def block_mask(cu_seqlens, cp_rank, cp_size, device):
-        from torch.nn.attention.flex_attention import create_block_mask
+    def block_mask(cu_seqlens, cp_rank, cp_size, device, block_size: int = 128):
+        """FlexAttention's document-causal ``BlockMask``, built at tile granularity.
+
+        ``create_block_mask`` (uncompiled) evaluates the mask on every (query, key) pair: an
+        element mask plus int64 gathers over ``[T/CP, T]``, many GiB at 32k tokens. Here
+        each query's allowed keys form one contiguous range of the global key order,
+        ``[start(doc), start(doc) + pos]``, so a ``block_size`` x ``block_size`` tile is
+        *partial* when some query's range meets it and *full* when every query's range
+        covers it (no padding): ``O(T/CP x T/block)`` work, chunked over query blocks.
+        Example, CP=1, one document of 200 tokens, block 128 (tiles are (query block, key
+        block)): (0, 0) partial (the causal diagonal); (0, 1) empty (every key comes after
+        every query); (1, 0) every real query sees all 128 keys, but query block 1 holds 72
+        real queries and 56 padding rows, so it is partial, not full; (1, 1) partial.
+        With a second document of 300 tokens after it, (2, 0) is empty: those queries
+        belong to document 2, whose keys start at 200.
+        """
+        from torch.nn.attention.flex_attention import BlockMask
 
         doc_q, pos_q, doc_k, pos_k = PackedAttentionKernels.document_ids_positions(cu_seqlens, cp_rank, cp_size)
+        doc_q, pos_q, doc_k, pos_k = (t.to(device) for t in (doc_q, pos_q, doc_k, pos_k))
 
         def document_causal(b, h, qi, ki):
             return (doc_q[qi] == doc_k[ki]) & (pos_k[ki] <= pos_q[qi])
 
-        return create_block_mask(document_causal, None, None, doc_q.numel(), doc_k.numel(), device=device)
+        B, nq, nk = block_size, doc_q.numel(), doc_k.numel()
+        nqb, nkb = -(-nq // B), -(-nk // B)
+        starts = cu_seqlens[:-1].long().to(device)
+        lo = torch.full((nqb * B,), nk, dtype=torch.long, device=device)  # padding queries: empty range
+        hi = torch.full((nqb * B,), -1, dtype=torch.long, device=device)
+        lo[:nq] = starts[doc_q]  # first key of the query's document (global key order)
+        hi[:nq] = starts[doc_q] + pos_q  # last key it may see (causal)
+        lo, hi = lo.view(nqb, B), hi.view(nqb, B)
+        k_first = torch.arange(nkb, device=device) * B  # [nkb]
+        k_last = torch.clamp(k_first + B, max=nk) - 1
+        partial = torch.empty(nqb, nkb, dtype=torch.bool, device=device)
+        rows = max(1, (1 << 22) // (B * nkb))  # query blocks per chunk: ~4M pair tests at a time
+        for a in range(0, nqb, rows):
+            lo_c, hi_c = lo[a:a + rows, :, None], hi[a:a + rows, :, None]  # [r, B, 1]
+            partial[a:a + rows] = ((lo_c <= k_last) & (hi_c >= k_first)).any(dim=1)
+        real_q = torch.arange(nqb, device=device) * B + B <= nq  # query blocks without padding
+        real_k = k_first + B <= nk
+        full = (real_q[:, None] & real_k[None, :]
+                & (lo.max(dim=1).values[:, None] <= k_first) & (hi.min(dim=1).values[:, None] >= k_last))
+        partial &= ~full
+
+        def as_indices(m):  # [nqb, nkb] bool -> ([1, 1, nqb] counts, [1, 1, nqb, nkb] indices, selected first)
+            counts = m.sum(dim=1, dtype=torch.int32)
+            order = torch.argsort((~m).to(torch.int8), dim=1, stable=True).to(torch.int32)
+            return counts[None, None], order[None, None]
+
+        (kv_num, kv_idx), (full_num, full_idx) = as_indices(partial), as_indices(full)
+        return BlockMask.from_kv_blocks(kv_num, kv_idx, full_num, full_idx, BLOCK_SIZE=B, mask_mod=document_causal,
+                                        seq_lengths=(nq, nk))
 
     @staticmethod
     def flex(q_TND, k_SGD, v_SGD, block_mask, *, scale, compiled=True):

@@ -116,6 +116,33 @@ _EAGER_FLEX = pytest.mark.filterwarnings("ignore:flex_attention called without t
 
 
 @_EAGER_FLEX
+@pytest.mark.parametrize("cp_size", [1, 2])
+def test_block_mask_from_ranges_equals_create_block_mask(cp_size):
+    """The tile-level BlockMask (no [T/CP, T] element mask) has exactly the partial and full
+    tiles that torch's create_block_mask finds by evaluating every pair; several blocks,
+    documents crossing block edges, a length-2 document and a ragged last block."""
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    lens = [4, 260, 132, 36, 256, 1024]  # multiples of 2 * CP (CP layout); the last gives full tiles
+    cu = torch.tensor([0, *torch.tensor(lens).cumsum(0).tolist()], dtype=torch.int32)
+    for r in range(cp_size):
+        doc_q, pos_q, doc_k, pos_k = PackedAttentionKernels.document_ids_positions(cu, r, cp_size)
+
+        def document_causal(b, h, qi, ki):
+            return (doc_q[qi] == doc_k[ki]) & (pos_k[ki] <= pos_q[qi])
+
+        want = create_block_mask(document_causal, None, None, doc_q.numel(), doc_k.numel(), device="cpu")
+        got = PackedAttentionKernels.block_mask(cu, r, cp_size, "cpu")
+        assert torch.equal(got.to_dense(), want.to_dense())
+        for num, idx in (("kv_num_blocks", "kv_indices"), ("full_kv_num_blocks", "full_kv_indices")):
+            n_got, n_want = getattr(got, num), getattr(want, num)
+            assert torch.equal(n_got, n_want), num
+            for qb in range(n_got.shape[-1]):
+                k = int(n_got[0, 0, qb])
+                assert sorted(getattr(got, idx)[0, 0, qb, :k].tolist()) == sorted(getattr(want, idx)[0, 0, qb, :k].tolist())
+        assert int(got.full_kv_num_blocks.sum()) > 0 and int(got.kv_num_blocks.sum()) > 0  # both kinds occur
+
+
 def test_flex_backend_mask_eager_on_cpu():
     """The FlexAttention document-causal BlockMask (forward only: no flex backward on CPU)."""
     t = int(CU[-1])
