@@ -1,8 +1,8 @@
 """Packed attention under context and tensor parallelism vs the single-rank model (gloo, CPU).
 
 One 2-rank launch: CP=2 vs CP=1 (logits, per-sequence log-prob sums, a DPO-style loss,
-parameter gradients), TP=2 and TP=2 + sequence parallelism vs TP=1. One 4-rank launch
-for TP=2 x CP=2 (about 25 s on 2 cores).
+parameter gradients), TP=2 and TP=2 + sequence parallelism vs TP=1 (logits, every
+gradient). One 4-rank launch for TP=2 x CP=2 (logits, sums, loss, every gradient).
 """
 import pytest
 

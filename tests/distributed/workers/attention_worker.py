@@ -179,11 +179,15 @@ def _tp_case(sequence_parallel: bool):
     lp_T = vocab_parallel_logprobs(logits[0], labels, tp) * loss_mask
     sums = torch.stack([lp_T[a:b].sum() for a, b in zip(CU[:-1].tolist(), CU[1:].tolist())])
     _dpo_loss(sums).backward()
-    name = "decoder.final_layernorm.weight"
-    g = dict(model.named_parameters())[name].grad.detach().clone()
-    if sequence_parallel:
-        dist.all_reduce(g, group=tp)
-    torch.testing.assert_close(g, ref["grads"][name], atol=ATOL, rtol=1e-4)
+    # Every parameter: TP-split ones equal their shard of the reference gradient; replicated
+    # ones (norms) too, once summed over TP with sequence parallelism (as megatron's
+    # finalize_model_grads does for params marked sequence_parallel).
+    want = _shard(model, ref["grads"], tp.rank(), tp.size())
+    for n, p in model.named_parameters():
+        g = p.grad.detach().clone()
+        if sequence_parallel and getattr(p, "sequence_parallel", False):
+            dist.all_reduce(g, group=tp)
+        torch.testing.assert_close(g, want[n], atol=ATOL, rtol=1e-4, msg=lambda m, n=n: f"{n}: {m}")
 
 
 def case_tp2_packed_matches_tp1():
@@ -204,9 +208,24 @@ def case_tp2_cp2_matches_reference():
     (model,) = build_model(SPEC, rt, opts=ModelOptions(core_attention="packed"))
     model.load_state_dict(_shard(model, ref["full"], tp.rank(), tp.size()), strict=False)
     tokens, labels, loss_mask, pos = _batch()
-    tok_l, pos_l = split_packed_for_cp(tokens, pos, cu_seqlens=CU, cp_rank=cp.rank(), cp_size=cp.size())[:2]
+    tok_l, lab_l, mask_l, pos_l, cu_l = split_packed_for_cp(
+        tokens, labels, loss_mask, pos, cu_seqlens=CU, cp_rank=cp.rank(), cp_size=cp.size())
     logits_l = model(tok_l[None], pos_l[None], None, packed_seq_params=packed_seq_params(CU, cp_group=cp))
     parts = [torch.empty_like(logits_l) for _ in range(tp.size())]
     dist.all_gather(parts, logits_l.detach().contiguous(), group=tp)
     full = gather_packed_from_cp(torch.cat(parts, dim=-1), CU, cp, dim=1)
     torch.testing.assert_close(full, ref["logits"], atol=ATOL, rtol=1e-5)
+    # Log-prob sums (vocab over TP, tokens over CP), the DPO loss and every gradient.
+    from mcore_align.ops.logprobs import vocab_parallel_logprobs
+
+    part, counts = segment_sums(vocab_parallel_logprobs(logits_l[0], lab_l, tp), mask_l, cu_l)
+    sums, _ = allreduce_segment_sums(part, counts, cp)
+    torch.testing.assert_close(sums.detach(), ref["sums"], atol=ATOL, rtol=1e-5)
+    loss = _dpo_loss(sums)
+    torch.testing.assert_close(loss.detach(), ref["loss"], atol=ATOL, rtol=1e-5)
+    loss.backward()
+    want = _shard(model, ref["grads"], tp.rank(), tp.size())
+    for n, p in model.named_parameters():
+        g = p.grad.detach().clone()
+        dist.all_reduce(g, group=cp)  # CP ranks hold partial gradients of the same loss
+        torch.testing.assert_close(g, want[n], atol=ATOL, rtol=1e-4, msg=lambda m, n=n: f"{n}: {m}")
