@@ -478,3 +478,37 @@ def test_images_are_counted_not_dropped_silently(toks, tmp_path):
     data = build_data(cfg_(tmp_path, [path]), toks["chatml"], "paired", global_batch_size=2)
     assert data.report["records_kept"] == 4
     assert data.report["warnings"].get("images_ignored") == 2
+
+
+def test_truncation_keeps_the_right_tokens(toks, tmp_path):
+    """Token level, against apply_chat_template: `truncation_left` drops the same leading prompt
+    tokens from chosen and rejected (the longer side ends at max_length) and keeps both
+    responses whole; `right` keeps the prompt whole and cuts each response's tail."""
+    from mcore_align.data.loader import load_or_build_store
+
+    tok = toks["chatml"]
+    prompt = [{"role": "user", "content": " ".join(["question"] * 60)}]
+    rec = {"prompt": prompt, "chosen": [{"role": "assistant", "content": "a good long answer " * 3}],
+           "rejected": [{"role": "assistant", "content": "no"}]}
+    path = write_jsonl(tmp_path / "t.jsonl", [rec])
+    p_ids = chat_ids(tok, prompt, gen=True)
+    full = {k: chat_ids(tok, prompt + rec[k]) for k in ("chosen", "rejected")}
+    assert all(f[:len(p_ids)] == p_ids for f in full.values())
+    longest = max(len(f) for f in full.values())
+    L = longest - 20  # cut 20 tokens: less than the prompt, more than the rejected response
+    assert len(p_ids) > 20 and len(full["chosen"]) - len(p_ids) > 20
+    for strat in ("truncation_left", "right"):
+        cfg = cfg_(tmp_path, [path], max_length=L, truncation_strategy=strat)
+        store = load_or_build_store(cfg, tok, "paired")
+        got = {k: store.seq(int(store.rec_seq[0, i])) for i, k in enumerate(("chosen", "rejected"))}
+        for k, (tokens, targets) in got.items():
+            if strat == "truncation_left":
+                cut = longest - L
+                want = full[k][cut:]
+                n_resp = len(full[k]) - len(p_ids)  # the whole response survives
+            else:
+                want = full[k][:L]
+                n_resp = min(len(full[k]), L) - len(p_ids)
+            assert tokens.tolist() == want, (strat, k)
+            assert targets.tolist() == [0] * (len(want) - n_resp) + [1] * n_resp, (strat, k)
+            assert len(tokens) <= L

@@ -182,7 +182,9 @@ def case_crash_mid_save_keeps_previous():
     tr = Trainer(_cfg(save, "train_iters=4"))
     real_save = dist_checkpointing.save
 
-    def crashing_save(*a, **k):
+    def crashing_save(state, ckpt_dir, *a, **k):
+        # Half a checkpoint on disk (a torn shard file, no metadata), then the failure.
+        (Path(ckpt_dir) / f"__{dist.get_rank()}_0.distcp").write_bytes(b"\x00" * 1000)
         raise OSError("disk full (simulated)")
 
     dist_checkpointing.save = crashing_save
@@ -194,9 +196,13 @@ def case_crash_mid_save_keeps_previous():
     finally:
         dist_checkpointing.save = real_save
     dist.barrier()
-    assert checkpointing.latest_checkpoint(save).name == "iter_0000002"
+    assert (Path(save) / "iter_0000004").exists()  # the torn save is there...
+    assert checkpointing.latest_checkpoint(save).name == "iter_0000002"  # ...but not "latest"
     resumed = Trainer(_cfg(save, "train_iters=4"))
     assert resumed.step == 2
+    resumed.train()  # saving step 4 again replaces the torn directory
+    assert checkpointing.latest_checkpoint(save).name == "iter_0000004"
+    assert Trainer(_cfg(save, "train_iters=4")).step == 4
 
 
 def case_precompute_equals_co_resident():
