@@ -10,6 +10,7 @@ of the same HF model on the same tokenised batch, with each formula written out 
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 
@@ -198,3 +199,18 @@ def test_rm_exports_score_like_megatron(results, work):
     # The RM separates held-out pairs it never trained on.
     acc = float((megatron["tp2"][:, 0] > megatron["tp2"][:, 1]).double().mean())
     assert acc >= 0.9, acc
+    # The scoring CLI, on the HF export and (under torchrun, TP=2) on the Megatron checkpoint.
+    env = {**os.environ, "MCORE_ALIGN_CACHE": str(work / "cli_cache"), "OMP_NUM_THREADS": "1"}
+    common = ["--dataset", str(work / "heldout.jsonl"), "--pairs", "--max-length", "320"]
+    runs = {"hf": [sys.executable, "-m", "mcore_align.score", "--hf", str(outs["seqcls"]), *common],
+            "megatron": [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=2", "-m", "mcore_align.score",
+                         "--ckpt", str(work / "rm_task"), "--tp", "2", "--device", "cpu", *common]}
+    for name, cmd in runs.items():
+        out = work / f"cli_scores_{name}.jsonl"
+        proc = subprocess.run([*cmd, "--out", str(out)], cwd=ROOT, env=env, capture_output=True, text=True)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        rows = [json.loads(line) for line in out.read_text().splitlines()]
+        got = torch.tensor([[r["chosen"], r["rejected"]] for r in rows], dtype=torch.float64)
+        torch.testing.assert_close(got, megatron["tp2"], rtol=0, atol=1e-4, msg=name)
+        summary = json.loads(proc.stdout.strip().splitlines()[-1])
+        assert summary["records"] == len(rows) and abs(summary["accuracy"] - acc) < 1e-9, summary
