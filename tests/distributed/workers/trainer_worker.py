@@ -131,9 +131,10 @@ def case_resume_is_exact():
 
 def case_outputs_metrics_plot_and_pruning():
     """What the user sees: metrics.jsonl with the required keys (train and eval/), the PNG plot,
-    the data report, and save_total_limit pruning with the latest marker on the last save."""
+    TensorBoard scalars, the data report, and save_total_limit pruning with the latest marker
+    on the last save."""
     save = _save_dir("outputs")
-    Trainer(_cfg(save, "train_iters=6", "save_interval=2", "save_total_limit=2", "plot=true",
+    Trainer(_cfg(save, "train_iters=6", "save_interval=2", "save_total_limit=2", "plot=true", "tensorboard=true",
                  "val_fraction=0.25", "eval_interval=3", "eval_iters=1")).train()
     if dist.get_rank() != 0:
         return
@@ -152,6 +153,15 @@ def case_outputs_metrics_plot_and_pruning():
     assert (root / "training_curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     report = json.loads((root / "data_report.json").read_text())
     assert report["train_records"] + report["eval_records"] == report["records_kept"] > 0
+    # TensorBoard: the same scalars, read back with tensorboard's own reader.
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    ea = EventAccumulator(str(root / "tensorboard"))
+    ea.Reload()
+    tags = set(ea.Tags()["scalars"])
+    assert {"loss", "rewards/accuracies", "eval/rewards/accuracies"} <= tags, sorted(tags)
+    assert [e.step for e in ea.Scalars("loss")] == [1, 2, 3, 4, 5, 6]
+    assert abs(ea.Scalars("loss")[0].value - train[0]["loss"]) < 1e-6
 
 
 def case_sigterm_checkpoints_and_resumes():
