@@ -26,7 +26,7 @@ def evaluate(policy: str, reference: str, dataset: list[str], overrides: list[st
     from mcore_align.checkpoint import load_model_weights, read_model_spec, resolve_checkpoint_dir
     from mcore_align.checkpoint.lora_export import is_lora_checkpoint, load_lora_model
     from mcore_align.config import build_config
-    from mcore_align.data.batch import required_pad_multiple
+    from mcore_align.data.batch import layout_multiples
     from mcore_align.data.loader import build_data
     from mcore_align.models.provider import build_model
     from mcore_align.parallel.runtime import initialize
@@ -41,11 +41,8 @@ def evaluate(policy: str, reference: str, dataset: list[str], overrides: list[st
     spec = read_model_spec(ref_dir)
     tokenizer = AutoTokenizer.from_pretrained(str(ref_dir / "tokenizer"))
     objective = build_objective(cfg.algo.rlhf_type, **cfg.algo.params)
-    par = cfg.parallel
     data = build_data(cfg.data, tokenizer, data_kind(objective), dp_rank=rt.dp_rank, dp_size=rt.dp_size,
-                      global_batch_size=cfg.train.global_batch_size,
-                      pad_multiple=required_pad_multiple(par.tensor_model_parallel_size, par.context_parallel_size,
-                                                         par.sequence_parallel))
+                      global_batch_size=cfg.train.global_batch_size, **layout_multiples(cfg.parallel))
     opts = model_options(cfg)
     lora = is_lora_checkpoint(policy)
     # frozen: evaluation only; [LoRA] adapters wrap the local spec's linears

@@ -87,6 +87,7 @@ def load_lora_model(chunks, ckpt_dir: str | Path, base: str | Path | None = None
     for i, c in enumerate(chunks):
         load_adapter_state(c, loaded[f"chunk{i}"])
         c.requires_grad_(False)
+        c.eval()  # the adapters were attached after build_model's eval(): no LoRA dropout
     return path
 
 

@@ -9,13 +9,13 @@ Public API (see docs/data.md for the micro-batch contract)::
     state = data.train.state_dict()
 """
 from .batch import (ROLE_CHOSEN, ROLE_KL, ROLE_REJECTED, ROLE_UNPAIRED, GlobalBatch, MicroBatch,
-                    plan_bins, required_pad_multiple)
+                    layout_multiples, plan_bins, required_pad_multiple)
 from .config import DataConfig
 from .formats import FORMATS, BadRecord
 from .loader import BatchLoader, DataBundle, EpochSampler, build_data
 
 __all__ = [
     "DataConfig", "build_data", "DataBundle", "BatchLoader", "EpochSampler", "MicroBatch", "GlobalBatch",
-    "required_pad_multiple", "plan_bins", "FORMATS", "BadRecord",
+    "required_pad_multiple", "layout_multiples", "plan_bins", "FORMATS", "BadRecord",
     "ROLE_CHOSEN", "ROLE_REJECTED", "ROLE_UNPAIRED", "ROLE_KL",
 ]

@@ -39,6 +39,16 @@ def required_pad_multiple(tp: int, cp: int, sequence_parallel: bool) -> int:
     return math.lcm(tp * cp if sequence_parallel else 1, 2 * cp if cp > 1 else 1)
 
 
+def layout_multiples(parallel) -> dict[str, int]:
+    """What a megatron layout (``ParallelConfig``) asks of the micro-batches, as ``build_data``
+    keywords: the per-sequence pad multiple, and the per-rank micro-batch count multiple
+    (megatron's interleaved 1F1B runs a multiple of PP micro-batches)."""
+    vpp = parallel.virtual_pipeline_model_parallel_size
+    return {"pad_multiple": required_pad_multiple(parallel.tensor_model_parallel_size,
+                                                  parallel.context_parallel_size, parallel.sequence_parallel),
+            "microbatch_multiple": parallel.pipeline_model_parallel_size if vpp else 1}
+
+
 def round_up(x: int | np.ndarray, m: int):
     return (x + m - 1) // m * m
 

@@ -110,14 +110,20 @@ class BatchLoader:
             if len(recs) < self.dp_size:
                 log.warning("eval: dropping the last %d records (fewer than %d DP ranks)", len(recs), self.dp_size)
                 return
+            if len(recs) < self.gbs and self.microbatch_multiple > 1:
+                # The interleaved schedule needs a multiple of PP micro-batches per rank, which
+                # a short last batch may not split into: keep whole global batches only.
+                log.warning("eval: dropping the last %d records (interleaved pipeline: whole global batches only)",
+                            len(recs))
+                return
             yield self.make_global_batch(recs, 0, step)
 
     @property
     def batches_per_epoch(self) -> int:
         if self.sampler is not None:
             return self.sampler.batches_per_epoch
-        return sum(1 for s in range(0, len(self.record_ids), self.gbs)
-                   if len(self.record_ids) - s >= self.dp_size)
+        need = self.gbs if self.microbatch_multiple > 1 else self.dp_size  # see _eval_batches
+        return sum(1 for s in range(0, len(self.record_ids), self.gbs) if len(self.record_ids) - s >= need)
 
     # ---- global batch ---------------------------------------------------------------
     def units(self, recs: np.ndarray) -> list[list[SeqRef]]:

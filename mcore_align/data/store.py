@@ -21,6 +21,7 @@ import hashlib
 import json
 import logging
 import os
+import secrets
 import shutil
 import socket
 from collections import Counter
@@ -222,7 +223,6 @@ def load_or_build_store(cfg: DataConfig, tokenizer, objective_kind: str) -> Toke
     in a collective, so tokenizing a large dataset cannot hit the collective timeout.
     Without torch.distributed, the caller builds.
     """
-    import torch
     import torch.distributed as dist
 
     out = Path(cfg.cache_dir) / cache_key(cfg, tokenizer, objective_kind)
@@ -231,11 +231,15 @@ def load_or_build_store(cfg: DataConfig, tokenizer, objective_kind: str) -> Toke
     failed = None
     if distributed:
         # A per-launch name for the failure note, so a note left by an earlier run is never read.
-        nonce = [int(torch.randint(0, 2**62, (1,))) if dist.get_rank() == 0 else 0]
+        # (secrets, not torch: drawing from the seeded torch generator on one rank only would
+        # shift that rank's RNG stream, and a seeded draw repeats on relaunch.)
+        nonce = [secrets.randbits(62) if dist.get_rank() == 0 else 0]
         dist.broadcast_object_list(nonce, src=0)  # (object collective: works on gloo and NCCL)
         failed = out.parent / f"{out.name}.failed-{nonce[0]}-{socket.gethostname()}"
     if not (out / "meta.json").exists():
         if local_rank == 0:
+            for stale in out.parent.glob(f"{out.name}.failed-*-{socket.gethostname()}"):
+                stale.unlink(missing_ok=True)  # notes of earlier launches on this node
             log.info("tokenizing %s into %s", cfg.dataset, out)
             try:
                 build_store(cfg, tokenizer, objective_kind, out)

@@ -274,11 +274,12 @@ def lm_logits(model, output_BSX: torch.Tensor) -> torch.Tensor:
     tests that need whole logits; training never builds them."""
     if not emits_hidden_states(model):
         return output_BSX
-    from megatron.core.tensor_parallel.mappings import gather_from_sequence_parallel_region
     from megatron.core.utils import unwrap_model
+
+    from mcore_align.ops.collectives import all_gather_dim0
 
     layer = unwrap_model(model).output_layer
     hidden_SBH = output_BSX.transpose(0, 1)
     if layer.sequence_parallel:  # [S/TP, B, H] -> [S, B, H]
-        hidden_SBH = gather_from_sequence_parallel_region(hidden_SBH, group=layer.tp_group)
+        hidden_SBH = all_gather_dim0(hidden_SBH, layer.tp_group)
     return (hidden_SBH @ lm_output_weight(model).t()).transpose(0, 1)

@@ -3,8 +3,8 @@ log-prob kernel under sequence parallelism) and the LoRA adapters.
 
 megatron's ``gather_from_sequence_parallel_region`` / ``reduce_scatter_to_sequence_parallel_region``
 do the same maths but allocate their buffers on ``torch.cuda.current_device()``, also inside
-autograd's backward; these allocate like their input, so they run unchanged in the CPU
-execution mode. Groups are passed explicitly; ``None`` means a group of one.
+autograd's backward; these allocate like their input, so they need nothing from the CPU
+execution mode's device patches. Groups are passed explicitly; ``None`` means a group of one.
 """
 from __future__ import annotations
 

@@ -13,7 +13,7 @@ import torch.distributed as dist
 
 from mcore_align.algorithms import build_objective, check_weight_ratio
 from mcore_align.config import RunConfig
-from mcore_align.data.batch import required_pad_multiple
+from mcore_align.data.batch import layout_multiples
 from mcore_align.data.loader import build_data
 from mcore_align.parallel.runtime import initialize
 from mcore_align.trainer.checkpointing import latest_checkpoint, load_checkpoint, save_checkpoint
@@ -53,10 +53,7 @@ class Trainer:
         self.data = build_data(
             cfg.data, self.tokenizer, data_kind(self.objective),
             dp_rank=self.rt.dp_rank, dp_size=self.rt.dp_size, global_batch_size=t.global_batch_size,
-            pad_multiple=required_pad_multiple(par.tensor_model_parallel_size, par.context_parallel_size, par.sequence_parallel),
-            report_path=Path(t.save) / "data_report.json" if t.save else None,
-            # megatron's interleaved 1F1B runs a multiple of PP micro-batches
-            microbatch_multiple=par.pipeline_model_parallel_size if par.virtual_pipeline_model_parallel_size else 1,
+            report_path=Path(t.save) / "data_report.json" if t.save else None, **layout_multiples(par),
         )
         if data_kind(self.objective) == "kto" and self.rt.rank == 0:  # [KTO] TRL's weight-balance warning
             labels = self.data.train.store.rec_label[self.data.train.record_ids]

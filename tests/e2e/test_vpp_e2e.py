@@ -23,7 +23,7 @@ def results(tmp_path_factory):
     hf = make_tiny_model(root / "hf", "qwen2", num_layers=8, hidden_size=64, vocab_size=512)
     subprocess.run([sys.executable, "tools/convert_hf_to_mcore.py", "--hf", str(hf), "--out", str(root / "mcore")],
                    cwd=ROOT, check=True, capture_output=True)
-    recs = sorted(json.loads(DATA.read_text()), key=lambda r: len(json.dumps(r)))[:16]
+    recs = sorted(json.loads(DATA.read_text()), key=lambda r: len(json.dumps(r)))[:32]
     (root / "subset.json").write_text(json.dumps(recs))
     env = {"MA_TEST_CKPT": str(root / "mcore"), "MA_TEST_WORK": str(root), "MA_TEST_DATA": str(root / "subset.json")}
     return run_dist_module(WORKER, nproc=4, env=env)

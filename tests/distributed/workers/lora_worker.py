@@ -286,3 +286,16 @@ def case_evaluate_tool_reads_lora_checkpoint():
     assert abs(base["rewards/margins"]) < 1e-5, base
     trained = evaluate(str(WORK / "tp2"), CKPT, [DATA], common)
     assert trained["rewards/accuracies"] > 0.7 and trained["rewards/margins"] > 0.1, trained
+    # The loaded adapters are frozen and in eval mode (no LoRA dropout while evaluating).
+    from mcore_align.checkpoint import read_model_spec
+    from mcore_align.checkpoint.lora_export import load_lora_model
+    from mcore_align.models.lora import LoRA
+    from mcore_align.models.provider import ModelOptions, build_model
+    from mcore_align.parallel.runtime import ParallelConfig, initialize
+
+    rt = initialize(ParallelConfig(tensor_model_parallel_size=2), device="cpu")
+    chunks = build_model(read_model_spec(CKPT), rt, role="reference", opts=ModelOptions(core_attention="megatron"))
+    load_lora_model(chunks, WORK / "tp2")
+    loras = [m for c in chunks for m in c.modules() if isinstance(m, LoRA)]
+    assert loras and not any(m.training for c in chunks for m in c.modules())
+    assert not any(p.requires_grad for c in chunks for p in c.parameters())

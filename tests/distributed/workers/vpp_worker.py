@@ -26,7 +26,9 @@ def _cfg(*overrides: str):
                   "save": None, "plot": False, "seed": 7},
         "algo": {"rlhf_type": "dpo", "beta": 0.1, "rpo_alpha": None},
     }
-    return build_config(raw, ("pipeline_model_parallel_size=4", *overrides))
+    # 8 of the ~30 usable records held out: one whole eval batch, run through the same schedules.
+    # (8 pairs of <= 640 tokens: 8 micro-batches per step, twice PP.)
+    return build_config(raw, ("pipeline_model_parallel_size=4", "val_fraction=0.27", "eval_interval=3", *overrides))
 
 
 def case_interleaved_equals_1f1b():
@@ -37,12 +39,16 @@ def case_interleaved_equals_1f1b():
             assert len(tr.policy) == 2, "two model chunks per rank"
             state = tr.data.train.state_dict()
             n = len(next(tr.data.train).micro_batches)
-            assert n >= 4 and n % 4 == 0, n  # megatron's interleaved schedule needs a multiple of PP
+            assert n >= 8 and n % 4 == 0, n  # megatron's interleaved schedule needs a multiple of PP
             tr.data.train.load_state_dict(state)
         res = tr.train()
-        runs[name] = ([h["loss"] for h in res["history"]], [h["grad_norm"] for h in res["history"]])
+        runs[name] = ([h["loss"] for h in res["history"]], [h["grad_norm"] for h in res["history"]], res["eval"])
     torch.testing.assert_close(torch.tensor(runs["vpp"][0]), torch.tensor(runs["1f1b"][0]), rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(torch.tensor(runs["vpp"][1]), torch.tensor(runs["1f1b"][1]), rtol=1e-4, atol=1e-6)
+    ev_vpp, ev_1f1b = runs["vpp"][2], runs["1f1b"][2]
+    assert ev_vpp and set(ev_vpp) == set(ev_1f1b), (ev_vpp, ev_1f1b)
+    for k in ev_vpp:
+        assert abs(ev_vpp[k] - ev_1f1b[k]) <= 1e-5 * max(1.0, abs(ev_1f1b[k])), (k, ev_vpp, ev_1f1b)
 
 
 def case_what_cpu_mode_cannot_train_is_refused():
