@@ -232,8 +232,7 @@ def _emit_hidden_forward(self, hidden_SBH: torch.Tensor, weight=None, runtime_ga
 
     GPTModel calls ``output_layer(hidden_SBH, weight=shared_embedding_or_None, ...)`` and
     returns the result transposed to ``[B, S(/TP with SP), H]``; the loss then runs
-    ``ops.logprobs.fused_linear_logprobs`` with :func:`lm_output_weight`, so the
-    ``[tokens, V/TP]`` logits exist one chunk at a time, never whole.
+    :func:`lm_logprobs`, so the ``[tokens, V/TP]`` logits exist one chunk at a time, never whole.
     """
     del weight, runtime_gather_output  # the weight is read by lm_output_weight in the loss
     return hidden_SBH, None
@@ -266,6 +265,19 @@ def lm_output_weight(model) -> torch.Tensor:
 
     m = unwrap_model(model)
     return m.shared_embedding_or_output_weight() if m.share_embeddings_and_output_weights else m.output_layer.weight
+
+
+def lm_logprobs(model, hidden_BSH: torch.Tensor, labels_BS: torch.Tensor) -> torch.Tensor:
+    """Fused head: target log-probs ``[B, S]`` from the hidden states ``model`` returned, with
+    the output layer's own weight, TP group and sequence-parallel setting."""
+    from megatron.core.utils import unwrap_model
+
+    from mcore_align.ops.logprobs import fused_linear_logprobs
+
+    layer = unwrap_model(model).output_layer
+    logp_SB = fused_linear_logprobs(hidden_BSH.transpose(0, 1), lm_output_weight(model), labels_BS.t(),
+                                    layer.tp_group, sequence_parallel=layer.sequence_parallel)
+    return logp_SB.t()
 
 
 def lm_logits(model, output_BSX: torch.Tensor) -> torch.Tensor:

@@ -30,8 +30,8 @@ import torch.distributed as dist
 from mcore_align.algorithms import GlobalCounts, SequenceStats
 from mcore_align.algorithms.kto import kl_partial_sums, kl_reference_point
 from mcore_align.ops.context_parallel import packed_seq_params, split_packed_for_cp
-from mcore_align.models.heads import emits_hidden_states, lm_output_weight
-from mcore_align.ops.logprobs import fused_linear_logprobs, vocab_parallel_logprobs
+from mcore_align.models.heads import emits_hidden_states, lm_logprobs
+from mcore_align.ops.logprobs import vocab_parallel_logprobs
 from mcore_align.ops.segments import allreduce_segment_sums, segment_sums
 
 ROLE_CHOSEN, ROLE_REJECTED, ROLE_UNPAIRED, ROLE_KL = 0, 1, 2, 3
@@ -71,7 +71,6 @@ class Stepper:
         self.tp_group = runtime.pgs.tp
         self.cp_group = runtime.pgs.cp
         self.cp_size = runtime.parallel.context_parallel_size
-        self.sequence_parallel = runtime.parallel.sequence_parallel
         # [RM] the model ends in a value head: its output is per-token values [B, S, 1].
         self.value_head = getattr(objective, "output_head", "lm") == "value"
 
@@ -114,10 +113,7 @@ class Stepper:
         the output-layer matmul chunk by chunk inside the log-prob kernel.
         """
         if emits_hidden_states(model):
-            hidden_SBH = output.transpose(0, 1)  # GPTModel transposed [S(/TP), B, H] to [B, S, H]
-            logp_SB = fused_linear_logprobs(hidden_SBH, lm_output_weight(model), b.mb.labels.t(), self.tp_group,
-                                            sequence_parallel=self.sequence_parallel)
-            logp_BS = logp_SB.t()
+            logp_BS = lm_logprobs(model, output, b.mb.labels)
         else:
             logits = output.float() if output.dtype == torch.float16 else output
             logp_BS = vocab_parallel_logprobs(logits, b.mb.labels, self.tp_group)
