@@ -5,8 +5,9 @@ pipeline stage held by this rank (a list of length 1 without VPP), built with
 megatron-core's own classes: ``TransformerConfig``, the TE layer spec when
 Transformer Engine imports and CUDA is present, the local spec otherwise.
 
-``role="reference"`` gives the frozen reference: same layout, no gradients, eval
-mode; the trainer never hands it to the optimizer.
+``role="reference"`` gives the frozen reference: same layout, eval mode, never handed
+to DDP or the optimizer, and refusing to run with autograd enabled (see
+``_freeze_for_inference`` for why its parameters keep ``requires_grad``).
 """
 from __future__ import annotations
 
@@ -208,10 +209,35 @@ def build_model(spec: ModelSpec, runtime: Runtime, *, role: str = "policy", opts
         if not runtime.is_cpu:
             model.cuda(torch.cuda.current_device())
         if role == "reference":
-            model.requires_grad_(False)
-            model.eval()
+            _freeze_for_inference(model)
         chunks.append(model)
     return chunks
+
+
+def _freeze_for_inference(model) -> None:
+    """Make ``model`` a frozen, forward-only copy whose numerics equal the policy's bit for bit.
+
+    The parameters keep ``requires_grad=True`` on purpose. A weight with
+    ``requires_grad=False`` sends megatron's parallel linears to ``LinearWithFrozenWeight`` and,
+    inside it, ``torch.matmul`` decides differently whether to fold ``[S, B, H] @ [H, O]`` into
+    one ``mm``: it always folds when an operand requires grad, and for a frozen weight only when
+    the input's leading dims are contiguous, which packed ``[S, 1, H]`` activations (strides
+    ``(H, S*H, 1)``) are not. The unfolded path runs S batched ``[1, H] @ [H, O]`` products,
+    which round differently from one ``mm`` on some CPUs (AVX2 MKL kernels: the policy and an
+    identical reference then disagreed by ~1e-7 per token, KTO's step-1 KL was 2.9e-5 instead
+    of 0 and step-0 reward accuracies were noise instead of 0). Keeping ``requires_grad`` makes
+    the reference take exactly the policy's kernels. Safety comes from elsewhere: the reference
+    is never given to DDP or the optimizer, and the pre-hook below refuses any forward that
+    would record a graph (callers run it under ``torch.no_grad()``).
+    """
+    model.eval()
+
+    def no_autograd(module, args):
+        if torch.is_grad_enabled():
+            raise RuntimeError(f"{type(module).__name__} is a frozen reference/inference model: "
+                               "run it under torch.no_grad()")
+
+    model.register_forward_pre_hook(no_autograd)
 
 
 def _local_block_spec(lspec, cfg, vp_stage):
