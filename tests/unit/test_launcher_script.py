@@ -20,6 +20,7 @@ if [ "$1" = -c ]; then
   if [ -n "${FAKE_PROBE_ERROR:-}" ]; then echo "$FAKE_PROBE_ERROR" >&2; exit 1; fi
   echo "${FAKE_GPUS:-0}"; exit 0
 fi
+echo "fake torchrun: $*"
 save=; for a in "$@"; do case "$a" in train.save=*) save=${a#*=} ;; esac; done
 on_sig() {  # like torchrun: forward, let the ranks checkpoint (or not), then exit 1
   echo "fake torchrun got SIG$1"
@@ -76,8 +77,9 @@ def test_a_failing_probe_is_an_error_not_cpu(tmp_path, fake):
     assert out.returncode != 0 and "DEVICE=cuda but" in out.stderr
 
 
-def _launch_and_signal(tmp_path, fake, sig, **kw):
-    proc = subprocess.Popen(["bash", "examples/dpo_mcore.sh"], cwd=ROOT, env=_env(tmp_path, fake, **kw),
+def _launch_and_signal(tmp_path, fake, sig, script="examples/dpo_mcore.sh", **kw):
+    env = _env(tmp_path, fake, **kw)
+    proc = subprocess.Popen(["bash", script], cwd=ROOT, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
     deadline = time.time() + 30
     while not (tmp_path / "ready").exists() and time.time() < deadline:
@@ -103,3 +105,46 @@ def test_signal_exit_status_follows_the_checkpoint(tmp_path, fake, sig):
 def test_exit_status_without_a_signal_is_torchruns(tmp_path, fake):
     out = _run(tmp_path, fake, FAKE_EXIT="3")
     assert out.returncode == 3, out.stderr
+
+
+SRUN = r"""#!/usr/bin/env bash
+# srun stand-in: one task on "node 0"; forwards USR1/TERM to it as srun does.
+while [[ "$1" == --* ]]; do shift; done
+SLURM_NODEID=0 "$@" &
+child=$!
+trap 'kill -USR1 $child' USR1; trap 'kill -TERM $child' TERM
+while :; do rc=0; wait $child || rc=$?; if [ $rc -gt 128 ] && kill -0 $child 2>/dev/null; then continue; fi; break; done
+exit $rc
+"""
+SCONTROL = r"""#!/usr/bin/env bash
+case "$1" in show) echo localhost ;; requeue) echo "requeue $2" >> "$FAKE_SCONTROL_LOG" ;; esac
+"""
+
+
+def _slurm_env(tmp_path, **kw):
+    stubs = tmp_path / "bin"
+    stubs.mkdir(exist_ok=True)
+    for name, text in (("srun", SRUN), ("scontrol", SCONTROL)):
+        (stubs / name).write_text(text)
+        (stubs / name).chmod(0o755)
+    return dict(PATH=f"{stubs}:{os.environ['PATH']}", SLURM_JOB_NODELIST="n1", SLURM_NNODES="1",
+                SLURM_JOB_ID="42", FAKE_SCONTROL_LOG=str(tmp_path / "scontrol.log"), **kw)
+
+
+def test_sbatch_forwards_usr1_and_term_and_requeues_after_usr1_only(tmp_path, fake):
+    """The whole chain with stand-ins for srun, scontrol and torchrun: USR1 (the time-limit
+    warning) and TERM (scancel, preemption) reach torchrun; the step exits 0 after a
+    checkpoint; only USR1 requeues. SHUTDOWN_TIMEOUT fits inside the 300 s warning."""
+    log = tmp_path / "scontrol.log"
+    rc, out = _launch_and_signal(tmp_path, fake, signal.SIGUSR1, script="examples/slurm/dpo.sbatch",
+                                 FAKE_CHECKPOINT="5", **_slurm_env(tmp_path))
+    assert "--shutdown-timeout 240" in out and "fake torchrun got SIGUSR1" in out, out
+    assert rc == 0 and log.read_text() == "requeue 42\n", out
+    log.unlink()
+    rc, out = _launch_and_signal(tmp_path, fake, signal.SIGTERM, script="examples/slurm/dpo.sbatch",
+                                 FAKE_CHECKPOINT="6", **_slurm_env(tmp_path))
+    assert "fake torchrun got SIGTERM" in out and rc == 0 and not log.exists(), out
+    # A shutdown window that does not fit in the warning is refused up front.
+    out = subprocess.run(["bash", "examples/slurm/dpo.sbatch"], cwd=ROOT, capture_output=True, text=True, timeout=60,
+                         env=_env(tmp_path, fake, SHUTDOWN_TIMEOUT="290", **_slurm_env(tmp_path)))
+    assert out.returncode == 1 and "exceeds the 300 s warning" in out.stderr, out.stderr
