@@ -537,7 +537,7 @@ def test_roles_out_of_order_are_an_error_naming_the_line_or_counted_when_skipped
         _trl([U("a"), S("late system"), U("b")]),  # system not first
         _trl([U("a"), A("b")]),                  # the prompt ends with the assistant
     ]
-    for i, rec in enumerate(bad):
+    for rec in bad:
         with pytest.raises(ValueError, match=rf"bad\.jsonl:2: roles out of order"):
             _build(tmp_path, tok, [good, rec])
     rep = _build(tmp_path, tok, [good, *bad, good], on_bad_record="skip").report
