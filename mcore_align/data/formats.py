@@ -47,6 +47,11 @@ class BadRecord(ValueError):
         self.reason = reason
 
 
+class DroppedRecord(BadRecord):
+    """A well-formed record the pipeline drops by design whatever `on_bad_record` says
+    (chosen == rejected, an empty user turn): always dropped and counted by `reason`."""
+
+
 @dataclass
 class Example:
     """One normalised record. `prompt` is a message list, or a raw string (TRL plain text)."""

@@ -14,6 +14,7 @@ from .batch import (ROLE_CHOSEN, ROLE_KL, ROLE_REJECTED, ROLE_UNPAIRED, GlobalBa
                     plan_bins, round_up)
 from .config import OBJECTIVE_KINDS, DataConfig
 from .store import TokenizedStore, load_or_build_store
+from .summary import format_summary
 
 log = logging.getLogger(__name__)
 
@@ -259,7 +260,7 @@ def build_data(cfg: DataConfig, tokenizer, objective_kind: str, *, dp_rank: int 
     store = load_or_build_store(cfg, tokenizer, objective_kind)
     n = store.num_records
     if n == 0:
-        raise ValueError(f"no usable records in {cfg.dataset}; data report: {json.dumps(store.meta)}")
+        raise ValueError(f"no usable records in {cfg.dataset}:\n{format_summary(store.meta, 'train')}")
     # Held-out split: a seeded choice of records, independent of dp layout.
     perm = np.random.default_rng([cfg.seed, 7]).permutation(n)
     n_val = int(round(n * cfg.val_fraction))
@@ -269,14 +270,23 @@ def build_data(cfg: DataConfig, tokenizer, objective_kind: str, *, dp_rank: int 
                   microbatch_multiple=microbatch_multiple)
     train = BatchLoader(store, train_ids, train=True, **common)
     evl = BatchLoader(store, val_ids, train=False, **common) if n_val else None
+    summary = [format_summary(store.meta, "train")]
+    vstore = None
     if cfg.val_dataset:  # a separate eval dataset: its own (cached) store, every record
         vstore = load_or_build_store(dataclasses.replace(cfg, dataset=cfg.val_dataset, val_dataset=None),
                                      tokenizer, objective_kind)
+        summary.append(format_summary(vstore.meta, "val_dataset"))
         if vstore.num_records == 0:
-            raise ValueError(f"no usable records in val_dataset {cfg.val_dataset}; data report: {json.dumps(vstore.meta)}")
+            raise ValueError(f"no usable records in val_dataset {cfg.val_dataset}:\n{summary[-1]}")
         evl = BatchLoader(vstore, np.arange(vstore.num_records), train=False, **common)
     report = make_report(store, train, evl, report_batches)
+    if vstore is not None:
+        report["val_dataset"] = {k: vstore.meta.get(k) for k in ("records_read_total", "records_kept", "dropped",
+                                                             "dropped_total", "warnings", "first_dropped")}
     if _is_rank0():
+        # One WARNING block (the default level) so drops and oddities are seen, not just filed.
+        log.warning("%s%s", "\n".join(summary),
+                    f"\n  details: {report_path}" if report_path is not None else "")
         log.info("data report:\n%s", json.dumps(report, indent=1))
         if report_path is not None:
             Path(report_path).parent.mkdir(parents=True, exist_ok=True)

@@ -31,11 +31,11 @@ from pathlib import Path
 import numpy as np
 
 from .config import DataConfig
-from .formats import BadRecord, content_fingerprint, detect_format, iter_dataset, normalize
+from .formats import BadRecord, DroppedRecord, content_fingerprint, detect_format, iter_dataset, normalize
 from .tokenization import RecordTokenizer
 
 log = logging.getLogger(__name__)
-CACHE_VERSION = 2
+CACHE_VERSION = 3  # 3: identical pairs, empty user turns and out-of-order roles are dropped
 _CHUNK = 1024  # records tokenized per batched tokenizer call
 _ARRAYS = {"tokens": np.int32, "targets": np.uint8, "seq_off": np.int64, "seq_plen": np.int32,
            "rec_seq": np.int64, "rec_label": np.int8, "rec_margin": np.float32}
@@ -148,6 +148,7 @@ def build_store(cfg: DataConfig, tokenizer, objective_kind: str, out: Path) -> N
                              cfg.train_on_all_assistant_turns)
         writer = _Writer(tmp)
         formats, read, skipped, examples = {}, Counter(), Counter(), []
+        first_of: dict[str, str] = {}  # reason -> message of its first record (for the summary)
         pending: list = []
 
         def flush():
@@ -169,9 +170,11 @@ def build_store(cfg: DataConfig, tokenizer, objective_kind: str, out: Path) -> N
                     ex = normalize(raw, fmt, loc)
                     rendered = [rt.templater.render(ex, r, loc) for r in rt.responses(ex, fmt, loc)]
                 except BadRecord as e:
-                    if cfg.on_bad_record == "error":
-                        raise
+                    if cfg.on_bad_record == "error" and not isinstance(e, DroppedRecord):
+                        raise BadRecord(e.reason, f"{e} [data.on_bad_record=skip drops and counts such "
+                                        "records]") from None
                     skipped[e.reason] += 1
+                    first_of.setdefault(e.reason, str(e))
                     if len(examples) < 10:
                         examples.append(str(e))
                     continue
@@ -199,7 +202,7 @@ def build_store(cfg: DataConfig, tokenizer, objective_kind: str, out: Path) -> N
             "cache_version": CACHE_VERSION, "objective_kind": objective_kind,
             "formats": formats, "records_read": dict(read), "records_read_total": sum(read.values()),
             "records_kept": int(len(rec_seq)), "dropped": dict(dropped), "dropped_total": sum(dropped.values()),
-            "warnings": dict(rt.warnings), "skipped_examples": examples,
+            "warnings": dict(rt.warnings), "skipped_examples": examples, "first_dropped": first_of,
             "num_sequences": int(len(lens)), "num_tokens": int(seq_off[-1]),
             "token_lengths": stats, "array_sizes": sizes,
         }
@@ -236,25 +239,59 @@ def load_or_build_store(cfg: DataConfig, tokenizer, objective_kind: str) -> Toke
         nonce = [secrets.randbits(62) if dist.get_rank() == 0 else 0]
         dist.broadcast_object_list(nonce, src=0)  # (object collective: works on gloo and NCCL)
         failed = out.parent / f"{out.name}.failed-{nonce[0]}-{socket.gethostname()}"
+    if local_rank == 0:
+        _sweep_stale_notes(out.parent)
     if not (out / "meta.json").exists():
         if local_rank == 0:
-            for stale in out.parent.glob(f"{out.name}.failed-*-{socket.gethostname()}"):
-                stale.unlink(missing_ok=True)  # notes of earlier launches on this node
             log.info("tokenizing %s into %s", cfg.dataset, out)
             try:
                 build_store(cfg, tokenizer, objective_kind, out)
             except BaseException as e:
                 if failed is not None:  # let this node's waiting ranks stop with the same error
-                    failed.parent.mkdir(parents=True, exist_ok=True)
-                    failed.write_text(f"{type(e).__name__}: {e}")
+                    _leave_failure_note(failed, f"{type(e).__name__}: {e}")
                 raise
         else:
             _wait_for_cache(out, failed)
-    if failed is not None and local_rank == 0:
-        failed.unlink(missing_ok=True)
     if not (out / "meta.json").exists():
         raise RuntimeError(f"tokenized cache {out} missing after local rank 0 built it; see its log")
     return TokenizedStore.open(out)
+
+
+_NOTE_MAX_AGE_S = 3600  # a note is read within seconds; one this old was left by a killed launch
+
+
+def _leave_failure_note(failed: Path, message: str, poll_s: float = 1.0) -> None:
+    """Write the note the node's waiting ranks poll for, give them time to read it, remove it.
+
+    Waiters poll every `poll_s`; a waiter that misses the note is stopped by torchrun anyway
+    once this rank exits with the error, so the note never has to outlive this call."""
+    import time
+
+    failed.parent.mkdir(parents=True, exist_ok=True)
+    tmp = failed.with_name(failed.name + f".tmp{os.getpid()}")
+    tmp.write_text(message)
+    os.replace(tmp, failed)  # waiters read all of it or nothing
+    try:
+        if int(os.environ.get("LOCAL_WORLD_SIZE", "1")) > 1:
+            time.sleep(3 * poll_s)
+    finally:
+        failed.unlink(missing_ok=True)
+
+
+def _sweep_stale_notes(cache_dir: Path) -> None:
+    """Remove failure notes (any dataset, any node) left behind by launches that were killed
+    between writing and removing them."""
+    import time
+
+    if not cache_dir.is_dir():
+        return
+    now = time.time()
+    for note in cache_dir.glob("*.failed-*"):
+        try:
+            if now - note.stat().st_mtime > _NOTE_MAX_AGE_S:
+                note.unlink()
+        except FileNotFoundError:  # another node's sweep took it first
+            pass
 
 
 def _wait_for_cache(out: Path, failed: Path, poll_s: float = 1.0) -> None:
@@ -264,7 +301,11 @@ def _wait_for_cache(out: Path, failed: Path, poll_s: float = 1.0) -> None:
     waited = 0.0
     while not (out / "meta.json").exists():
         if failed.exists():
-            raise RuntimeError(f"local rank 0 failed to tokenize into {out}: {failed.read_text()}")
+            try:
+                why = failed.read_text()
+            except FileNotFoundError:  # removed between the check and the read
+                why = "see local rank 0's log"
+            raise RuntimeError(f"local rank 0 failed to tokenize into {out}: {why}")
         time.sleep(poll_s)
         waited += poll_s
         if waited % 600 < poll_s:

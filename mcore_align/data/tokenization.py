@@ -25,7 +25,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .formats import REJECTED_FIELD, BadRecord, Example
+from .formats import REJECTED_FIELD, BadRecord, DroppedRecord, Example
 
 RESPONSE_FIELD = {"sharegpt": "chosen", "messages": "messages", "swift": "response", "alpaca": "output",
                   "trl": "chosen", "trl_implicit": "chosen", "trl_kto": "completion", "prompt": "completion"}
@@ -103,6 +103,29 @@ class Templater:
         return Rendered(full, False, spans, len(prompt_text), False)
 
 
+def _check_turn_order(prompt: list[dict[str, str]], fmt: str, loc: str) -> None:
+    """The prompt must read [system], user, assistant, user, ..., user: at most one system
+    turn and only first, then strictly alternating turns that start and end with the user
+    (the response that follows is the assistant's). Chat templates assume this; many
+    (Llama 2, Mistral) raise on anything else, the others render nonsense silently.
+
+    Example: [system, user, user] -> "turn 2 is 'user' where 'assistant' is expected"."""
+    roles = [m["role"] for m in prompt]
+    start = 1 if roles[:1] == ["system"] else 0
+    problem = None
+    for i in range(start, len(roles)):
+        want = "user" if (i - start) % 2 == 0 else "assistant"
+        if roles[i] != want:
+            problem = f"turn {i} is '{roles[i]}' where '{want}' is expected"
+            break
+    else:
+        if roles[-1] != "user":
+            problem = f"the prompt ends with '{roles[-1]}' instead of 'user' before the response"
+    if problem is not None:
+        raise BadRecord("roles_out_of_order", f"{loc}: roles out of order: {problem} (roles {roles}; "
+                        f"expected [system], user, assistant, ..., user; detected format '{fmt}')")
+
+
 def _targets(offsets: list[tuple[int, int]], spans: list[tuple[int, int]]) -> np.ndarray:
     """uint8 [L]: 1 where token k's character span overlaps a target range [s, e).
 
@@ -135,9 +158,17 @@ class RecordTokenizer:
         self.warnings: Counter = Counter()
 
     def responses(self, ex: Example, fmt: str, loc: str) -> list[str | None]:
-        """The responses to tokenize for this objective, after validating the example."""
+        """The responses to tokenize for this objective, after validating the example.
+
+        Raises `BadRecord` for malformed records (an error, or skipped and counted, by
+        `on_bad_record`) and `DroppedRecord` for usable-looking records without training
+        signal (always dropped and counted)."""
         if isinstance(ex.prompt, list) and not any(m["role"] == "user" for m in ex.prompt):
             raise BadRecord("empty_prompt", f"{loc}: the prompt has no user turn (detected format '{fmt}')")
+        if isinstance(ex.prompt, list):
+            _check_turn_order(ex.prompt, fmt, loc)
+            if any(m["role"] == "user" and not m["content"].strip() for m in ex.prompt):
+                raise DroppedRecord("empty_user_turn", f"{loc}: a user turn is empty (detected format '{fmt}')")
         if isinstance(ex.prompt, str):
             _check_text(ex.prompt, "prompt", loc)
         else:
@@ -162,7 +193,10 @@ class RecordTokenizer:
             if not r.strip():
                 raise BadRecord("empty_response", f"{loc}: the {name} response is empty (detected format '{fmt}')")
         if len(out) == 2 and out[0] == out[1]:
-            self.warnings["identical_chosen_rejected"] += 1
+            # chosen == rejected: the pair's log-ratio difference is 0 for any policy, so it
+            # has no gradient and only dilutes the batch.
+            raise DroppedRecord("identical_chosen_rejected", f"{loc}: the chosen and rejected responses are "
+                                f"identical (detected format '{fmt}')")
         return out
 
     def tokenize(self, rendered: list[list[Rendered]]) -> list[TokenizedRecord | None]:

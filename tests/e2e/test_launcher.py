@@ -1,5 +1,7 @@
-"""`bash examples/dpo_mcore.sh` end to end on CPU: the torchrun launcher forwards Slurm's
-SIGUSR1 to the ranks, which finish the step, checkpoint and exit 0; the relaunch resumes."""
+"""`bash examples/dpo_mcore.sh` end to end on CPU: the script forwards Slurm's SIGUSR1 (and
+SIGTERM) through torchrun to the ranks, which finish the step and checkpoint; the script
+exits 0 although torchrun exits 1 after any signal; the relaunch resumes.
+(tests/unit/test_launcher_script.py covers the script's logic with a stand-in torchrun.)"""
 from __future__ import annotations
 
 import json
@@ -42,7 +44,28 @@ def _steps(save) -> list[int]:
     return [json.loads(line)["step"] for line in path.read_text().splitlines() if '"loss"' in line]
 
 
-def test_sigusr1_through_torchrun_checkpoints_and_relaunch_resumes(tmp_path):
+def _run_until_step(proc, save, after: int) -> None:
+    deadline = time.time() + 240
+    while not [s for s in _steps(save) if s > after] and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.5)
+    assert proc.poll() is None, f"launcher ended before training:\n{proc.communicate()[0][-4000:]}"
+    assert [s for s in _steps(save) if s > after], f"no training step after {after} within 240 s"
+
+
+def _stop(proc, save, sig) -> tuple[int, str]:
+    """Signal the launcher script (as srun/Slurm does); expect a clean checkpoint and exit 0."""
+    os.kill(proc.pid, sig)
+    out = proc.communicate(timeout=240)[0]
+    stopped_at = int((save / "latest_checkpointed_iteration.txt").read_text())
+    assert "will checkpoint after this step" in out and "stopping at step" in out, out[-4000:]
+    assert max(_steps(save)) == stopped_at, out[-4000:]
+    name = signal.Signals(sig).name
+    assert f"stopped by {name} with a complete checkpoint at iteration {stopped_at}" in out, out[-4000:]
+    assert proc.returncode == 0, out[-4000:]
+    return stopped_at, out
+
+
+def test_signals_through_torchrun_checkpoint_exit_0_and_relaunch_resumes(tmp_path):
     from mcore_align.models.tiny import make_tiny_model
 
     hf = make_tiny_model(tmp_path / "hf", "qwen2", num_layers=2, hidden_size=64, vocab_size=512)
@@ -53,22 +76,16 @@ def test_sigusr1_through_torchrun_checkpoints_and_relaunch_resumes(tmp_path):
     data.write_text(json.dumps(recs))
     save = tmp_path / "run"
 
+    # Slurm's time-limit warning: SIGUSR1.
     proc = _launch(tmp_path / "mc", save, data, tmp_path / "cache", "train_iters=200", "save_interval=null")
-    deadline = time.time() + 240
-    while not _steps(save) and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.5)
-    assert proc.poll() is None, f"launcher ended before training:\n{proc.communicate()[0][-4000:]}"
-    assert _steps(save), "no training step within 240 s"
-    os.kill(proc.pid, signal.SIGUSR1)  # the launcher is torchrun itself (exec)
-    out = proc.communicate(timeout=240)[0]
-    stopped_at = int((save / "latest_checkpointed_iteration.txt").read_text())
-    assert 1 <= stopped_at < 200, out[-4000:]
-    assert "will checkpoint after this step" in out and "stopping at step" in out, out[-4000:]
-    assert max(_steps(save)) == stopped_at
+    _run_until_step(proc, save, 0)
+    stopped_at, _ = _stop(proc, save, signal.SIGUSR1)
+    assert 1 <= stopped_at < 200
 
-    relaunch = _launch(tmp_path / "mc", save, data, tmp_path / "cache", f"train_iters={stopped_at + 2}", "save_interval=null")
-    out = relaunch.communicate(timeout=300)[0]
-    assert relaunch.returncode == 0, out[-4000:]
+    # The relaunch resumes at the next step; then a SIGTERM (scancel, preemption) stops it cleanly.
+    relaunch = _launch(tmp_path / "mc", save, data, tmp_path / "cache", "train_iters=200", "save_interval=null")
+    _run_until_step(relaunch, save, stopped_at)
+    second, out = _stop(relaunch, save, signal.SIGTERM)
     assert "resumed from" in out, out[-4000:]
     steps = _steps(save)
-    assert steps[-2:] == [stopped_at + 1, stopped_at + 2], steps
+    assert steps[:stopped_at] == list(range(1, stopped_at + 1)) and steps[stopped_at:] == list(range(stopped_at + 1, second + 1)), steps

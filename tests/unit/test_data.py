@@ -3,6 +3,7 @@ plain `tokenizer(...)` call) computed here from the raw records, never from the 
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -384,13 +385,13 @@ def test_bad_input_messages(toks, tmp_path):
         _build(tmp_path, tok, b'{"query": "q", "response": "\\ud800", "rejected_response": "b"}\n')
     with pytest.raises(ValueError, match=r"cannot detect the dataset format"):
         _build(tmp_path, tok, [{"foo": 1}])
-    # skip mode: every problem counted by reason, warnings for identical pairs.
+    # skip mode: every problem counted by reason (identical pairs are always dropped).
     recs = (line + b'{"query": "\xff"}\n' + json.dumps({"query": "q", "response": "a"}).encode() + b"\n"
             + json.dumps({**good, "response": ""}).encode() + b"\n"
             + json.dumps({**good, "rejected_response": "a"}).encode() + b"\n")
     rep = _build(tmp_path, tok, recs, on_bad_record="skip").report
-    assert rep["dropped"] == {"non_utf8": 1, "missing_field": 1, "empty_response": 1}
-    assert rep["warnings"] == {"identical_chosen_rejected": 1} and rep["records_kept"] == 2
+    assert rep["dropped"] == {"non_utf8": 1, "missing_field": 1, "empty_response": 1, "identical_chosen_rejected": 1}
+    assert rep["warnings"] == {} and rep["records_kept"] == 1
 
 
 def test_config_validation_and_report_file(toks, tmp_path):
@@ -512,3 +513,107 @@ def test_truncation_keeps_the_right_tokens(toks, tmp_path):
             assert tokens.tolist() == want, (strat, k)
             assert targets.tolist() == [0] * (len(want) - n_resp) + [1] * n_resp, (strat, k)
             assert len(tokens) <= L
+
+
+# ---- data problems: counted by reason, summarised on the console ------------------------
+def _trl(prompt, chosen="good answer", rejected="bad answer", **extra):
+    return {"prompt": prompt, "chosen": [{"role": "assistant", "content": chosen}],
+            "rejected": [{"role": "assistant", "content": rejected}], **extra}
+
+
+U = lambda s: {"role": "user", "content": s}  # noqa: E731
+A = lambda s: {"role": "assistant", "content": s}  # noqa: E731
+S = lambda s: {"role": "system", "content": s}  # noqa: E731
+
+
+def test_roles_out_of_order_are_an_error_naming_the_line_or_counted_when_skipped(toks, tmp_path):
+    """A conversation must be [system], user, assistant, user, ..., user before the response.
+    Default policy: a clear error with file:line; `on_bad_record=skip`: dropped and counted."""
+    tok = toks["chatml"]
+    good = _trl([S("be brief"), U("hi"), A("hello"), U("how are you")])
+    bad = [
+        _trl([U("a"), U("b")]),                  # two user turns in a row
+        _trl([A("hello"), U("hi")]),             # assistant before any user turn
+        _trl([U("a"), S("late system"), U("b")]),  # system not first
+        _trl([U("a"), A("b")]),                  # the prompt ends with the assistant
+    ]
+    for rec in bad:
+        with pytest.raises(ValueError, match=rf"bad\.jsonl:2: roles out of order"):
+            _build(tmp_path, tok, [good, rec])
+    rep = _build(tmp_path, tok, [good, *bad, good], on_bad_record="skip").report
+    assert rep["dropped"] == {"roles_out_of_order": 4} and rep["records_kept"] == 2
+    # ShareGPT (LLaMA-Factory): two human turns before the chosen/rejected answers.
+    sg = {"conversations": [{"from": "human", "value": "a"}, {"from": "human", "value": "b"}],
+          "chosen": {"from": "gpt", "value": "c"}, "rejected": {"from": "gpt", "value": "d"}}
+    sg_good = {**sg, "conversations": sg["conversations"][:1]}
+    with pytest.raises(ValueError, match=r"sg\.jsonl:2: roles out of order"):
+        _build(tmp_path, tok, [sg_good, sg], name="sg.jsonl")
+
+
+def test_empty_user_turns_and_identical_pairs_are_dropped_and_counted(toks, tmp_path):
+    """Whatever `on_bad_record` says: a pair whose chosen equals its rejected carries no
+    preference signal, and a record with an empty user turn is not a usable prompt."""
+    tok = toks["chatml"]
+    recs = [_trl([U("q1")]), _trl([U("   ")]), _trl([U(""), A("x"), U("q")]),
+            _trl([U("q2")], chosen="same", rejected="same"), _trl([U("q3")], chosen="a", rejected="a"),
+            _trl([U("q4")])]
+    for policy in ("error", "skip"):
+        rep = _build(tmp_path, tok, recs, on_bad_record=policy).report
+        assert rep["dropped"] == {"empty_user_turn": 2, "identical_chosen_rejected": 2}, policy
+        assert rep["records_kept"] == 2 and rep["dropped_total"] == 4
+        assert "identical_chosen_rejected" not in rep["warnings"]
+
+
+def test_console_summary_lists_drops_and_oddities(toks, tmp_path, caplog):
+    """One WARNING block on rank 0 (the default log level shows it): kept, dropped by reason
+    with a first location, and oddities such as ignored images."""
+    import logging
+
+    recs = [_trl([U("q1")]), _trl([U("q2")], chosen="same", rejected="same"), _trl([U("q3")], images=["a.jpg"]),
+            _trl([U("q4")], images=["b.jpg"]), _trl([U("q5")])]
+    with caplog.at_level(logging.WARNING):
+        _build(tmp_path, toks["chatml"], recs)
+    blocks = [r.getMessage() for r in caplog.records
+              if r.levelno == logging.WARNING and "data summary" in r.getMessage()]
+    assert len(blocks) == 1, [r.getMessage() for r in caplog.records]
+    text = blocks[0]
+    assert "5 records read, 4 kept, 1 dropped" in text, text
+    assert re.search(r"identical_chosen_rejected\s+1\b.*bad\.jsonl:2", text), text
+    assert re.search(r"images_ignored\s+2\b", text), text
+    # A clean dataset still gets its one-line summary, with nothing listed.
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        _build(tmp_path, toks["chatml"], [_trl([U("a")]), _trl([U("b")])], name="clean.jsonl")
+    blocks = [r.getMessage() for r in caplog.records if "data summary" in r.getMessage()]
+    assert len(blocks) == 1 and "2 records read, 2 kept, 0 dropped" in blocks[0], blocks
+    assert "identical" not in blocks[0]
+
+
+def test_failure_notes_do_not_accumulate(toks, tmp_path, monkeypatch):
+    """Local rank 0's failure note (read by the node's waiting ranks) is removed once the error
+    has been raised, and notes left behind by killed launches are swept on the next one."""
+    import os
+    import time
+
+    import torch.distributed as dist
+
+    from mcore_align.data.store import load_or_build_store
+
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "1")
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    stale = cache / "0123abcd.failed-77-otherhost"  # a note from a launch that was killed
+    stale.write_text("old")
+    old = time.time() - 2 * 3600
+    os.utime(stale, (old, old))
+    fresh = cache / "4567ef.failed-78-otherhost"  # maybe still being read by another launch
+    fresh.write_text("new")
+    bad = write_jsonl(tmp_path / "bad.jsonl", [{"prompt": "x", "chosen": "y"}])
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        with pytest.raises(ValueError, match="missing field 'rejected'"):
+            load_or_build_store(cfg_(tmp_path, [bad]), toks["chatml"], "paired")
+    finally:
+        dist.destroy_process_group()
+    assert sorted(p.name for p in cache.iterdir() if ".failed-" in p.name) == [fresh.name]
