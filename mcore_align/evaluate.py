@@ -30,9 +30,9 @@ def evaluate(policy: str, reference: str, dataset: list[str], overrides: list[st
     from mcore_align.data.loader import build_data
     from mcore_align.models.provider import build_model
     from mcore_align.parallel.runtime import initialize
+    from mcore_align.trainer.reference import FrozenModel
     from mcore_align.trainer.setup import model_options
-    from mcore_align.trainer.step import Stepper
-    from mcore_align.trainer.trainer import data_kind
+    from mcore_align.trainer.step import Stepper, add_metric_sums, finalize_metrics
 
     cfg = build_config({"model": {"load": reference}, "data": {"dataset": dataset}, "algo": {"rlhf_type": rlhf_type}},
                        overrides)
@@ -41,11 +41,11 @@ def evaluate(policy: str, reference: str, dataset: list[str], overrides: list[st
     spec = read_model_spec(ref_dir)
     tokenizer = AutoTokenizer.from_pretrained(str(ref_dir / "tokenizer"))
     objective = build_objective(cfg.algo.rlhf_type, **cfg.algo.params)
-    data = build_data(cfg.data, tokenizer, data_kind(objective), dp_rank=rt.dp_rank, dp_size=rt.dp_size,
+    data = build_data(cfg.data, tokenizer, objective.data_kind, dp_rank=rt.dp_rank, dp_size=rt.dp_size,
                       global_batch_size=cfg.train.global_batch_size, **layout_multiples(cfg.parallel))
-    opts = model_options(cfg)
+    opts = model_options(cfg, objective.head)
     lora = is_lora_checkpoint(policy)
-    # frozen: evaluation only; [LoRA] adapters wrap the local spec's linears
+    # frozen: evaluation only; adapters wrap the local spec's linears
     pol = build_model(spec, rt, role="reference", opts=dataclasses.replace(opts, transformer_engine=not lora))
     if lora:  # adapters only: base (the run's model.load) + adapters
         load_lora_model(pol, policy)
@@ -53,15 +53,14 @@ def evaluate(policy: str, reference: str, dataset: list[str], overrides: list[st
         load_model_weights(pol, policy)
     ref = None
     if objective.needs_reference:
-        ref = build_model(spec, rt, role="reference", opts=opts)
-        load_model_weights(ref, reference)
+        ref = FrozenModel(build_model(spec, rt, role="reference", opts=opts))
+        load_model_weights(ref.chunks, reference)
     stepper = Stepper(rt, objective, pol, ref)
-    totals: dict[str, float] = {}
+    sums: dict[str, tuple[float, float]] = {}
     n = data.train.batches_per_epoch
-    for _ in range(n):
-        for k, v in stepper.eval_step(next(data.train)).items():
-            totals[k] = totals.get(k, 0.0) + v
-    return {"batches": n, **{k: v / n for k, v in totals.items()}}
+    for _ in range(n):  # reduced like training metrics: sums and counts, one division
+        add_metric_sums(sums, stepper.eval_sums(next(data.train)))
+    return {"batches": n, **finalize_metrics(sums)}
 
 
 def main(argv: list[str] | None = None) -> int:

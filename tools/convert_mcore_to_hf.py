@@ -63,7 +63,8 @@ def main() -> int:
     if a.sequence_classification:  # [RM]
         from pathlib import Path
 
-        from mcore_align.models.heads import VALUE_HEAD_FILE, write_sequence_classification
+        from mcore_align.checkpoint.heads import write_sequence_classification
+        from mcore_align.models.heads import VALUE_HEAD_FILE
 
         if not (Path(out) / VALUE_HEAD_FILE).exists():
             print(f"error: --sequence-classification: {a.ckpt} is not a reward model (no value head)", file=sys.stderr)

@@ -4,7 +4,19 @@ An objective is a small pure function of per-sequence statistics: the trainer re
 token log-probs to one number per sequence (`SequenceStats`), the objective turns those
 into a loss. Objectives run no collectives; everything that crosses micro-batches or
 data-parallel ranks is either in `GlobalCounts` (known before the step) or reduced by
-the trainer through a named hook (`kto.kl_partial_sums`, `Objective.state_partial_sums`).
+the trainer through a named hook (`Objective.global_partial_sums`, `Objective.state_partial_sums`).
+
+Declarations: an objective says what it consumes and the step computes exactly that
+(trainer/step.py never names an objective):
+
+* ``head``: "lm" (per-sequence sums of token log-probs from the vocabulary projection) or
+  "value" (a scalar value head; ``stats.rewards`` = its value at each sequence's last token).
+* ``inputs``: the `SequenceStats` fields read. ``ref_logps`` / ``ref_kl_logps`` make the
+  step run the frozen reference; ``kl_logps`` a no-grad policy pass over the auxiliary
+  (mismatched-KL) sequences of the batch; ``kl_reference`` a global pre-pass statistic
+  (`global_partial_sums` summed over the step, then `global_statistic`); ``labels`` and
+  ``margins`` are read from the batch.
+* ``data_kind``: which sequences the data pipeline builds ("paired", "kto", "sft").
 
 Normalisation contract: `Objective.__call__` returns this micro-batch's *contribution*,
 already divided by global counts, so that
@@ -35,10 +47,16 @@ class SequenceStats:
     rejected one at 2p + 1 (adjacent, so a micro-batch never splits a pair).
     """
 
-    logps: Tensor
-    """[N] sum of policy log-probs over each sequence's loss tokens (requires grad)."""
-    num_tokens: Tensor
+    logps: Tensor | None = None
+    """[N] sum of policy log-probs over each sequence's loss tokens (requires grad); "lm" head."""
+    num_tokens: Tensor | None = None
     """[N] number of loss tokens per sequence (long or float)."""
+    seq_logps: Tensor | None = None
+    """[N] sum of policy log-probs over EVERY predicted token of the sequence, prompt and
+    response (tokens 1..L-1 of a length-L sequence), for NLL terms taken over the whole
+    chosen sequence (TRL's ORPOTrainer). Requires grad."""
+    seq_num_tokens: Tensor | None = None
+    """[N] number of those tokens (L - 1)."""
     ref_logps: Tensor | None = None
     """[N] reference-model sums (no grad), for objectives with `needs_reference`."""
     rewards: Tensor | None = None
@@ -51,7 +69,7 @@ class SequenceStats:
     """[N] KTO: reference sums of the same mismatched sequences."""
     kl_reference: Tensor | None = None
     """[] KTO: the KL reference point z0, already reduced over the global batch by the
-    trainer (see `kto.kl_partial_sums` / `kto.kl_reference_point`)."""
+    trainer (`Objective.global_partial_sums` -> sum over the step -> `global_statistic`)."""
     margins: Tensor | None = None
     """[P] RM: optional per-pair margin (Llama 2 style)."""
 
@@ -68,6 +86,8 @@ class GlobalCounts:
     """Loss tokens of chosen responses (token-mean NLL terms: rpo_alpha, cpo_alpha, ORPO)."""
     num_tokens: int = 0
     """Loss tokens of all sequences (SFT)."""
+    num_chosen_seq_tokens: int = 0
+    """Predicted tokens (prompt and response, L - 1 each) of chosen sequences (ORPO's NLL)."""
     num_desirable: int = 0
     """KTO: desirable sequences."""
     num_undesirable: int = 0
@@ -77,22 +97,29 @@ class GlobalCounts:
 class Objective:
     """Base class: `loss, metrics = objective(stats, counts)`.
 
-    Subclasses set the class variables, keep their `cfg`, and implement `__call__`.
-    Objectives with cross-step state (only DPO `bco_pair` today) override the state
-    hooks; the defaults describe a stateless objective.
+    Subclasses set the class variables (the declarations the step reads), keep their
+    `cfg`, and implement `__call__`. Objectives with cross-step state (only DPO `bco_pair`
+    today) override the state hooks; objectives that read a global pre-pass statistic (KTO's
+    z0) override `global_partial_sums` / `global_statistic`.
     """
 
     name: ClassVar[str]
     """Registry name, e.g. "dpo"."""
-    paired: ClassVar[bool]
-    """True: stats hold (chosen, rejected) pairs at (even, odd) indices."""
-    needs_reference: ClassVar[bool]
-    """True: the trainer must fill `stats.ref_logps` (and the KL fields for KTO)."""
     config_cls: ClassVar[type]
     """The keyword-only Config dataclass that `__init__` takes."""
     data_kind: ClassVar[str]
     """Which data the objective consumes: "paired", "kto" (unpaired, labelled, with KL
     mismatched completions) or "sft" (unpaired sequences)."""
+    inputs: ClassVar[frozenset[str]]
+    """The `SequenceStats` fields `__call__` reads; the step fills exactly these."""
+    head: ClassVar[str] = "lm"
+    """"lm": the model ends in its vocabulary projection; "value": a scalar value head
+    (models/heads.py) whose value at each sequence's last token is `stats.rewards`."""
+    # Derived from the declarations by `register_objective`:
+    paired: ClassVar[bool]
+    """True: stats hold (chosen, rejected) pairs at (even, odd) indices."""
+    needs_reference: ClassVar[bool]
+    """True: the step runs the frozen reference (``ref_logps`` / ``ref_kl_logps`` in inputs)."""
 
     def __init__(self, cfg: Any) -> None:
         if not isinstance(cfg, self.config_cls):
@@ -101,6 +128,21 @@ class Objective:
 
     def __call__(self, stats: SequenceStats, counts: GlobalCounts) -> tuple[Tensor, Metrics]:
         raise NotImplementedError
+
+    # ---- global pre-pass statistic (objectives with "kl_reference" in inputs) ------------
+    def global_partial_sums(self, stats: SequenceStats) -> Tensor:
+        """[k] this micro-batch's share of the statistic, from no-grad stats (policy and
+        reference sums, no loss). The step sums it over micro-batches and DP ranks."""
+        raise NotImplementedError(f"{self.name} declares no global statistic")
+
+    def global_statistic(self, total: Tensor) -> Tensor:
+        """The statistic (`stats.kl_reference`) from the step's summed partial sums."""
+        raise NotImplementedError(f"{self.name} declares no global statistic")
+
+    def check_data(self, labels: Any) -> None:
+        """Called once on rank 0 with the training set's per-record labels (KTO
+        desirability; None for other data kinds): warn about data the objective handles
+        badly. Default: nothing to check."""
 
     # ---- cross-step state (no-op for stateless objectives) -------------------------
     def state_partial_sums(self) -> Tensor | None:
@@ -127,18 +169,45 @@ class Objective:
 _REGISTRY: dict[str, type[Objective]] = {}
 
 
+STATS_FIELDS = frozenset(f.name for f in dataclasses.fields(SequenceStats))
+HEADS = ("lm", "value")
+DATA_KINDS = ("paired", "kto", "sft")
+REFERENCE_INPUTS = frozenset({"ref_logps", "ref_kl_logps"})
+
+
 def register_objective(cls: type[Objective]) -> type[Objective]:
-    """Class decorator: make `cls` buildable by `build_objective(cls.name)`."""
-    for attr in ("name", "paired", "needs_reference", "config_cls", "data_kind"):
+    """Class decorator: check the declarations and make `cls` buildable by name."""
+    for attr in ("name", "config_cls", "data_kind", "inputs"):
         assert hasattr(cls, attr), f"{cls.__name__} must define class variable {attr!r}"
-    assert cls.paired == (cls.data_kind == "paired"), f"{cls.__name__}: paired and data_kind disagree"
+    inputs = frozenset(cls.inputs)
+    assert inputs <= STATS_FIELDS, f"{cls.__name__}: unknown inputs {sorted(inputs - STATS_FIELDS)}"
+    assert cls.head in HEADS, f"{cls.__name__}: head {cls.head!r} not in {HEADS}"
+    assert cls.data_kind in DATA_KINDS, f"{cls.__name__}: data_kind {cls.data_kind!r} not in {DATA_KINDS}"
+    # The value head gives rewards, not log-probs; the LM head the reverse.
+    assert (cls.head == "value") == ("rewards" in inputs), f"{cls.__name__}: head and rewards input disagree"
+    assert not (cls.head == "value" and inputs & {"logps", "seq_logps", "ref_logps", "kl_logps", "ref_kl_logps"}), \
+        cls.__name__
+    # KTO-style inputs exist only for data with labelled, mismatched-KL sequences.
+    kto_inputs = inputs & {"labels", "kl_logps", "ref_kl_logps", "kl_reference"}
+    assert not kto_inputs or cls.data_kind == "kto", f"{cls.__name__}: {sorted(kto_inputs)} need data_kind 'kto'"
+    overrides_global = cls.global_partial_sums is not Objective.global_partial_sums
+    assert overrides_global == ("kl_reference" in inputs), \
+        f"{cls.__name__}: kl_reference input and global_partial_sums/global_statistic go together"
     assert cls.name not in _REGISTRY, f"objective {cls.name!r} registered twice"
+    cls.inputs = inputs
+    cls.paired = cls.data_kind == "paired"
+    cls.needs_reference = bool(inputs & REFERENCE_INPUTS)
     _REGISTRY[cls.name] = cls
     return cls
 
 
 def available_objectives() -> list[str]:
     return sorted(_REGISTRY)
+
+
+def objective_class(name: str) -> type[Objective]:
+    """The registered class of objective ``name`` (its declarations, without building it)."""
+    return _lookup(name)
 
 
 def _lookup(name: str) -> type[Objective]:
@@ -219,14 +288,17 @@ def pair_reward_metrics(chosen_rewards: Tensor, rejected_rewards: Tensor,
     }
 
 
-def chosen_nll(logps_c: Tensor, num_tokens_c: Tensor, counts: GlobalCounts, objective: str) -> tuple[Tensor, tuple[Tensor, Tensor]]:
-    """Token-mean NLL of the chosen responses (TRL's `nll_loss`), as a global contribution.
+def chosen_nll(logps_c: Tensor, num_tokens_c: Tensor, counts: GlobalCounts, objective: str,
+               count_field: str = "num_chosen_tokens") -> tuple[Tensor, tuple[Tensor, Tensor]]:
+    """Token-mean NLL of the chosen sequences (TRL's `nll_loss`), as a global contribution.
 
     TRL computes cross_entropy(mean) over all chosen tokens of the batch, i.e.
-    -sum(token logps) / #chosen tokens; we divide by the GLOBAL chosen-token count.
+    -sum(token logps) / #chosen tokens; we divide by the GLOBAL chosen-token count
+    ``counts.<count_field>``: response tokens (``num_chosen_tokens``, DPO's rpo_alpha, CPO)
+    or prompt and response tokens (``num_chosen_seq_tokens``, ORPO).
     Returns (contribution, (sum, count) metric).
     """
-    n = require_positive(counts.num_chosen_tokens, "num_chosen_tokens", objective)
+    n = require_positive(getattr(counts, count_field), count_field, objective)
     nll_sum = -logps_c.sum()
     return nll_sum / n, scalar_metric(nll_sum, num_tokens_c.sum().to(logps_c.dtype))
 

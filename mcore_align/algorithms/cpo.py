@@ -123,9 +123,8 @@ class CPO(Objective):
     """Reference-free contrastive preference objective; see the module docstring."""
 
     name = "cpo"
-    paired = True
-    needs_reference = False
     config_cls = CPOConfig
+    inputs = frozenset({"logps", "num_tokens"})
     data_kind = "paired"
 
     def __call__(self, stats: SequenceStats, counts: GlobalCounts) -> tuple[Tensor, Metrics]:

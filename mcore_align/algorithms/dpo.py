@@ -32,9 +32,10 @@ Departures from TRL (all deliberate, each pinned by a test):
     The trainer must call update_state after EVERY training step, skipped ones included.
   * discopop evaluates exp(-z) * sigmoid(z / tau) as exp(logsigmoid(z / tau) - z), which
     is equal but does not overflow (inf * 0 = nan) for very negative z.
-  * When "ipo" is among the loss types, all policy and reference log-probs are
-    length-normalised (sum / num_tokens) for every term and for the metrics, as TRL's
-    concatenated_forward does; the rpo / sft NLL terms use raw token sums.
+  * "ipo" length-normalises inside its own term only, as TRL 1.16's DPOTrainer does:
+    (chosen log-ratio / chosen tokens) - (rejected log-ratio / rejected tokens). Every
+    other term and every metric (logps/*, rewards/*, accuracies) uses raw token sums.
+    (Older TRL normalised all log-probs, metrics included, whenever "ipo" was set.)
 """
 from __future__ import annotations
 
@@ -73,6 +74,8 @@ class _Terms:
     chosen_logratios: Tensor
     rejected_logratios: Tensor
     logits: Tensor
+    avg_logits: Tensor
+    """Length-normalised logits (IPO): chosen_logratios / |y_c| - rejected_logratios / |y_r|."""
     num_pairs: int
     """Global number of pairs: pairwise losses contribute sum(per-pair) / num_pairs."""
     nll: Tensor | None
@@ -117,8 +120,8 @@ def _hinge(t: _Terms, cfg: "DPOConfig") -> Tensor:
 
 @_pairwise
 def _ipo(t: _Terms, cfg: "DPOConfig") -> Tensor:
-    """IPO, Azar et al., arXiv:2310.12036, Eq. (17), beta = tau; logits are length-normalised."""
-    return (t.logits - 1 / (2 * cfg.beta)) ** 2
+    """IPO, Azar et al., arXiv:2310.12036, Eq. (17), beta = tau, on length-normalised logits (TRL)."""
+    return (t.avg_logits - 1 / (2 * cfg.beta)) ** 2
 
 
 # EXO with label_smoothing == 0 would take log(0); TRL substitutes this epsilon.
@@ -260,15 +263,13 @@ class DPO(Objective):
     """Reference-based pairwise preference objective; see the module docstring."""
 
     name = "dpo"
-    paired = True
-    needs_reference = True
     config_cls = DPOConfig
+    inputs = frozenset({"logps", "num_tokens", "ref_logps"})
     data_kind = "paired"
 
     def __init__(self, cfg: DPOConfig) -> None:
         super().__init__(cfg)
         self._losses = [(_LOSSES[t], w) for t, w in zip(cfg.loss_types, cfg.weights)]
-        self._length_normalise = "ipo" in cfg.loss_types
         self._uses_bco = "bco_pair" in cfg.loss_types
         # bco_pair running mean: sum of committed per-step means and the number of steps.
         self._bco_sum = 0.0
@@ -281,21 +282,17 @@ class DPO(Objective):
         cfg = self.cfg
         num_pairs = require_positive(counts.num_pairs, "num_pairs", self.name)
         logps, ref_logps = stats.logps, require(stats, "ref_logps", self.name)
-        if self._length_normalise:  # TRL: "ipo" in loss_type -> average log-probs everywhere
-            logps_n, ref_n = per_token(logps, stats.num_tokens), per_token(ref_logps, stats.num_tokens)
-        else:
-            logps_n, ref_n = logps, ref_logps
-        pol_c, pol_r = split_pairs(logps_n)
-        ref_c, ref_r = split_pairs(ref_n.detach())
+        pol_c, pol_r = split_pairs(logps)
+        ref_c, ref_r = split_pairs(ref_logps.detach())
         chosen_logratios, rejected_logratios = pol_c - ref_c, pol_r - ref_r
-        raw_c, _ = split_pairs(logps)
-        ntok_c, _ = split_pairs(stats.num_tokens)
-        nll, nll_metric = chosen_nll(raw_c, ntok_c, counts, self.name) if self._needs_nll else (None, None)
+        ntok_c, ntok_r = split_pairs(stats.num_tokens)
+        nll, nll_metric = chosen_nll(pol_c, ntok_c, counts, self.name) if self._needs_nll else (None, None)
 
         terms = _Terms(
             chosen_logratios=chosen_logratios,
             rejected_logratios=rejected_logratios,
             logits=(pol_c - pol_r) - (ref_c - ref_r),
+            avg_logits=per_token(chosen_logratios, ntok_c) - per_token(rejected_logratios, ntok_r),
             num_pairs=num_pairs,
             nll=nll,
             bco_delta=self._bco_delta(logps),

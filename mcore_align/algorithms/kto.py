@@ -13,9 +13,10 @@ i.e. per sequence: desirable_weight * (1 - sigmoid(beta * (r - z0))) and
 undesirable_weight * (1 - sigmoid(beta * (z0 - r))), averaged over sequences.
 
 The KL estimate z0 uses mismatched pairs (prompt_i, completion_j) that the data
-pipeline builds (TRL shifts completions within the batch). The trainer reduces
-`kl_partial_sums(stats)` over all micro-batches and DP ranks of the step and sets
-`stats.kl_reference = kl_reference_point(sum, count)`; this module runs no collectives.
+pipeline builds (TRL shifts completions within the batch). The step sums
+`KTO.global_partial_sums(stats)` (from a no-grad pre-pass) over all micro-batches and DP
+ranks of the step and sets `stats.kl_reference = KTO.global_statistic(sum)`; this module
+runs no collectives.
 
 Departures from TRL:
   * z0 is the mean over the whole GLOBAL batch (all micro-batches, all DP ranks), clamped
@@ -113,10 +114,23 @@ class KTO(Objective):
     """Unpaired prospect-theoretic objective; see the module docstring."""
 
     name = "kto"
-    paired = False
-    needs_reference = True
     config_cls = KTOConfig
+    inputs = frozenset({"logps", "num_tokens", "ref_logps", "labels", "kl_logps", "ref_kl_logps", "kl_reference"})
     data_kind = "kto"
+
+    def global_partial_sums(self, stats: SequenceStats) -> Tensor:
+        """[2] this micro-batch's (sum of (kl_logps - ref_kl_logps), #sequences), for z0."""
+        return torch.stack(kl_partial_sums(stats))
+
+    def global_statistic(self, total: Tensor) -> Tensor:
+        """z0 from the step's summed partial sums."""
+        return kl_reference_point(total[0], total[1])
+
+    def check_data(self, labels) -> None:
+        """TRL's weight-balance warning on the training set's desirable/undesirable counts."""
+        labels = [bool(x) for x in labels]
+        check_weight_ratio(sum(labels), len(labels) - sum(labels), self.cfg.desirable_weight,
+                           self.cfg.undesirable_weight)
 
     def __call__(self, stats: SequenceStats, counts: GlobalCounts) -> tuple[Tensor, Metrics]:
         cfg = self.cfg

@@ -52,13 +52,12 @@ class RM(Objective):
     """Bradley-Terry reward-model objective; see the module docstring."""
 
     name = "rm"
-    paired = True
-    needs_reference = False
     config_cls = RMConfig
+    inputs = frozenset({"rewards", "margins"})
     data_kind = "paired"
-    output_head = "value"
-    """The trainer builds the model with a scalar value head (models/heads.py) and fills
-    stats.rewards with its value at each sequence's last token."""
+    head = "value"
+    """The model ends in a scalar value head (models/heads.py); stats.rewards is its value
+    at each sequence's last token."""
 
     def __call__(self, stats: SequenceStats, counts: GlobalCounts) -> tuple[Tensor, Metrics]:
         num_pairs = require_positive(counts.num_pairs, "num_pairs", self.name)

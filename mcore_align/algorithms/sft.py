@@ -34,9 +34,8 @@ class SFT(Objective):
     """Token-mean NLL; see the module docstring."""
 
     name = "sft"
-    paired = False
-    needs_reference = False
     config_cls = SFTConfig
+    inputs = frozenset({"logps", "num_tokens"})
     data_kind = "sft"
 
     def __call__(self, stats: SequenceStats, counts: GlobalCounts) -> tuple[Tensor, Metrics]:

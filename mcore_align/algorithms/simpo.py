@@ -75,9 +75,8 @@ class SimPO(Objective):
     """Length-normalised reference-free pairwise objective; see the module docstring."""
 
     name = "simpo"
-    paired = True
-    needs_reference = False
     config_cls = SimPOConfig
+    inputs = frozenset({"logps", "num_tokens"})
     data_kind = "paired"
 
     def __call__(self, stats: SequenceStats, counts: GlobalCounts) -> tuple[Tensor, Metrics]:

@@ -51,6 +51,9 @@ class ExtraHead:
     """Output safetensors file name, e.g. ``value_head.safetensors``."""
     hf_name: str
     """Tensor name inside that file."""
+    replaces: str | None = None
+    """Prefix of the megatron names this head stands in for (not exported when the head is
+    present), e.g. ``output_layer.``: a value head replaces the vocabulary projection."""
 
 
 EXTRA_HEADS: dict[str, ExtraHead] = {}
@@ -63,7 +66,8 @@ def register_extra_head(head: ExtraHead) -> ExtraHead:
 
 
 # Reward model value head [1, hidden] (written by the RM trainer under this key).
-register_extra_head(ExtraHead("value_head.weight", "value_head.safetensors", "value_head.weight"))
+register_extra_head(ExtraHead("value_head.weight", "value_head.safetensors", "value_head.weight",
+                               replaces="output_layer."))
 
 
 def _layer_groups(names: list[str]) -> list[list[str]]:
@@ -167,9 +171,9 @@ def convert_mcore_to_hf(ckpt_dir: str | Path, out_dir: str | Path, dtype: str | 
     pieces = _param_requests(model)
     stored = _stored_metadata(path)
     names = adapter.mcore_names()
-    if "value_head.weight" in stored:  # [RM] a reward model has a value head instead of the LM head:
-        # export the backbone (no lm_head.weight) plus value_head.safetensors (see models/heads.py).
-        names = [n for n in names if not n.startswith("output_layer.")]
+    for head in EXTRA_HEADS.values():  # e.g. a value head instead of the LM head: backbone + head file
+        if head.replaces and head.ckpt_key in stored:
+            names = [n for n in names if not n.startswith(head.replaces)]
     missing = sorted({sh.key for n in names for sh, _ in pieces[n]} - set(stored))
     if missing:
         raise KeyError(f"{path}: checkpoint lacks model tensors {missing}")

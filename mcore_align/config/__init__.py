@@ -188,11 +188,15 @@ class RunConfig:
     algo: AlgoConfig = field(default_factory=AlgoConfig)
 
     def __post_init__(self) -> None:
-        if self.model.train_type == "lora" and self.algo.rlhf_type == "rm":
-            # The value head would be frozen with the base and is not part of an adapter
-            # checkpoint or of the PEFT export: refuse rather than train a random head.
-            raise ValueError("model.train_type=lora is not supported with rlhf_type=rm yet; "
-                             "train the reward model with train_type=full")
+        if self.model.train_type == "lora":
+            from mcore_align.algorithms.base import objective_class
+
+            head = objective_class(self.algo.rlhf_type).head
+            if head != "lm":
+                # The head would be frozen with the base and is not part of an adapter
+                # checkpoint or of the PEFT export: refuse rather than train a random head.
+                raise ValueError(f"model.train_type=lora is not supported with rlhf_type={self.algo.rlhf_type} "
+                                 f"(a {head} head) yet; train it with train_type=full")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

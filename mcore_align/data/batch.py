@@ -129,6 +129,7 @@ class GlobalBatch:
     num_pairs: pairs for paired objectives, examples (sequences) otherwise.
     num_sequences: scored sequences (2 * num_pairs when paired; KL sequences excluded).
     num_chosen_tokens: loss tokens of chosen sequences (role 0 only).
+    num_chosen_seq_tokens: predicted tokens (prompt and response, L - 1) of chosen sequences.
     num_tokens: loss tokens of all scored sequences (KL sequences excluded).
     num_desirable / num_undesirable: KTO label counts.
     """
@@ -140,6 +141,7 @@ class GlobalBatch:
     num_tokens: int
     num_desirable: int
     num_undesirable: int
+    num_chosen_seq_tokens: int = 0
     real_tokens: int = 0
     """Real (unpadded) tokens over the global batch, all ranks."""
     slot_tokens: int = 0
@@ -152,7 +154,8 @@ class GlobalBatch:
     def counts_dict(self) -> dict[str, int]:
         """Keyword arguments of `mcore_align.algorithms.base.GlobalCounts`."""
         return {k: getattr(self, k) for k in ("num_pairs", "num_sequences", "num_chosen_tokens",
-                                               "num_tokens", "num_desirable", "num_undesirable")}
+                                               "num_tokens", "num_desirable", "num_undesirable",
+                                               "num_chosen_seq_tokens")}
 
 
 # ---- planning -----------------------------------------------------------------------

@@ -194,6 +194,8 @@ class BatchLoader:
             a, b = st.seq_off[s], st.seq_off[s + 1]
             return int(np.asarray(st.targets[a + 1:b]).sum())
         chosen = sum(loss_tokens(int(s)) for s in seqs[:, 0])
+        # Every token after the first is predicted: L - 1 per chosen sequence.
+        chosen_seq = sum(int(st.seq_off[int(s) + 1] - st.seq_off[int(s)]) - 1 for s in seqs[:, 0])
         rejected = sum(loss_tokens(int(s)) for s in seqs[:, 1] if s >= 0) if self.kind == "paired" else 0
         n = len(recs)
         labels = st.rec_label[recs]
@@ -201,6 +203,7 @@ class BatchLoader:
             "num_pairs": n,
             "num_sequences": 2 * n if self.kind == "paired" else n,
             "num_chosen_tokens": chosen if self.kind == "paired" else 0,
+            "num_chosen_seq_tokens": chosen_seq if self.kind == "paired" else 0,
             "num_tokens": chosen + rejected,
             "num_desirable": int((labels == 1).sum()) if self.kind == "kto" else 0,
             "num_undesirable": int((labels == 0).sum()) if self.kind == "kto" else 0,

@@ -194,7 +194,7 @@ def build_model(spec: ModelSpec, runtime: Runtime, *, role: str = "policy", opts
             pre_process=parallel_state.is_pipeline_first_stage(ignore_virtual=False, vp_stage=stage),
             post_process=parallel_state.is_pipeline_last_stage(ignore_virtual=False, vp_stage=stage),
             parallel_output=True,
-            # [RM] a value head has no vocabulary projection to tie to the embeddings.
+            # A value head has no vocabulary projection to tie to the embeddings.
             share_embeddings_and_output_weights=spec.tie_word_embeddings and opts.head == "lm",
             position_embedding_type="rope",
             rotary_base=spec.rope_theta,
@@ -202,7 +202,7 @@ def build_model(spec: ModelSpec, runtime: Runtime, *, role: str = "policy", opts
             vp_stage=stage,
         )
         _apply_rope_scaling(model, spec)
-        if opts.head == "value":  # [RM] output_layer -> ValueHead (last stage only)
+        if opts.head == "value":  # output_layer -> ValueHead (last stage only)
             attach_value_head(model, runtime)
         elif opts.fused_logprobs:  # hidden states out; log-probs fused in the loss
             emit_hidden_states(model)

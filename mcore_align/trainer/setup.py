@@ -13,14 +13,12 @@ from mcore_align.parallel.runtime import Runtime
 log = logging.getLogger(__name__)
 
 
-def model_options(cfg: RunConfig) -> ModelOptions:
-    from mcore_align.models.heads import objective_head
-
+def model_options(cfg: RunConfig, head: str = "lm") -> ModelOptions:
+    """``head``: the objective's declared head ("lm" or "value")."""
     dtype = torch.bfloat16 if cfg.model.bf16 else torch.float16 if cfg.model.fp16 else torch.float32
     return ModelOptions(params_dtype=dtype, recompute_granularity=cfg.model.recompute_granularity,
-                        head=objective_head(cfg.algo.rlhf_type),  # [RM] "value" for reward models
-                        fused_logprobs=cfg.model.fused_logprobs,
-                        # [LoRA] adapters wrap megatron's local parallel linears, not TE's.
+                        head=head, fused_logprobs=cfg.model.fused_logprobs,
+                        # Adapters wrap megatron's local parallel linears, not TE's.
                         transformer_engine=cfg.model.train_type != "lora")
 
 
@@ -44,21 +42,20 @@ def check_device_support(cfg: RunConfig, runtime: Runtime) -> None:
                          "pipeline")
 
 
-def build_policy(spec: ModelSpec, runtime: Runtime, cfg: RunConfig, load_dir: str | None):
+def build_policy(spec: ModelSpec, runtime: Runtime, cfg: RunConfig, load_dir: str | None, head: str = "lm"):
     """Policy chunks wrapped in megatron DDP, weights loaded from ``load_dir`` (if given)."""
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
 
     from mcore_align.checkpoint import load_model_weights
+    from mcore_align.checkpoint.heads import load_weights_allowing_fresh_head
 
-    opts = model_options(cfg)
+    opts = model_options(cfg, head)
     chunks = build_model(spec, runtime, role="policy", opts=opts)
-    if load_dir is not None and opts.head == "value":  # [RM] a base/SFT checkpoint has no head yet
-        from mcore_align.models.heads import load_weights_with_optional_head
-
-        load_weights_with_optional_head(chunks, load_dir)
+    if load_dir is not None and opts.head != "lm":  # a base/SFT checkpoint has no such head yet
+        load_weights_allowing_fresh_head(chunks, load_dir)
     elif load_dir is not None:
         load_model_weights(chunks, load_dir)
-    if cfg.model.train_type == "lora":  # [LoRA] adapters on the loaded base, base frozen, before DDP
+    if cfg.model.train_type == "lora":  # adapters on the loaded base, base frozen, before DDP
         from mcore_align.models.lora import apply_lora
 
         apply_lora(chunks, cfg.model.lora_config(), seed=cfg.train.seed)
@@ -78,17 +75,27 @@ def build_policy(spec: ModelSpec, runtime: Runtime, cfg: RunConfig, load_dir: st
     ]
 
 
-def build_reference(spec: ModelSpec, runtime: Runtime, cfg: RunConfig, load_dir: str):
-    """The frozen reference (same layout as the policy), weights from ``load_dir``."""
-    from mcore_align.checkpoint import load_model_weights, read_model_spec
+def build_reference(spec: ModelSpec, runtime: Runtime, cfg: RunConfig, policy, objective):
+    """The reference provider (trainer/reference.py) the objective needs, or None.
 
+    A policy with adapters is its own reference (adapters off); otherwise a frozen copy of
+    the same layout, weights from ``model.ref_load`` or ``model.load``."""
+    from mcore_align.checkpoint import load_model_weights, read_model_spec
+    from mcore_align.models.lora import has_adapters
+    from mcore_align.trainer.reference import FrozenModel, PolicyWithoutAdapters
+
+    if not objective.needs_reference:
+        return None
+    if any(has_adapters(m.module) for m in policy):
+        return PolicyWithoutAdapters(policy)
+    load_dir = cfg.model.ref_load or cfg.model.load
     ref_spec = read_model_spec(load_dir)
     if dataclasses.replace(ref_spec, init_std=spec.init_std) != spec:  # init_std: irrelevant once trained
         raise ValueError(f"reference checkpoint {load_dir} has another architecture than the policy: "
                          f"{ref_spec} vs {spec}")
-    chunks = build_model(spec, runtime, role="reference", opts=model_options(cfg))
+    chunks = build_model(spec, runtime, role="reference", opts=model_options(cfg, objective.head))
     load_model_weights(chunks, load_dir)
-    return chunks
+    return FrozenModel(chunks)
 
 
 def build_optimizer(policy, runtime: Runtime, cfg: RunConfig, train_iters: int):
@@ -107,7 +114,7 @@ def build_optimizer(policy, runtime: Runtime, cfg: RunConfig, train_iters: int):
         clip_grad=o.clip_grad,
         bf16=cfg.model.bf16,
         fp16=cfg.model.fp16,
-        params_dtype=model_options(cfg).params_dtype,
+        params_dtype=model_options(cfg).params_dtype,  # the head does not change the dtype
         use_distributed_optimizer=o.use_distributed_optimizer,
         initial_loss_scale=2.0**16 if cfg.model.fp16 else None,
     )

@@ -4,9 +4,12 @@ Flow of a step (``Stepper.train_step``):
 
 1. Micro-batches of this DP rank go to the device (CP ranks keep their slice).
 2. Forward-only passes (``forward_only=True`` of the same schedule, so pipeline
-   parallelism is handled by megatron) give per-sequence log-prob sums of the
-   frozen reference (objectives with ``needs_reference``) and, for KTO, of the
-   policy on the mismatched KL sequences; they are attached to the micro-batches.
+   parallelism is handled by megatron) compute what the objective declares in
+   ``Objective.inputs`` (algorithms/base.py) beyond the policy's own forward: reference
+   log-prob sums (``ref_logps``, ``ref_kl_logps``; the reference is whatever
+   ``trainer/reference.py`` provides), a no-grad policy pass over the auxiliary sequences
+   (``kl_logps``), and a global statistic summed over the step (``kl_reference``). They
+   are attached to the micro-batches. The step never names an objective.
 3. ``forward_backward_func`` runs the policy. The loss function turns the model's
    output (final hidden states with the fused head, the default; vocab-parallel logits
    otherwise) into per-sequence sums (``ops.logprobs`` + ``ops.segments``, all-reduced
@@ -21,20 +24,18 @@ Flow of a step (``Stepper.train_step``):
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from functools import partial
 
 import torch
 import torch.distributed as dist
 
 from mcore_align.algorithms import GlobalCounts, SequenceStats
-from mcore_align.algorithms.kto import kl_partial_sums, kl_reference_point
+from mcore_align.data.batch import ROLE_CHOSEN, ROLE_KL
 from mcore_align.ops.context_parallel import packed_seq_params, split_packed_for_cp
 from mcore_align.models.heads import emits_hidden_states, lm_logprobs
 from mcore_align.ops.logprobs import vocab_parallel_logprobs
-from mcore_align.ops.segments import allreduce_segment_sums, segment_sums
-
-ROLE_CHOSEN, ROLE_REJECTED, ROLE_UNPAIRED, ROLE_KL = 0, 1, 2, 3
+from mcore_align.ops.segments import allreduce_segment_sums, segment_of_token, segment_sums
 
 
 @dataclass
@@ -53,26 +54,23 @@ class DeviceBatch:
     seg_cu: torch.Tensor | None = None  # [N+1] boundaries of this rank's tokens, for segment sums
     ref_sums: torch.Tensor | None = None  # [N] reference log-prob sums, all sequences
     policy_sums_nograd: torch.Tensor | None = None  # [N] policy sums from a forward-only pass
-    extras: dict = field(default_factory=dict)
 
 
 class Stepper:
-    def __init__(self, runtime, objective, policy, reference=None, *, reference_is_base: bool = False):
+    def __init__(self, runtime, objective, policy, reference=None):
+        """``reference``: a trainer/reference.py provider (``.models()``), or None when the
+        objective reads no reference sums (or they are precomputed)."""
         from megatron.core.pipeline_parallel import get_forward_backward_func
 
         self.rt = runtime
         self.objective = objective
+        self.inputs = objective.inputs
         self.policy = policy
         self.reference = reference
-        # [LoRA] the reference is the policy with its adapters switched off.
-        self.reference_is_base = reference_is_base
-        assert not (reference_is_base and reference is not None)
         self.fb = get_forward_backward_func()
         self.tp_group = runtime.pgs.tp
         self.cp_group = runtime.pgs.cp
         self.cp_size = runtime.parallel.context_parallel_size
-        # [RM] the model ends in a value head: its output is per-token values [B, S, 1].
-        self.value_head = getattr(objective, "output_head", "lm") == "value"
 
     # -- data ---------------------------------------------------------------------
     def to_device(self, micro_batches) -> list[DeviceBatch]:
@@ -105,22 +103,33 @@ class Stepper:
             packed_seq_params=b.psp,
         )
 
-    def sequence_sums(self, b: "DeviceBatch", output, model) -> tuple[torch.Tensor, torch.Tensor]:
+    def sequence_sums(self, b: "DeviceBatch", output, model, whole_sequence: bool = False):
         """Per-sequence sums of target log-probs over loss tokens: ([N], [N]), whole sequences.
 
         ``output`` is what ``model`` returned: vocab-parallel logits ``[B, S, V/TP]``, or (fused
         head, models/heads.py) final hidden states ``[B, S(/TP with SP), H]`` that go through
         the output-layer matmul chunk by chunk inside the log-prob kernel.
+        ``whole_sequence``: also return the sums and counts over every predicted token of each
+        sequence, prompt included (positions 0..L-2, whose labels are tokens 1..L-1), from the
+        same log-probs: ``(sums, counts, seq_sums, seq_counts)``.
         """
         if emits_hidden_states(model):
             logp_BS = lm_logprobs(model, output, b.mb.labels)
         else:
             logits = output.float() if output.dtype == torch.float16 else output
             logp_BS = vocab_parallel_logprobs(logits, b.mb.labels, self.tp_group)
-        sums_N, counts_N = segment_sums(logp_BS.reshape(-1), b.mb.loss_mask.reshape(-1), b.seg_cu)
-        if self.cp_size > 1:
-            sums_N, counts_N = allreduce_segment_sums(sums_N, counts_N, self.cp_group)
-        return sums_N, counts_N
+        logp_T = logp_BS.reshape(-1)
+        cp = self.cp_group if self.cp_size > 1 else None
+        sums_N, counts_N = allreduce_segment_sums(*segment_sums(logp_T, b.mb.loss_mask.reshape(-1), b.seg_cu), cp)
+        if not whole_sequence:
+            return sums_N, counts_N
+        # Position p of a sequence of length L predicts token p + 1: positions 0..L-2 (this
+        # works on a CP slice too: position ids are the tokens' positions in their sequence).
+        pos_T = b.mb.position_ids.reshape(-1)
+        seg_T = segment_of_token(b.seg_cu, logp_T.shape[0])
+        predicted_T = pos_T < (b.mb.seq_lengths.to(pos_T.device)[seg_T] - 1)
+        seq_sums_N, seq_counts_N = allreduce_segment_sums(*segment_sums(logp_T, predicted_T, b.seg_cu), cp)
+        return sums_N, counts_N, seq_sums_N, seq_counts_N
 
     def _run(self, chunks, batches: list[DeviceBatch], step_fn, forward_only: bool):
         seq_len = max(int(b.mb.tokens.shape[-1]) for b in batches)
@@ -156,48 +165,58 @@ class Stepper:
         return [o["sums"] for o in outs]
 
     def reference_sums(self, batches: list[DeviceBatch]) -> list[torch.Tensor] | None:
-        """Reference log-prob sums: the frozen reference, or (LoRA) the policy without adapters."""
-        if self.reference_is_base:  # [LoRA]
-            from mcore_align.models.lora import adapters_disabled
-
-            with adapters_disabled(self.policy):
-                return self.forward_only_sums(self.policy, batches)
+        """Reference log-prob sums of every sequence (last PP stage; else None)."""
         assert self.reference is not None, "objective needs a reference but none was built"
-        return self.forward_only_sums(self.reference, batches)
+        with self.reference.models() as chunks:
+            return self.forward_only_sums(chunks, batches)
 
     # -- statistics for the objective -----------------------------------------------
-    def build_stats(self, b: DeviceBatch, sums_N, counts_N, kl_reference) -> SequenceStats:
-        mb = b.mb
-        role = mb.seq_role.to(sums_N.device)
-        scored = role != ROLE_KL
-        kl = role == ROLE_KL
-        ref = b.ref_sums
-        stats = SequenceStats(
-            logps=sums_N[scored],
-            num_tokens=counts_N[scored],
-            ref_logps=ref[scored] if ref is not None else None,
-            labels=mb.kto_label.to(sums_N.device)[scored] if kl.any() else None,
-        )
-        if kl.any():
-            # KL sequences follow the pair_index order of their examples.
-            order = torch.argsort(mb.pair_index.to(sums_N.device)[kl])
-            stats.kl_logps = b.policy_sums_nograd[kl][order]
-            stats.ref_kl_logps = ref[kl][order]
-            stats.kl_reference = kl_reference
-        return stats
+    def build_stats(self, b: DeviceBatch, output, model, global_stat=None) -> SequenceStats:
+        """The `SequenceStats` fields the objective declares, for this micro-batch.
 
-    def _loss_fn(self, b: DeviceBatch, counts: GlobalCounts, kl_reference, model, output):
-        if self.value_head:  # [RM] output = values [B, S, 1]: one reward per sequence (its last token)
+        ``output`` is the model's output (values ``[B, S, 1]`` for a value head; logits or
+        hidden states for the LM head), or None for the no-grad pre-pass, which reads the
+        sums attached by `prepare`. Auxiliary sequences (role KL) are not scored: they only
+        feed ``kl_logps`` / ``ref_kl_logps``, in the pair order of their examples."""
+        mb, want = b.mb, self.inputs
+        role = mb.seq_role
+        scored = role != ROLE_KL
+        stats = SequenceStats()
+        if "rewards" in want:  # value head: one reward per sequence, at its last token
             from mcore_align.models.heads import sequence_rewards
 
-            mb = b.mb
             rewards = sequence_rewards(output, mb.position_ids, mb.seq_lengths, b.seg_cu,
                                        self.cp_group if self.cp_size > 1 else None)
-            stats = SequenceStats(logps=rewards.detach(), num_tokens=mb.num_loss_tokens.to(rewards.device),
-                                  rewards=rewards, margins=_pair_margins(mb, rewards.device))
-        else:  # output = vocab-parallel logits [B, S, V/TP] or hidden states (fused head)
-            sums, cnts = self.sequence_sums(b, output, model)
-            stats = self.build_stats(b, sums, cnts, kl_reference)
+            stats.rewards = rewards[scored.to(rewards.device)]
+        if "logps" in want or "num_tokens" in want:
+            if output is None:
+                sums, cnts = b.policy_sums_nograd, mb.num_loss_tokens.to(b.policy_sums_nograd.device)
+            else:
+                whole = "seq_logps" in want
+                sums, cnts, *seq = self.sequence_sums(b, output, model, whole_sequence=whole)
+            scored_d = scored.to(sums.device)
+            stats.logps, stats.num_tokens = sums[scored_d], cnts[scored_d]
+            if output is not None and whole:
+                stats.seq_logps, stats.seq_num_tokens = seq[0][scored_d], seq[1][scored_d]
+        dev = stats.logps.device if stats.logps is not None else stats.rewards.device
+        if "ref_logps" in want:
+            stats.ref_logps = b.ref_sums[scored.to(dev)]
+        if "labels" in want:
+            stats.labels = mb.kto_label.to(dev)[scored.to(dev)]
+        if "margins" in want:
+            stats.margins = _pair_margins(mb, dev)
+        aux = (role == ROLE_KL).to(dev)
+        order = torch.argsort(mb.pair_index.to(dev)[aux])
+        if "kl_logps" in want:
+            stats.kl_logps = b.policy_sums_nograd[aux][order]
+        if "ref_kl_logps" in want:
+            stats.ref_kl_logps = b.ref_sums[aux][order]
+        if "kl_reference" in want:
+            stats.kl_reference = global_stat
+        return stats
+
+    def _loss_fn(self, b: DeviceBatch, counts: GlobalCounts, global_stat, model, output):
+        stats = self.build_stats(b, output, model, global_stat)
         loss, metrics = self.objective(stats, counts)
         report = {"loss": loss.detach().reshape(()).float()}
         for name, (s, c) in metrics.items():
@@ -206,7 +225,8 @@ class Stepper:
 
     # -- the step -------------------------------------------------------------------
     def prepare(self, global_batch, ref_cache=None) -> tuple[list[DeviceBatch], torch.Tensor | None]:
-        """Device batches with reference / KL sums attached; returns (batches, z0 or None).
+        """Device batches with what the objective declares attached; returns (batches, the
+        global statistic or None).
 
         ``ref_cache``: precomputed reference sums of these micro-batches (a list, empty on
         non-last pipeline stages), or None to run the reference now."""
@@ -215,25 +235,26 @@ class Stepper:
             ref = ref_cache if ref_cache is not None else self.reference_sums(batches)
             for b, r in zip(batches, ref or []):
                 b.ref_sums = r
-        z0 = None
-        if any(bool((b.mb.seq_role == ROLE_KL).any()) for b in batches):
-            pol = self.forward_only_sums(self.policy, batches)
-            z0 = self._kl_reference(batches, pol)
-        return batches, z0
-
-    def _kl_reference(self, batches, pol_sums):
-        s = torch.zeros(2, dtype=torch.float64, device=self.rt.device)
-        if pol_sums is not None:  # last PP stage
-            for b, p in zip(batches, pol_sums):
+        if "kl_logps" in self.inputs:  # no-grad policy sums (of the auxiliary sequences)
+            for b, p in zip(batches, self.forward_only_sums(self.policy, batches) or []):
                 b.policy_sums_nograd = p
-                kl = b.mb.seq_role.to(p.device) == ROLE_KL
-                ks, kc = kl_partial_sums(SequenceStats(logps=p, num_tokens=p, kl_logps=p[kl], ref_kl_logps=b.ref_sums[kl]))
-                s += torch.stack([ks, kc]).double()
-        dist.all_reduce(s, group=self.rt.pgs.dp)  # every DP rank sees the global z0
-        return kl_reference_point(s[0], s[1]).float()
+        global_stat = self._global_statistic(batches) if "kl_reference" in self.inputs else None
+        return batches, global_stat
+
+    def _global_statistic(self, batches) -> torch.Tensor | None:
+        """The objective's pre-pass statistic over the whole step: the partial sums of every
+        micro-batch summed over DP (the same value on every DP rank). Only the last pipeline
+        stage holds sums and computes the loss; other stages get None."""
+        pp = self.rt.pgs.pp
+        if pp.rank() != pp.size() - 1:
+            return None
+        total = sum(self.objective.global_partial_sums(self.build_stats(b, None, None)).double() for b in batches)
+        total = total.to(self.rt.device)
+        dist.all_reduce(total, group=self.rt.pgs.dp)  # a DP group lies within one PP stage
+        return self.objective.global_statistic(total).float()
 
     def train_step(self, global_batch, optimizer, scheduler, ref_cache=None) -> StepResult:
-        batches, z0 = self.prepare(global_batch, ref_cache)
+        batches, global_stat = self.prepare(global_batch, ref_cache)
         counts = GlobalCounts(**global_batch.counts_dict())
         for m in self.policy:
             m.zero_grad_buffer()
@@ -242,7 +263,7 @@ class Stepper:
         def step(data_iterator, model):
             b = next(data_iterator)
             out = self._model_forward(model, b)
-            return out, partial(self._loss_fn, b, counts, z0, model)
+            return out, partial(self._loss_fn, b, counts, global_stat, model)
 
         outs = self._run(self.policy, batches, step, forward_only=False)
         metrics = self.reduce_metrics(outs)
@@ -262,23 +283,36 @@ class Stepper:
             scheduler.step(increment=1)
         return StepResult(metrics, skipped=not ok, grad_norm=float(grad_norm) if grad_norm is not None else None)
 
-    def eval_step(self, global_batch, ref_cache=None) -> dict[str, float]:
-        """Objective metrics of the policy on a batch, without gradients."""
-        batches, z0 = self.prepare(global_batch, ref_cache)
+    def eval_sums(self, global_batch, ref_cache=None) -> dict[str, tuple[float, float]]:
+        """(sum, count) of every objective metric of the policy on one batch, without
+        gradients, reduced over micro-batches and DP (the same on every rank).
+
+        The loss is the batch's global-count-normalised value; it becomes
+        (loss * units, units) with units = pairs (paired data) or sequences, so losses of
+        several batches combine like every other metric: sums and counts add, one division
+        at the end (`finalize_metrics`), whatever the batch split."""
+        batches, global_stat = self.prepare(global_batch, ref_cache)
         counts = GlobalCounts(**global_batch.counts_dict())
 
         def step(data_iterator, model):
             b = next(data_iterator)
             out = self._model_forward(model, b)
-            return out, partial(self._loss_fn, b, counts, z0, model)
+            return out, partial(self._loss_fn, b, counts, global_stat, model)
 
         with torch.no_grad():
             outs = self._run(self.policy, batches, step, forward_only=True)
-        return self.reduce_metrics(outs)
+        sums = self.reduce_metric_sums(outs)
+        units = float(counts.num_pairs if self.objective.paired else counts.num_sequences)
+        sums["loss"] = (sums["loss"][0] * units, units)
+        return sums
+
+    def eval_step(self, global_batch, ref_cache=None) -> dict[str, float]:
+        """Objective metrics of the policy on one batch, without gradients."""
+        return finalize_metrics(self.eval_sums(global_batch, ref_cache))
 
     def _update_objective_state(self) -> None:
         """Stateful objectives (bco_pair's running reward mean) see global-batch sums once per step."""
-        partial_sums = self.objective.state_partial_sums() if hasattr(self.objective, "state_partial_sums") else None
+        partial_sums = self.objective.state_partial_sums()
         if partial_sums is None:
             return
         partial_sums = partial_sums.to(self.rt.device, torch.float64)
@@ -292,8 +326,9 @@ class Stepper:
                     return False
         return True
 
-    def reduce_metrics(self, outs) -> dict[str, float]:
-        """Sum (sum, count) metrics over micro-batches and DP; the same dict on every rank."""
+    def reduce_metric_sums(self, outs) -> dict[str, tuple[float, float]]:
+        """Sum the loss contributions and the (sum, count) metrics of every micro-batch over
+        micro-batches and DP; the same dict on every rank. The loss is (batch loss, 1)."""
         local: dict[str, torch.Tensor] = {}
         for o in outs or []:
             for k, v in o.items():
@@ -304,18 +339,29 @@ class Stepper:
         for d in gathered:
             for k, v in d.items():
                 total[k] = total.get(k, 0) + v
-        result = {}
-        for k, v in total.items():
-            if v.dim() == 0:
-                result[k] = float(v)
-            else:
-                result[k] = float(v[0] / v[1]) if v[1] > 0 else float("nan")
+        result = {k: (float(v), 1.0) if v.dim() == 0 else (float(v[0]), float(v[1])) for k, v in total.items()}
         # Only the last pipeline stage computed them: hand them to every stage.
         obj = [result]
         pp = self.rt.pgs.pp
         last = dist.get_global_rank(pp, pp.size() - 1)
         dist.broadcast_object_list(obj, src=last, group=pp)
         return obj[0]
+
+    def reduce_metrics(self, outs) -> dict[str, float]:
+        """`reduce_metric_sums`, divided: the step's metrics."""
+        return finalize_metrics(self.reduce_metric_sums(outs))
+
+
+def add_metric_sums(total: dict[str, tuple[float, float]], more: dict[str, tuple[float, float]]) -> None:
+    """total += more, (sum, count) per key, in place."""
+    for k, (s, c) in more.items():
+        s0, c0 = total.get(k, (0.0, 0.0))
+        total[k] = (s0 + s, c0 + c)
+
+
+def finalize_metrics(sums: dict[str, tuple[float, float]]) -> dict[str, float]:
+    """{name: sum / count}; NaN for a metric that had nothing to average (count 0)."""
+    return {k: s / c if c > 0 else float("nan") for k, (s, c) in sums.items()}
 
 
 def _has_loss_scaler(optimizer) -> bool:
@@ -325,8 +371,8 @@ def _has_loss_scaler(optimizer) -> bool:
 
 
 def _pair_margins(mb, device) -> torch.Tensor | None:
-    """[RM] per-pair margins [P] in pair order (the chosen sequences), or None when the data
-    has none; a pair without one (NaN) gets 0 (plain Bradley-Terry)."""
+    """Per-pair margins [P] in pair order (the chosen sequences), or None when the data has
+    none; a pair without one (NaN) gets 0 (plain Bradley-Terry)."""
     m = mb.margin[mb.seq_role == ROLE_CHOSEN]
     if not torch.isfinite(m).any():
         return None

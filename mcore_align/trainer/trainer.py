@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from mcore_align.algorithms import build_objective, check_weight_ratio
+from mcore_align.algorithms import build_objective
 from mcore_align.config import RunConfig
 from mcore_align.data.batch import layout_multiples
 from mcore_align.data.loader import build_data
@@ -23,11 +23,6 @@ from mcore_align.trainer.setup import (build_optimizer, build_policy, build_refe
 from mcore_align.trainer.step import Stepper
 
 log = logging.getLogger(__name__)
-
-
-def data_kind(objective) -> str:
-    """Which data the objective consumes ("paired", "kto", "sft")."""
-    return getattr(objective, "data_kind", "paired" if objective.paired else "sft")
 
 
 class TooManyNonFinite(RuntimeError):
@@ -51,24 +46,21 @@ class Trainer:
         self.tokenizer = AutoTokenizer.from_pretrained(str(source / "tokenizer"))
         self.objective = build_objective(cfg.algo.rlhf_type, **cfg.algo.params)
         self.data = build_data(
-            cfg.data, self.tokenizer, data_kind(self.objective),
+            cfg.data, self.tokenizer, self.objective.data_kind,
             dp_rank=self.rt.dp_rank, dp_size=self.rt.dp_size, global_batch_size=t.global_batch_size,
             report_path=Path(t.save) / "data_report.json" if t.save else None, **layout_multiples(par),
         )
-        if data_kind(self.objective) == "kto" and self.rt.rank == 0:  # [KTO] TRL's weight-balance warning
-            labels = self.data.train.store.rec_label[self.data.train.record_ids]
-            check_weight_ratio(int((labels == 1).sum()), int((labels == 0).sum()),
-                               self.objective.cfg.desirable_weight, self.objective.cfg.undesirable_weight)
+        if self.rt.rank == 0:  # the objective's own data checks (e.g. KTO's weight balance)
+            labels = (self.data.train.store.rec_label[self.data.train.record_ids]
+                      if "labels" in self.objective.inputs else None)
+            self.objective.check_data(labels)
         self.train_iters = t.train_iters or max(1, math.ceil(t.num_train_epochs * self.data.train.batches_per_epoch))
-        # [LoRA] checkpoints hold only the adapters: the base always comes from model.load, and
-        # the reference is the policy with its adapters switched off (no second copy).
-        lora = cfg.model.train_type == "lora"
-        self.policy = build_policy(self.spec, self.rt, cfg,
-                                   load_dir=cfg.model.load if lora or not self.resume_from else None)
-        self.reference = (
-            build_reference(self.spec, self.rt, cfg, cfg.model.ref_load or cfg.model.load)
-            if self.objective.needs_reference and not lora else None
-        )
+        # Adapter checkpoints (train_type=lora) hold only the adapters: the base always comes
+        # from model.load. Full checkpoints hold everything: a resume loads nothing here.
+        base_from_load = cfg.model.train_type == "lora" or not self.resume_from
+        self.policy = build_policy(self.spec, self.rt, cfg, load_dir=cfg.model.load if base_from_load else None,
+                                   head=self.objective.head)
+        self.reference = build_reference(self.spec, self.rt, cfg, self.policy, self.objective)
         self.optimizer, self.scheduler = build_optimizer(self.policy, self.rt, cfg, self.train_iters)
         wire_model_config(self.policy, self.optimizer, self.rt)
         self.step = 0
@@ -78,8 +70,7 @@ class Trainer:
             self.data.train.load_state_dict(extra["data"])
             self.objective.load_state_dict(extra.get("objective", {}))
             log.warning("resumed from %s at step %d", self.resume_from, self.step)
-        self.stepper = Stepper(self.rt, self.objective, self.policy, self.reference,
-                               reference_is_base=lora)  # [LoRA]
+        self.stepper = Stepper(self.rt, self.objective, self.policy, self.reference)
         self._eval_ref_cache: list | None = None  # reference sums of eval batches (precompute)
         self._stop_signal = False
         for sig in (signal.SIGTERM, signal.SIGUSR1):
@@ -143,16 +134,17 @@ class Trainer:
 
     # -- pieces ---------------------------------------------------------------------
     def evaluate(self) -> dict:
-        sums: dict[str, float] = {}
-        n = 0
+        """Metrics over ``eval_iters`` held-out batches, reduced like training metrics: sums
+        and counts over all batches, one division (independent of how batches split)."""
+        from mcore_align.trainer.step import add_metric_sums, finalize_metrics
+
+        sums: dict[str, tuple[float, float]] = {}
         for i, gb in enumerate(self.data.eval):
             if i >= self.cfg.train.eval_iters:
                 break
             ref = self._eval_ref_cache[i] if self._eval_ref_cache is not None else None
-            for k, v in self.stepper.eval_step(gb, ref_cache=ref).items():
-                sums[k] = sums.get(k, 0.0) + v
-            n += 1
-        return {k: v / n for k, v in sums.items()} if n else {}
+            add_metric_sums(sums, self.stepper.eval_sums(gb, ref_cache=ref))
+        return finalize_metrics(sums)
 
     def save(self) -> None:
         t = self.cfg.train

@@ -78,17 +78,15 @@ def dpo_ref(pol, ref, ntok, *, loss_types, weights=None, beta=0.1, ls=0.0, rpo_a
     """Whole-batch DPO loss; pol/ref/ntok are lists of mpf of length 2P (chosen at even)."""
     P = len(pol) // 2
     weights = weights or [1] * len(loss_types)
-    if "ipo" in loss_types:
-        pn = [p / n for p, n in zip(pol, ntok)]
-        rn = [r / n for r, n in zip(ref, ntok)]
-    else:
-        pn, rn = pol, ref
+    # TRL 1.16: only the ipo term is length-normalised (each log-ratio by its own length).
+    norm = ([p / n for p, n in zip(pol, ntok)], [r / n for r, n in zip(ref, ntok)])
     nll = -sum(pol[0::2]) / sum(ntok[0::2])
     total = M(0)
     for lt, w in zip(loss_types, weights):
         if lt == "sft":
             total += w * nll
         else:
+            pn, rn = norm if lt == "ipo" else (pol, ref)
             total += w * sum(dpo_pair_ref(lt, pn[2 * i], pn[2 * i + 1], rn[2 * i], rn[2 * i + 1], beta=beta, ls=ls,
                                           tau=tau, delta=delta) for i in range(P)) / P
     if rpo_alpha is not None:
@@ -116,7 +114,9 @@ def cpo_ref(pol, ntok, *, loss_type, beta=0.1, alpha=1.0, ls=0.0, gamma=None):
     return total / P + alpha * (-sum(pol[0::2]) / sum(ntok[0::2]))
 
 
-def orpo_ref(pol, ntok, *, beta=0.1):
+def orpo_ref(pol, ntok, *, beta=0.1, nll=None):
+    """TRL's ORPOTrainer; `nll` overrides the response-only NLL (e.g. TRL's default over the
+    chosen prompt and response)."""
     P = len(pol) // 2
     a = [p / n for p, n in zip(pol, ntok)]
     ratio = []
@@ -126,7 +126,8 @@ def orpo_ref(pol, ntok, *, beta=0.1):
         lo = mp.log(mp.exp(c) / (1 - mp.exp(c))) - mp.log(mp.exp(r) / (1 - mp.exp(r)))  # log(odds_c / odds_r)
         log_odds.append(lo)
         ratio.append(lsig(lo))
-    nll = -sum(pol[0::2]) / sum(ntok[0::2])
+    if nll is None:
+        nll = -sum(pol[0::2]) / sum(ntok[0::2])
     return nll - M(beta) * sum(ratio) / P, ratio, log_odds
 
 
@@ -182,10 +183,14 @@ def make_batch(kind: str, P: int = 8, seed: int = 0) -> dict[str, torch.Tensor]:
     labels = torch.rand(N, generator=g) < 0.6
     labels[0], labels[1] = True, False
     margins = torch.rand(P, generator=g, dtype=torch.float64)
+    # Whole sequences (prompt + response): a prompt of 1..20 predicted tokens before the response.
+    prompt_ntok = torch.randint(1, 21, (N,), generator=g)
+    seq_logps = logps - (0.1 + 3.0 * torch.rand(N, generator=g, dtype=torch.float64)) * prompt_ntok
     # Round through fp32 so fp32 and float64 runs see the same numbers.
     f = lambda t: t.float().double()  # noqa: E731
     return dict(logps=f(logps), ref_logps=f(ref), num_tokens=ntok, rewards=f(rewards), kl_logps=f(kl),
-                ref_kl_logps=f(ref_kl), labels=labels, margins=f(margins))
+                ref_kl_logps=f(ref_kl), labels=labels, margins=f(margins), seq_logps=f(seq_logps),
+                seq_num_tokens=ntok + prompt_ntok)
 
 
 def counts_for(b, paired=True) -> GlobalCounts:
@@ -197,6 +202,7 @@ def counts_for(b, paired=True) -> GlobalCounts:
         num_tokens=int(b["num_tokens"].sum()),
         num_desirable=int(b["labels"].sum()),
         num_undesirable=int((~b["labels"]).sum()),
+        num_chosen_seq_tokens=int(b["seq_num_tokens"][0::2].sum()),
     )
 
 
@@ -219,6 +225,8 @@ def stats_of(b, idx=None, dtype=torch.float32, grad_of=None, z0=None) -> Sequenc
         ref_kl_logps=sel(b["ref_kl_logps"]).to(dtype),
         kl_reference=z0,
         margins=(b["margins"] if P_idx is None else b["margins"][P_idx]).to(dtype),
+        seq_logps=sel(b["seq_logps"]).to(dtype),
+        seq_num_tokens=sel(b["seq_num_tokens"]),
     )
 
 
@@ -332,8 +340,7 @@ def test_dpo_metrics(loss_type):
     for s, c in metrics.values():
         assert not s.requires_grad and not c.requires_grad
     pol, ref, nt = mpl(b["logps"]), mpl(b["ref_logps"]), mpl(b["num_tokens"])
-    if loss_type == "ipo":  # TRL: with ipo all log-probs are length-normalised, metrics included
-        pol, ref = [p / n for p, n in zip(pol, nt)], [r / n for r, n in zip(ref, nt)]
+    # TRL 1.16 logs raw sums for every loss type (ipo normalises inside its loss only).
     P = len(pol) // 2
     rc = [beta * (pol[2 * i] - ref[2 * i]) for i in range(P)]
     rr = [beta * (pol[2 * i + 1] - ref[2 * i + 1]) for i in range(P)]
@@ -559,9 +566,33 @@ def test_cpo_simpo_metrics():
 
 
 @pytest.mark.parametrize("kind", KINDS)
+def test_orpo_default_nll_covers_prompt_and_response_like_trl(kind):
+    """TRL's ORPOTrainer labels are the input ids: its NLL is the token mean over the chosen
+    prompt AND response; the odds ratio still uses response-only average log-probs."""
+    b = make_batch(kind, seed=41)
+    obj = build_objective("orpo", beta=0.25)
+    assert obj.cfg.nll_tokens == "prompt_and_response"
+    nt, snt = mpl(b["num_tokens"]), mpl(b["seq_num_tokens"])
+
+    def f_seq(seq):  # the loss as a function of the whole-sequence sums
+        return orpo_ref(mpl(b["logps"]), nt, beta=0.25, nll=-sum(seq[0::2]) / sum(snt[0::2]))[0]
+
+    for dtype, rtol in ((torch.float32, fp32_tol(kind)), (torch.float64, 1e-12)):
+        loss, metrics = obj(stats_of(b, dtype=dtype), counts_for(b))
+        check_close(loss, f_seq(mpl(b["seq_logps"])), rtol, 1e-6, what=str(dtype))
+    check_close(metric_means(metrics)["nll_loss"], -sum(mpl(b["seq_logps"])[0::2]) / sum(snt[0::2]), 1e-12)
+    # The response-only option gives another value on the same batch (the option is live).
+    other, _ = build_objective("orpo", beta=0.25, nll_tokens="response")(stats_of(b, dtype=torch.float64),
+                                                                          counts_for(b))
+    assert abs(float(other) - float(f_seq(mpl(b["seq_logps"])))) > 1e-3
+    if kind in ("random", "neg", "len1"):
+        check_grad(obj, b, f_seq, field="seq_logps")
+
+
+@pytest.mark.parametrize("kind", KINDS)
 def test_orpo_matches_reference(kind):
     b = make_batch(kind, seed=40)
-    obj = build_objective("orpo", beta=0.25)
+    obj = build_objective("orpo", beta=0.25, nll_tokens="response")
     nt = mpl(b["num_tokens"])
     f = lambda x: orpo_ref(x, nt, beta=0.25)[0]  # noqa: E731
     for dtype, rtol in ((torch.float32, fp32_tol(kind)), (torch.float64, 1e-12)):
@@ -647,6 +678,7 @@ SPLIT_CASES = [
     ("cpo", dict(loss_type="sigmoid")),
     ("simpo", dict()),
     ("orpo", dict()),
+    ("orpo", dict(nll_tokens="response")),
     ("rm", dict(center_rewards_coefficient=0.01)),
     ("sft", dict()),
 ]
@@ -753,6 +785,12 @@ def test_missing_inputs_and_counts():
     with pytest.raises(ValueError, match="num_pairs"):
         build_objective("dpo")(stats_of(b), GlobalCounts(num_chosen_tokens=10))
     with pytest.raises(ValueError, match="num_chosen_tokens"):
-        build_objective("orpo")(stats_of(b), GlobalCounts(num_pairs=8))
+        build_objective("orpo", nll_tokens="response")(stats_of(b), GlobalCounts(num_pairs=8))
+    with pytest.raises(ValueError, match="num_chosen_seq_tokens"):
+        build_objective("orpo")(stats_of(b), GlobalCounts(num_pairs=8, num_chosen_tokens=10))
+    st = stats_of(b)
+    st.seq_logps = None
+    with pytest.raises(ValueError, match="seq_logps"):
+        build_objective("orpo")(st, counts_for(b))
     with pytest.raises(ValueError, match="even length"):
         build_objective("cpo")(stats_of(b, torch.arange(3)), counts_for(b))

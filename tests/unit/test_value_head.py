@@ -3,7 +3,8 @@ from __future__ import annotations
 
 import torch
 
-from mcore_align.models.heads import ValueHead, objective_head, sequence_rewards
+from mcore_align.algorithms.base import objective_class
+from mcore_align.models.heads import ValueHead, sequence_rewards
 
 
 def test_sequence_rewards_picks_last_real_token_packed():
@@ -38,6 +39,6 @@ def test_value_head_is_fp32_deterministic_and_linear():
 
 
 def test_only_rm_uses_the_value_head():
-    assert objective_head("rm") == "value"
+    assert objective_class("rm").head == "value"
     for name in ("sft", "dpo", "kto", "cpo", "orpo", "simpo"):
-        assert objective_head(name) == "lm"
+        assert objective_class(name).head == "lm"
