@@ -46,7 +46,7 @@ def evaluate(policy: str, reference: str, dataset: list[str], overrides: list[st
     opts = model_options(cfg)
     lora = is_lora_checkpoint(policy)
     # frozen: evaluation only; [LoRA] adapters wrap the local spec's linears
-    pol = build_model(spec, rt, role="reference", opts=dataclasses.replace(opts, transformer_engine=not lora))
+    pol = build_model(spec, rt, role="reference", opts=dataclasses.replace(opts, lora=lora))
     if lora:  # adapters only: base (the run's model.load) + adapters
         load_lora_model(pol, policy)
     else:

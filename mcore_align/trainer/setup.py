@@ -20,8 +20,7 @@ def model_options(cfg: RunConfig) -> ModelOptions:
     return ModelOptions(params_dtype=dtype, recompute_granularity=cfg.model.recompute_granularity,
                         head=objective_head(cfg.algo.rlhf_type),  # [RM] "value" for reward models
                         fused_logprobs=cfg.model.fused_logprobs,
-                        # [LoRA] adapters wrap megatron's local parallel linears, not TE's.
-                        transformer_engine=cfg.model.train_type != "lora")
+                        transformer_impl=cfg.model.transformer_impl, lora=cfg.model.train_type == "lora")
 
 
 def check_device_support(cfg: RunConfig, runtime: Runtime) -> None:
