@@ -18,6 +18,7 @@ from pathlib import Path
 
 import yaml
 
+from mcore_align.config.layout import check_layout  # noqa: F401 - re-exported for the trainer
 from mcore_align.config.types import check_field_types, check_positive, check_range, typed_fields
 from mcore_align.data.config import DataConfig
 from mcore_align.parallel.runtime import DEVICES, ParallelConfig
