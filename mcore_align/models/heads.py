@@ -214,6 +214,9 @@ def write_sequence_classification(hf_dir: str | Path) -> Path:
     try:
         from transformers import AutoTokenizer
 
+        if not any((hf_dir / f).exists() for f in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")):
+            # transformers would build an empty tokenizer from config.json alone (pad id 0)
+            raise OSError("no tokenizer.json / tokenizer_config.json / tokenizer.model")
         tok = AutoTokenizer.from_pretrained(str(hf_dir))
         pad = tok.pad_token_id
         if pad is not None and pad == tok.eos_token_id:
