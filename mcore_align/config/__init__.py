@@ -296,12 +296,20 @@ def build_config(raw: dict, overrides: typing.Sequence[str] = ()) -> RunConfig:
         if sec == "algo.params":
             tree["algo"]["params"][name] = value
         elif sec == "algo" and name == "params":
+            if not isinstance(value or {}, dict):
+                raise ValueError(f"algo.params: expected a mapping of hyperparameters, got {value!r}")
             tree["algo"]["params"].update(value or {})
         else:
             tree[sec][name] = value
 
+    if not isinstance(raw or {}, dict):
+        raise ValueError(f"config: expected a mapping of sections (model, data, ...), got {type(raw).__name__}")
     for k, v in (raw or {}).items():
-        if k in SECTIONS and isinstance(v, dict):
+        if k in SECTIONS and v is None:  # an empty section in YAML (`algo:`)
+            continue
+        if k in SECTIONS and not isinstance(v, dict):
+            raise ValueError(f"config section {k!r}: expected a mapping of keys, got {v!r}")
+        if k in SECTIONS:
             for kk, vv in v.items():
                 put(f"{k}.{kk}" if k != "algo" or kk in ("rlhf_type", "params") else kk, vv)
         else:

@@ -17,14 +17,15 @@ if typing.TYPE_CHECKING:  # imports only for annotations: no import cycle with m
 log = logging.getLogger(__name__)
 
 
-def check_layout(cfg: "RunConfig", spec: "ModelSpec") -> None:
+def check_layout(cfg: "RunConfig", spec: "ModelSpec", *, rank: int = 0) -> None:
     """ValueError when the parallel layout cannot split this model; a warning for
     ``data.max_length`` beyond the model's ``max_position_embeddings``.
 
     Megatron's rule (uniform split, no uneven first/last stage; transformer_config.py
     ``__post_init__``): ``num_layers % PP == 0`` and, with virtual pipeline stages,
     ``(num_layers // PP) % VPP == 0``. Example: 8 layers, PP=2, VPP=2 -> 4 layers per
-    rank, 2 per model chunk; 8 layers, PP=2, VPP=3 is refused.
+    rank, 2 per model chunk; 8 layers, PP=2, VPP=3 is refused. Warnings are logged on
+    ``rank`` 0 only (every rank calls this; errors are raised everywhere).
     """
     par = cfg.parallel
     where = f"model {cfg.model.load}"
@@ -46,7 +47,7 @@ def check_layout(cfg: "RunConfig", spec: "ModelSpec") -> None:
         if size % tp:
             raise ValueError(f"{what}={size} of {where} is not divisible by "
                              f"parallel.tensor_model_parallel_size={tp}: megatron shards it evenly over TP ranks")
-    if cfg.data.max_length > spec.max_position_embeddings:
+    if cfg.data.max_length > spec.max_position_embeddings and rank == 0:
         log.warning("data.max_length=%d is above the model's max_position_embeddings=%d (%s): sequences longer "
                     "than the model was trained for get rotary positions it never saw",
                     cfg.data.max_length, spec.max_position_embeddings, where)

@@ -97,6 +97,11 @@ def _convert(value, hint):
             raise _Refused
         if isinstance(value, int):
             return value
+        if isinstance(value, str):
+            try:
+                return int(value.strip())  # exact for long digit strings
+            except ValueError:
+                pass
         number = _number(value)
         if number is not None and number.is_integer():
             return int(number)
@@ -104,7 +109,7 @@ def _convert(value, hint):
     if hint is float:
         if isinstance(value, bool):
             raise _Refused
-        number = float(value) if isinstance(value, int) else _number(value)
+        number = _number(value)
         if number is None:
             raise _Refused
         return number
@@ -123,7 +128,12 @@ def _number(value) -> float | None:
     """A finite float from a float or numeric string, else None."""
     if isinstance(value, bool):
         return None
-    if isinstance(value, float):
+    if isinstance(value, int):
+        try:
+            number = float(value)
+        except OverflowError:  # an int beyond float range
+            return None
+    elif isinstance(value, float):
         number = value
     elif isinstance(value, str):
         try:

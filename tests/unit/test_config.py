@@ -122,6 +122,16 @@ def test_quoted_yaml_booleans_and_numeric_strings_take_the_declared_type(tmp_pat
     assert cfg.algo.params == {"beta": 0.25, "rpo_alpha": 1.0} and type(cfg.algo.params["rpo_alpha"]) is float
 
 
+def test_sections_and_params_must_be_mappings():
+    with pytest.raises(ValueError, match=r"config section 'train': expected a mapping of keys, got \[1, 2\]"):
+        build_config({**BASE, "train": [1, 2]})
+    with pytest.raises(ValueError, match=r"algo\.params: expected a mapping of hyperparameters"):
+        build_config({**BASE, "algo": {"params": [0.1]}})
+    with pytest.raises(ValueError, match="expected a mapping of sections"):
+        build_config(["model"])
+    assert build_config({**BASE, "algo": None}).algo.rlhf_type == "dpo"
+
+
 def test_direct_construction_is_typed_too():
     from mcore_align.config import ModelConfig, TrainConfig
     from mcore_align.data.config import DataConfig
@@ -217,7 +227,33 @@ def test_layout_that_splits_passes_and_long_max_length_warns(caplog):
 
     check_layout(build_config(BASE, ["pipeline_model_parallel_size=2", "virtual_pipeline_model_parallel_size=2",
                                      "tensor_model_parallel_size=2", "max_length=2048"]), _spec(num_layers=8))
+    check_layout(build_config(BASE, ["max_length=4096"]), _spec(), rank=1)  # warnings on rank 0 only
     assert not caplog.records
     with caplog.at_level("WARNING", logger="mcore_align.config.layout"):
         check_layout(build_config(BASE, ["max_length=4096"]), _spec())
     assert "data.max_length=4096 is above the model's max_position_embeddings=2048" in caplog.text
+
+
+@pytest.mark.parametrize("value, hint, expected", [
+    ("true", bool, True), ("False", bool, False), (8.0, int, 8), ("16", int, 16), ("1e3", int, 1000),
+    ("99999999999999999999", int, 99999999999999999999), (3, float, 3.0), ("1e-5", float, 1e-5),
+    (None, int | None, None), ("sigmoid", str | list[str], "sigmoid"), (("a", "b"), str | list[str], ["a", "b"]),
+    ([1, "2.5"], list[float] | None, [1.0, 2.5]),
+])
+def test_type_rules_accept(value, hint, expected):
+    from mcore_align.config.types import convert_value
+
+    out = convert_value(value, hint, "s.k")
+    assert out == expected and type(out) is type(expected)
+
+
+@pytest.mark.parametrize("value, hint", [
+    ("maybe", bool), ("yes", bool), (1, bool), (None, bool), (True, int), (2.5, int), ("2.5", int),
+    (True, float), ("fast", float), (float("nan"), float), ("inf", float), (10**400, float), (3, str),
+    ("a", list[str]), ([1], list[str]), (3, str | list[str]), ([0.1], dict),
+])
+def test_type_rules_refuse_naming_the_key(value, hint):
+    from mcore_align.config.types import convert_value
+
+    with pytest.raises(ValueError, match=r"^s\.k: expected "):
+        convert_value(value, hint, "s.k")
