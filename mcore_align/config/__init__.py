@@ -21,12 +21,12 @@ import yaml
 from mcore_align.config.layout import check_layout  # noqa: F401 - re-exported for the trainer
 from mcore_align.config.types import check_field_types, check_positive, check_range, typed_fields
 from mcore_align.data.config import DataConfig
+from mcore_align.models.provider import TRANSFORMER_IMPLS
 from mcore_align.parallel.runtime import DEVICES, ParallelConfig
 
 DTYPES = ("bf16", "fp16", "fp32")
 REF_MODES = ("co_resident", "precompute")
 LR_DECAY = ("constant", "linear", "cosine")
-TRANSFORMER_IMPLS = ("auto", "local", "transformer_engine")
 
 
 @dataclass(kw_only=True)
