@@ -21,7 +21,7 @@ test: $(STAMP)
 	$(PY) -m pytest -q -ra tests
 
 demo: $(STAMP)
-	$(PY) -m mcore_align.demo --out demo_out
+	$(PY) -m mcore_align.demo --out demo_out $(if $(VERBOSE),--verbose)
 
 clean:
 	rm -rf demo_out runs .pytest_cache

@@ -1,7 +1,7 @@
 """mcore_align: preference alignment (DPO, KTO, CPO, ORPO, SimPO, RM) on Megatron-Core.
 
-Version ranges here are what the code is written against; `constraints.txt` pins the
-exact set that CI tests (torch 2.13.0 CPU build, megatron-core 0.16.1 on Python 3.11).
+Version ranges here are what the code is written against (megatron-core: what is
+tested, see below); `constraints.txt` pins the exact set that CI tests (torch 2.13.0 CPU build, megatron-core 0.16.1 on Python 3.11).
 """
 from setuptools import find_packages, setup
 
@@ -13,7 +13,10 @@ setup(
     python_requires=">=3.10",
     install_requires=[
         "torch>=2.6",
-        "megatron-core>=0.16.1,<0.20",
+        # The code uses private megatron-core APIs (CPU mode, schedules, dist_checkpointing)
+        # and is tested on 0.16.1 only: newer releases are admitted once the GPU check
+        # script has passed on them, not before.
+        "megatron-core>=0.16.1,<0.17",
         "transformers>=4.51",
         "safetensors>=0.4",
         "datasets>=3.0",

@@ -54,7 +54,11 @@ def main() -> None:
     p.add_argument("--out", default="demo_out")
     p.add_argument("--steps", type=int, default=30)
     p.add_argument("--nproc", type=int, default=2, help="ranks (TP=2 needs 2)")
+    p.add_argument("--verbose", action="store_true",
+                   help="show the library warnings and INFO logs that are filtered by default (parallel/quiet.py)")
     a = p.parse_args()
+    if a.verbose:  # inherited by every step's subprocess
+        os.environ["MCORE_ALIGN_VERBOSE"] = "1"
     out = Path(a.out).resolve()
     py = sys.executable
     t0 = time.time()

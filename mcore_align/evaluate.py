@@ -25,7 +25,7 @@ def evaluate(policy: str, reference: str, dataset: list[str], overrides: list[st
     from mcore_align.algorithms import build_objective
     from mcore_align.checkpoint import load_model_weights, read_model_spec, resolve_checkpoint_dir
     from mcore_align.checkpoint.lora_export import is_lora_checkpoint, load_lora_model
-    from mcore_align.config import build_config
+    from mcore_align.config import build_config, check_layout
     from mcore_align.data.batch import layout_multiples
     from mcore_align.data.loader import build_data
     from mcore_align.models.provider import build_model
@@ -39,6 +39,7 @@ def evaluate(policy: str, reference: str, dataset: list[str], overrides: list[st
     rt = initialize(cfg.parallel, device=cfg.train.device, seed=cfg.train.seed)
     ref_dir = resolve_checkpoint_dir(reference)
     spec = read_model_spec(ref_dir)
+    check_layout(cfg, spec, rank=rt.rank)
     tokenizer = AutoTokenizer.from_pretrained(str(ref_dir / "tokenizer"))
     objective = build_objective(cfg.algo.rlhf_type, **cfg.algo.params)
     data = build_data(cfg.data, tokenizer, objective.data_kind, dp_rank=rt.dp_rank, dp_size=rt.dp_size,
@@ -46,7 +47,7 @@ def evaluate(policy: str, reference: str, dataset: list[str], overrides: list[st
     opts = model_options(cfg, objective.head)
     lora = is_lora_checkpoint(policy)
     # frozen: evaluation only; adapters wrap the local spec's linears
-    pol = build_model(spec, rt, role="reference", opts=dataclasses.replace(opts, transformer_engine=not lora))
+    pol = build_model(spec, rt, role="reference", opts=dataclasses.replace(opts, lora=lora))
     if lora:  # adapters only: base (the run's model.load) + adapters
         load_lora_model(pol, policy)
     else:

@@ -80,6 +80,7 @@ def score_megatron(ckpt: str | Path, dataset: list[str], runtime, *, paired: boo
 
     from mcore_align.checkpoint import load_model_weights, read_model_spec, resolve_checkpoint_dir
     from mcore_align.data.batch import required_pad_multiple
+    from mcore_align.data.tokenization import padding_id
     from mcore_align.models.heads import sequence_rewards
     from mcore_align.models.provider import ModelOptions, build_model
 
@@ -92,9 +93,8 @@ def score_megatron(ckpt: str | Path, dataset: list[str], runtime, *, paired: boo
     par = runtime.parallel
     if par.context_parallel_size > 1:
         raise ValueError("scoring runs without context parallelism (set CP=1)")
-    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
     mbs = _micro_batches(records, required_pad_multiple(par.tensor_model_parallel_size, 1, par.sequence_parallel),
-                         int(pad), per_mb)
+                         padding_id(tok), per_mb)
 
     def step(data_iterator, model):
         mb = next(data_iterator)

@@ -11,6 +11,7 @@ import sys
 
 from mcore_align.checkpoint import convert_hf_to_mcore
 from mcore_align.checkpoint.layout import DTYPES
+from mcore_align.parallel.quiet import quiet_library_warnings
 
 
 def main() -> int:
@@ -21,6 +22,7 @@ def main() -> int:
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty output directory")
     a = p.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    quiet_library_warnings()
     try:
         out = convert_hf_to_mcore(a.hf, a.out, dtype=a.dtype, overwrite=a.overwrite)
     except (ValueError, FileNotFoundError, FileExistsError, KeyError) as e:

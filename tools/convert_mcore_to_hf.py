@@ -25,6 +25,7 @@ import sys
 
 from mcore_align.checkpoint import convert_mcore_to_hf
 from mcore_align.checkpoint.layout import DTYPES
+from mcore_align.parallel.quiet import quiet_library_warnings
 
 
 def main() -> int:
@@ -43,6 +44,7 @@ def main() -> int:
                    help="reward model: write an AutoModelForSequenceClassification checkpoint (score = value head)")
     a = p.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    quiet_library_warnings()
     try:
         from mcore_align.checkpoint.lora_export import export_merged, export_peft, is_lora_checkpoint
 

@@ -94,13 +94,21 @@ def write_sequence_classification(hf_dir: str | Path) -> Path:
     try:
         from transformers import AutoTokenizer
 
+        if not any((hf_dir / f).exists() for f in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")):
+            # transformers would build an empty tokenizer from config.json alone (pad id 0)
+            raise OSError("no tokenizer.json / tokenizer_config.json / tokenizer.model")
         tok = AutoTokenizer.from_pretrained(str(hf_dir))
         pad = tok.pad_token_id
         if pad is not None and pad == tok.eos_token_id:
             log.warning("pad token == EOS (%d): batched HF scoring pools one token early for sequences "
                         "ending in EOS; score one sequence per call", pad)
-    except (OSError, ValueError):
+    except (OSError, ValueError) as e:
         pad = cfg.get("pad_token_id")
+        log.warning("%s: the exported tokenizer does not load (%s: %s); the classifier's pad_token_id is "
+                    "taken from config.json: %s", hf_dir, type(e).__name__, e, pad)
+    if pad is None:
+        log.warning("%s: no pad token id (tokenizer and config.json have none): transformers' "
+                    "ForSequenceClassification then scores batches of one sequence only", hf_dir)
     cfg["pad_token_id"] = pad
     (hf_dir / "config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
     return hf_dir

@@ -18,8 +18,11 @@ from pathlib import Path
 
 import yaml
 
+from mcore_align.config.layout import check_layout  # noqa: F401 - re-exported for the trainer
+from mcore_align.config.types import check_field_types, check_positive, check_range, typed_fields
 from mcore_align.data.config import DataConfig
-from mcore_align.parallel.runtime import ParallelConfig
+from mcore_align.models.provider import TRANSFORMER_IMPLS
+from mcore_align.parallel.runtime import DEVICES, ParallelConfig
 
 DTYPES = ("bf16", "fp16", "fp32")
 REF_MODES = ("co_resident", "precompute")
@@ -61,8 +64,18 @@ class ModelConfig:
     """DEFAULT (attention q/k/v), ALL (every linear layer), or a list of names: megatron's
     (linear_qkv, linear_proj, linear_fc1, linear_fc2) or HF's (q_proj, k_proj, v_proj, o_proj,
     gate_proj, up_proj, down_proj; fused groups must be listed whole)."""
+    transformer_impl: str = "auto"
+    """Layer implementation: "transformer_engine" (TE's layer spec; an error when TE does not
+    import, on CPU, or with LoRA), "local" (megatron's local spec and mcore_align's packed
+    attention) or "auto" (TE when it imports and CUDA is present and train_type is not lora,
+    else local; the start-up log says which and why)."""
 
     def __post_init__(self) -> None:
+        check_field_types(self, "model")
+        if self.transformer_impl not in TRANSFORMER_IMPLS:
+            raise ValueError(f"model.transformer_impl must be one of {TRANSFORMER_IMPLS}, got {self.transformer_impl!r}")
+        check_positive(self, "model", "lora_rank", "lora_alpha")
+        check_range(self, "model", "lora_dropout", 0.0, 1.0)
         if self.bf16 and self.fp16:
             raise ValueError("model: bf16 and fp16 are exclusive")
         if self.recompute_granularity not in (None, "full", "selective"):
@@ -74,6 +87,9 @@ class ModelConfig:
             if self.ref_load is not None:
                 raise ValueError("model.ref_load cannot be used with train_type=lora: the reference is the "
                                  "base model (model.load) with the adapters switched off")
+            if self.transformer_impl == "transformer_engine":
+                raise ValueError("model.transformer_impl=transformer_engine cannot be used with train_type=lora: "
+                                 "the adapters wrap megatron's local linear layers; use local or auto")
 
     def lora_config(self):
         """The adapters' LoRAConfig (train_type="lora")."""
@@ -105,12 +121,19 @@ class OptimConfig:
     """Shard optimizer state over data-parallel ranks (CUDA only)."""
 
     def __post_init__(self) -> None:
+        check_field_types(self, "optim")
         if self.lr_decay_style not in LR_DECAY:
             raise ValueError(f"optim.lr_decay_style must be one of {LR_DECAY}, got {self.lr_decay_style!r}")
         if not 0.0 <= self.warmup_ratio < 1.0:
             raise ValueError(f"optim.warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
-        if self.learning_rate <= 0:
-            raise ValueError(f"optim.learning_rate must be > 0, got {self.learning_rate}")
+        check_positive(self, "optim", "learning_rate", "adam_eps")
+        for name in ("min_lr", "weight_decay", "clip_grad"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"optim.{name} must be >= 0, got {getattr(self, name)}")
+        if self.min_lr > self.learning_rate:
+            raise ValueError(f"optim.min_lr ({self.min_lr}) must not exceed optim.learning_rate ({self.learning_rate})")
+        check_range(self, "optim", "adam_beta1", 0.0, 1.0)
+        check_range(self, "optim", "adam_beta2", 0.0, 1.0)
 
 
 @dataclass(kw_only=True)
@@ -151,10 +174,16 @@ class TrainConfig:
     """Stop (with a checkpoint) after this many steps of this launch (testing preemption)."""
 
     def __post_init__(self) -> None:
+        check_field_types(self, "train")
         if self.ref_model not in REF_MODES:
             raise ValueError(f"train.ref_model must be one of {REF_MODES}, got {self.ref_model!r}")
-        if self.global_batch_size < 1:
-            raise ValueError(f"train.global_batch_size must be >= 1, got {self.global_batch_size}")
+        if self.device not in DEVICES:
+            raise ValueError(f"train.device must be one of {DEVICES}, got {self.device!r}")
+        # Counts and intervals: 0 would divide by zero (log_interval), stop at step 1
+        # (max_consecutive_nan) or train nothing; None means "derive it" / "off".
+        check_positive(self, "train", "global_batch_size", "train_iters", "num_train_epochs", "save_interval",
+                       "save_total_limit", "eval_interval", "eval_iters", "log_interval", "max_consecutive_nan",
+                       "exit_after_steps")
 
 
 @dataclass(kw_only=True)
@@ -164,6 +193,9 @@ class AlgoConfig:
     rlhf_type: str = "dpo"
     params: dict = field(default_factory=dict)
     """Objective hyperparameters, e.g. {beta: 0.1, loss_type: sigmoid, rpo_alpha: 1.0}."""
+
+    def __post_init__(self) -> None:
+        check_field_types(self, "algo")
 
     def objective_config(self):
         from mcore_align.algorithms import available_objectives, objective_config_cls
@@ -175,7 +207,9 @@ class AlgoConfig:
         for k in self.params:
             if k not in names:
                 raise ValueError(f"unknown {self.rlhf_type} hyperparameter {k!r}{_did_you_mean(k, names)}")
-        return cls(**self.params)
+        # The objective's dataclass declares the types; convert here, in one place, so
+        # `beta: "0.1"` is 0.1 and `rpo_alpha: maybe` names algo.rpo_alpha.
+        return cls(**typed_fields(cls, self.params, "algo"))
 
 
 @dataclass(kw_only=True)
@@ -256,21 +290,6 @@ def resolve_key(key: str) -> tuple[str, str]:
     raise ValueError(f"unknown config key {key!r}{_did_you_mean(key, every)}")
 
 
-def _coerce(cls, values: dict) -> dict:
-    """YAML reads `1e-5` as a string; cast such values to the field's declared number type."""
-    hints = typing.get_type_hints(cls)
-    out = {}
-    for k, v in values.items():
-        t = str(hints.get(k, ""))
-        if isinstance(v, str) and ("float" in t or "int" in t) and "str" not in t:
-            try:
-                v = int(v) if "int" in t and "float" not in t else float(v)
-            except ValueError as e:
-                raise ValueError(f"{cls.__name__}.{k}: expected a number, got {v!r}") from e
-        out[k] = v
-    return out
-
-
 def build_config(raw: dict, overrides: typing.Sequence[str] = ()) -> RunConfig:
     """Merge a nested (or flat) dict with ``key=value`` overrides into a RunConfig."""
     tree: dict[str, dict] = {s: {} for s in SECTIONS}
@@ -281,12 +300,20 @@ def build_config(raw: dict, overrides: typing.Sequence[str] = ()) -> RunConfig:
         if sec == "algo.params":
             tree["algo"]["params"][name] = value
         elif sec == "algo" and name == "params":
+            if not isinstance(value or {}, dict):
+                raise ValueError(f"algo.params: expected a mapping of hyperparameters, got {value!r}")
             tree["algo"]["params"].update(value or {})
         else:
             tree[sec][name] = value
 
+    if not isinstance(raw or {}, dict):
+        raise ValueError(f"config: expected a mapping of sections (model, data, ...), got {type(raw).__name__}")
     for k, v in (raw or {}).items():
-        if k in SECTIONS and isinstance(v, dict):
+        if k in SECTIONS and v is None:  # an empty section in YAML (`algo:`)
+            continue
+        if k in SECTIONS and not isinstance(v, dict):
+            raise ValueError(f"config section {k!r}: expected a mapping of keys, got {v!r}")
+        if k in SECTIONS:
             for kk, vv in v.items():
                 put(f"{k}.{kk}" if k != "algo" or kk in ("rlhf_type", "params") else kk, vv)
         else:
@@ -302,8 +329,10 @@ def build_config(raw: dict, overrides: typing.Sequence[str] = ()) -> RunConfig:
         raise ValueError("config: model.load (the checkpoint to train) is required")
     if "dataset" not in tree["data"]:
         raise ValueError("config: data.dataset is required")
-    cfg = RunConfig(**{s: SECTIONS[s](**_coerce(SECTIONS[s], tree[s])) for s in SECTIONS})
-    cfg.algo.objective_config()  # validate hyperparameters now, not at step 0
+    cfg = RunConfig(**{name: cls(**tree[name]) for name, cls in SECTIONS.items()})
+    # Validate the hyperparameters now, not at step 0, and keep them typed for the objective.
+    objective_cfg = cfg.algo.objective_config()
+    cfg.algo.params = {k: getattr(objective_cfg, k) for k in cfg.algo.params}
     if cfg.parallel.context_parallel_size > 1 and not cfg.data.packing:
         raise ValueError("context_parallel_size > 1 needs data.packing=true (CP splits packed THD sequences)")
     return cfg

@@ -52,8 +52,13 @@ class DataConfig:
     """Separate eval dataset(s), same syntax as `dataset` (instead of `val_fraction`)."""
 
     def __post_init__(self) -> None:
+        from mcore_align.config.types import check_field_types, check_positive  # local: config imports this module
+
         if isinstance(self.dataset, str):
             raise ValueError("DataConfig.dataset must be a list of strings, got a str")
+        if isinstance(self.val_dataset, str):
+            self.val_dataset = [self.val_dataset]
+        check_field_types(self, "data")
         if not self.dataset or not all(isinstance(d, str) and d for d in self.dataset):
             raise ValueError(f"DataConfig.dataset must be a non-empty list of paths/names, got {self.dataset!r}")
         if self.max_length < 2:
@@ -64,12 +69,9 @@ class DataConfig:
             raise ValueError(f"on_bad_record must be one of {BAD_RECORD_POLICIES}, got {self.on_bad_record!r}")
         if self.max_tokens_per_micro_batch < 2:
             raise ValueError(f"max_tokens_per_micro_batch must be >= 2, got {self.max_tokens_per_micro_batch}")
-        if self.micro_batch_size < 1:
-            raise ValueError(f"micro_batch_size must be >= 1, got {self.micro_batch_size}")
+        check_positive(self, "data", "micro_batch_size")
         if not 0.0 <= self.val_fraction < 1.0:
             raise ValueError(f"val_fraction must be in [0, 1), got {self.val_fraction}")
-        if isinstance(self.val_dataset, str):
-            self.val_dataset = [self.val_dataset]
         if self.val_dataset is not None:
             if not self.val_dataset or not all(isinstance(d, str) and d for d in self.val_dataset):
                 raise ValueError(f"val_dataset must be a non-empty list of paths, got {self.val_dataset!r}")

@@ -15,6 +15,7 @@ from .batch import (ROLE_CHOSEN, ROLE_KL, ROLE_REJECTED, ROLE_UNPAIRED, GlobalBa
 from .config import OBJECTIVE_KINDS, DataConfig
 from .store import TokenizedStore, load_or_build_store
 from .summary import format_summary
+from .tokenization import padding_id
 
 log = logging.getLogger(__name__)
 
@@ -219,13 +220,6 @@ class DataBundle:
     report: dict
 
 
-def _pad_id(tokenizer) -> int:
-    for t in (tokenizer.pad_token_id, tokenizer.eos_token_id):
-        if t is not None:
-            return int(t)
-    return 0
-
-
 def _is_rank0() -> bool:
     import torch.distributed as dist
 
@@ -269,7 +263,7 @@ def build_data(cfg: DataConfig, tokenizer, objective_kind: str, *, dp_rank: int 
     n_val = int(round(n * cfg.val_fraction))
     val_ids, train_ids = np.sort(perm[:n_val]), np.sort(perm[n_val:])
     common = dict(kind=objective_kind, cfg=cfg, dp_rank=dp_rank, dp_size=dp_size,
-                  global_batch_size=global_batch_size, pad_multiple=pad_multiple, pad_id=_pad_id(tokenizer),
+                  global_batch_size=global_batch_size, pad_multiple=pad_multiple, pad_id=padding_id(tokenizer),
                   microbatch_multiple=microbatch_multiple)
     train = BatchLoader(store, train_ids, train=True, **common)
     evl = BatchLoader(store, val_ids, train=False, **common) if n_val else None

@@ -20,12 +20,37 @@ later shifts it by one (`loss_mask[t] = target[t + 1]`, the position that predic
 from __future__ import annotations
 
 import bisect
+import logging
 from collections import Counter
 from dataclasses import dataclass
 
 import numpy as np
 
 from .formats import REJECTED_FIELD, BadRecord, DroppedRecord, Example
+
+log = logging.getLogger(__name__)
+_PAD_REPORTED: set = set()
+
+
+def padding_id(tokenizer) -> int:
+    """The token id that fills padded positions: the tokenizer's pad token, else EOS, else 0.
+
+    Padded positions are masked out of attention (separate packed segments) and of every
+    loss, so the id only has to be a valid row of the embedding; the fallbacks are logged
+    (once per tokenizer) because they are not what the tokenizer declares.
+    """
+    name = getattr(tokenizer, "name_or_path", type(tokenizer).__name__)
+    if tokenizer.pad_token_id is not None:
+        return int(tokenizer.pad_token_id)
+    if tokenizer.eos_token_id is not None:
+        pad, why = int(tokenizer.eos_token_id), "padding with the EOS id"
+    else:
+        pad, why = 0, "and no EOS token either: padding with id 0"
+    if (name, pad) not in _PAD_REPORTED:
+        _PAD_REPORTED.add((name, pad))
+        log.warning("tokenizer %s has no pad token; %s %d (padded positions are masked out of attention "
+                    "and loss)", name, why, pad)
+    return pad
 
 RESPONSE_FIELD = {"sharegpt": "chosen", "messages": "messages", "swift": "response", "alpaca": "output",
                   "trl": "chosen", "trl_implicit": "chosen", "trl_kto": "completion", "prompt": "completion"}

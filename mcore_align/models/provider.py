@@ -2,8 +2,8 @@
 
 ``build_model(spec, runtime, role=...)`` returns one ``GPTModel`` per virtual
 pipeline stage held by this rank (a list of length 1 without VPP), built with
-megatron-core's own classes: ``TransformerConfig``, the TE layer spec when
-Transformer Engine imports and CUDA is present, the local spec otherwise.
+megatron-core's own classes: ``TransformerConfig``, the TE layer spec or the local
+spec as ``ModelOptions.transformer_impl`` says (``select_transformer_impl``).
 
 ``role="reference"`` gives the frozen reference: same layout, eval mode, never handed
 to DDP or the optimizer, and refusing to run with autograd enabled (see
@@ -44,38 +44,80 @@ class ModelOptions:
     """LM head: the model outputs final hidden states and the loss computes log-probs with
     the fused output-layer kernel (``ops.logprobs.fused_linear_logprobs``), so the
     ``[tokens, V/TP]`` logits are never materialised. False: the model outputs logits."""
-    transformer_engine: bool = True
-    """Use Transformer Engine's layer spec when TE imports and CUDA is present. False forces
-    megatron's local spec (LoRA wraps the local ColumnParallelLinear/RowParallelLinear)."""
+    transformer_impl: str = "auto"
+    """"transformer_engine" (TE's layer spec, or an error saying why it cannot run), "local"
+    (megatron's local spec) or "auto" (TE when usable, else local; logged with the reason)."""
+    lora: bool = False
+    """LoRA adapters will wrap the linear layers: they wrap megatron's local
+    ColumnParallelLinear/RowParallelLinear, so "auto" picks local and "transformer_engine" is refused."""
 
 
+TRANSFORMER_IMPLS = ("auto", "local", "transformer_engine")
 _REPORTED: set = set()
 
 
-def report_model_backends(use_te: bool, opts: ModelOptions, runtime: Runtime) -> None:
-    """The one start-up line that says which layer spec and core attention run (rank 0, once)."""
+def report_model_backends(use_te: bool, why: str, opts: ModelOptions, runtime: Runtime) -> None:
+    """The one start-up line that says which layer spec and core attention run, and why (rank 0, once)."""
     if use_te:
-        what = "Transformer Engine layer spec (TE core attention, THD for packed sequences)"
+        what = f"Transformer Engine layer spec ({why}; TE core attention, THD for packed sequences)"
     elif opts.core_attention == "megatron":
-        what = "local layer spec, megatron DotProductAttention (padded batches only)"
+        what = f"local layer spec ({why}), megatron DotProductAttention (padded batches only)"
     else:
         from mcore_align.ops.attention import select_backend
 
-        why = ("disabled for LoRA" if not opts.transformer_engine else
-               "CPU execution mode" if runtime.is_cpu else "Transformer Engine not installed")
         what = f"local layer spec ({why}), packed core attention: {select_backend(runtime.device.type)}"
     if what not in _REPORTED and runtime.rank == 0:
         _REPORTED.add(what)
-        # Training (packed attention) shows it; the tools' padded forward passes keep it quiet.
-        log.log(logging.INFO if opts.core_attention == "megatron" else logging.WARNING, "model: %s", what)
+        # Training (packed attention) shows it; the tools' padded forward passes keep it quiet,
+        # unless TE is installed but broken: that is worth seeing everywhere.
+        loud = opts.core_attention != "megatron" or "does not import" in why
+        log.log(logging.WARNING if loud else logging.INFO, "model: %s", what)
 
 
-def have_transformer_engine() -> bool:
+def transformer_engine_status() -> tuple[bool, str]:
+    """(usable, reason) for Transformer Engine's PyTorch module on this machine.
+
+    "Not installed" (the package itself is missing) and "installed but broken" (a missing
+    CUDA library, an ABI mismatch, ...) are told apart: the second is a message to act on.
+    """
     try:
-        import transformer_engine  # noqa: F401
-    except Exception:  # noqa: BLE001 - any import failure means "not usable"
-        return False
-    return torch.cuda.is_available()
+        import transformer_engine.pytorch  # noqa: F401 - the part megatron's TE spec uses
+    except ModuleNotFoundError as e:
+        if e.name == "transformer_engine":
+            return False, "Transformer Engine is not installed"
+        return False, f"Transformer Engine is installed but does not import: {type(e).__name__}: {e}"
+    except Exception as e:  # noqa: BLE001 - reported with its type and text, never swallowed
+        return False, f"Transformer Engine is installed but does not import: {type(e).__name__}: {e}"
+    return True, "Transformer Engine imports"
+
+
+def select_transformer_impl(opts: ModelOptions, *, cpu: bool) -> tuple[bool, str]:
+    """(use Transformer Engine's layer spec, why), following ``opts.transformer_impl``.
+
+    An explicit "transformer_engine" that cannot run is an error naming the reason;
+    "auto" falls back to the local spec and says why.
+    """
+    impl = opts.transformer_impl
+    if impl not in TRANSFORMER_IMPLS:
+        raise ValueError(f"model.transformer_impl must be one of {TRANSFORMER_IMPLS}, got {impl!r}")
+    if impl == "local":
+        return False, "model.transformer_impl=local"
+    if opts.lora:
+        if impl == "transformer_engine":
+            raise ValueError("model.transformer_impl=transformer_engine cannot be used with LoRA: the adapters "
+                             "wrap megatron's local linear layers; use transformer_impl=local or auto")
+        return False, "transformer_impl=auto: LoRA adapters wrap megatron's local linears"
+    if cpu:
+        if impl == "transformer_engine":
+            raise ValueError("model.transformer_impl=transformer_engine needs CUDA; the CPU execution mode runs "
+                             "the local spec (transformer_impl=local or auto)")
+        return False, "transformer_impl=auto: CPU execution mode"
+    ok, reason = transformer_engine_status()
+    if impl == "transformer_engine":
+        if not ok:
+            raise RuntimeError(f"model.transformer_impl=transformer_engine, but {reason}")
+        return True, "model.transformer_impl=transformer_engine"
+    return ok, f"transformer_impl=auto: {reason}"
 
 
 def transformer_config(spec: ModelSpec, parallel: ParallelConfig, opts: ModelOptions, *, cpu: bool):
@@ -178,8 +220,8 @@ def build_model(spec: ModelSpec, runtime: Runtime, *, role: str = "policy", opts
             f"num_key_value_heads {spec.num_query_groups} and num_attention_heads "
             f"{spec.num_attention_heads} must be divisible by tensor_model_parallel_size {tp}"
         )
-    use_te = opts.transformer_engine and have_transformer_engine() and not runtime.is_cpu
-    report_model_backends(use_te, opts, runtime)
+    use_te, why = select_transformer_impl(opts, cpu=runtime.is_cpu)
+    report_model_backends(use_te, why, opts, runtime)
     cfg = transformer_config(spec, par, opts, cpu=runtime.is_cpu)
     lspec = layer_spec(spec, opts, use_te=use_te)
     vpp = par.virtual_pipeline_model_parallel_size or 1

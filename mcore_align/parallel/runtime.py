@@ -36,6 +36,9 @@ class ParallelConfig:
     """Split LayerNorm/dropout activations along the sequence over the TP group."""
 
     def __post_init__(self) -> None:
+        from mcore_align.config.types import check_field_types  # local: mcore_align.config imports this module
+
+        check_field_types(self, "parallel")
         for f in ("tensor_model_parallel_size", "pipeline_model_parallel_size", "context_parallel_size"):
             if getattr(self, f) < 1:
                 raise ValueError(f"{f} must be >= 1, got {getattr(self, f)}")

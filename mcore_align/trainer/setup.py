@@ -18,8 +18,7 @@ def model_options(cfg: RunConfig, head: str = "lm") -> ModelOptions:
     dtype = torch.bfloat16 if cfg.model.bf16 else torch.float16 if cfg.model.fp16 else torch.float32
     return ModelOptions(params_dtype=dtype, recompute_granularity=cfg.model.recompute_granularity,
                         head=head, fused_logprobs=cfg.model.fused_logprobs,
-                        # Adapters wrap megatron's local parallel linears, not TE's.
-                        transformer_engine=cfg.model.train_type != "lora")
+                        transformer_impl=cfg.model.transformer_impl, lora=cfg.model.train_type == "lora")
 
 
 def check_device_support(cfg: RunConfig, runtime: Runtime) -> None:

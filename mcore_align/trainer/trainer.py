@@ -12,7 +12,7 @@ import torch
 import torch.distributed as dist
 
 from mcore_align.algorithms import build_objective
-from mcore_align.config import RunConfig
+from mcore_align.config import RunConfig, check_layout
 from mcore_align.data.batch import layout_multiples
 from mcore_align.data.loader import build_data
 from mcore_align.parallel.runtime import initialize
@@ -43,6 +43,7 @@ class Trainer:
         self.resume_from = latest_checkpoint(t.save)
         source = Path(self.resume_from or cfg.model.load)  # model_spec.json + tokenizer/
         self.spec = read_model_spec(source)
+        check_layout(cfg, self.spec, rank=self.rt.rank)  # PP vs layers, TP vs heads, max_length
         self.tokenizer = AutoTokenizer.from_pretrained(str(source / "tokenizer"))
         self.objective = build_objective(cfg.algo.rlhf_type, **cfg.algo.params)
         self.data = build_data(
