@@ -70,14 +70,14 @@ class RolloutBatch:
     eos_B: torch.Tensor
     """[B] bool: the response ended with a stop token (False: it hit ``response_length``)."""
     logprobs_BT: torch.Tensor
-    """[B, T] float32 generator log-probs of the sampled tokens, 0 at padding. They are
-    ``log_softmax`` of the *untempered* logits (``logprob_temperature``), what the policy's
-    training forward at temperature 1 computes; recompute them for temperature != 1."""
+    """[B, T] float32 generator log-probs of the sampled tokens, 0 at padding:
+    ``log_softmax(logits / logprob_temperature)`` of the full (not top-k / top-p filtered)
+    distribution, what a training forward at that temperature computes (TRL's convention)."""
     prompt_lengths_B: torch.Tensor
     """[B] int64 prompt lengths (the prompts themselves stay with the caller)."""
     pad_token_id: int = 0
     logprob_temperature: float = 1.0
-    """The temperature ``logprobs_BT`` are taken at (see above)."""
+    """The temperature ``logprobs_BT`` are taken at: the sampling temperature (1 when greedy)."""
     stats: dict = field(default_factory=dict)
     """Backend timings and counts (e.g. ``tokens``, ``seconds``)."""
 

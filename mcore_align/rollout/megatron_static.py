@@ -9,9 +9,14 @@ batch (a longer prompt feeds its own next prompt token until it starts generatin
 
 Where this departs from megatron's controller (one small subclass, ``_Controller``):
 
-* several stop ids (megatron checks one ``tokenizer.eod``), and
+* several stop ids (megatron checks one ``tokenizer.eod``),
 * the stop token is *counted* in the response (megatron drops it), so its log-prob is
-  returned and PPO can learn to stop, as TRL does.
+  returned and PPO can learn to stop, as TRL does, and
+* the temperature divides the logits in the wrapper (``_TemperedWrapper``) and megatron
+  samples at temperature 1: the same distribution (megatron divides first, then filters
+  top-k / top-p), but the returned log-probs are ``log_softmax(logits / temperature)``, the
+  log-probs PPO's training forward computes (TRL's convention), not megatron's untempered
+  ones. They are of the unfiltered distribution (top-k / top-p only restrict sampling).
 
 Seeds: batch ``i`` of a call on data-parallel rank ``d`` samples from a generator seeded with
 ``hash((seed, d, i))``, so DP ranks never draw the same stream; every rank of a TP/PP group
@@ -50,6 +55,22 @@ class _NoTextTokenizer:
 
     def detokenize(self, tokens, skip_special_tokens: bool = True) -> str:
         return ""
+
+
+def _tempered_wrapper_class():
+    from megatron.core.inference.model_inference_wrappers.gpt.gpt_inference_wrapper import GPTInferenceWrapper
+
+    class _TemperedWrapper(GPTInferenceWrapper):
+        temperature: float = 1.0
+
+        def run_one_forward_step(self, inference_input, recv_buffer_seq_len=None):
+            # logits [B, S, V] on the last stage (None elsewhere); the controller broadcasts them.
+            logits = super().run_one_forward_step(inference_input, recv_buffer_seq_len)
+            if logits is None or self.temperature == 1.0:
+                return logits
+            return logits / self.temperature
+
+    return _TemperedWrapper
 
 
 def _controller_class():
@@ -137,9 +158,8 @@ class MegatronStaticEngine(RolloutEngine):
         self.pad_token_id = pad_token_id
         self.batch_size = local_rollout_forward_batch_size
 
-    def _controller(self, max_batch: int, max_seq: int, stop_ids: tuple[int, ...]):
+    def _controller(self, max_batch: int, max_seq: int, stop_ids: tuple[int, ...], temperature: float):
         from megatron.core.inference.contexts import StaticInferenceContext
-        from megatron.core.inference.model_inference_wrappers.gpt.gpt_inference_wrapper import GPTInferenceWrapper
         from megatron.core.inference.model_inference_wrappers.inference_wrapper_config import (
             InferenceWrapperConfig,
         )
@@ -155,7 +175,8 @@ class MegatronStaticEngine(RolloutEngine):
             fp32_residual_connection=self.cfg.fp32_residual_connection,
         )
         context = StaticInferenceContext(max_batch, max_seq)  # the KV cache, freed with it
-        wrapped = GPTInferenceWrapper(self.model, wcfg, context, pg_collection=self.runtime.pgs)
+        wrapped = _tempered_wrapper_class()(self.model, wcfg, context, pg_collection=self.runtime.pgs)
+        wrapped.temperature = temperature
         ctrl = _controller_class()(wrapped, _NoTextTokenizer(self.pad_token_id), pp_group=self.runtime.pgs.pp)
         ctrl.stop_ids = torch.tensor(stop_ids, dtype=torch.long, device=ctrl.sampling_rng.device)
         return ctrl
@@ -164,15 +185,20 @@ class MegatronStaticEngine(RolloutEngine):
         from megatron.core.inference.sampling_params import SamplingParams as MSamplingParams
 
         if params.greedy:
-            temperature, top_k, top_p = 1.0, 1, 0.0  # megatron: greedy iff top_k == 1
+            top_k, top_p = 1, 0.0  # megatron: greedy iff top_k == 1
         else:
             if params.top_k > 1 and params.top_p < 1.0:
                 raise ValueError("rollout backend 'megatron' applies either top_k or top_p, not both "
                                  f"(got top_k={params.top_k}, top_p={params.top_p})")
-            # megatron: top_p 0.0 = off (ours: 1.0 = off).
-            temperature, top_k, top_p = params.temperature, params.top_k, (params.top_p if params.top_p < 1.0 else 0.0)
-        return MSamplingParams(temperature=float(temperature), top_k=int(top_k), top_p=float(top_p),
+            top_k, top_p = params.top_k, (params.top_p if params.top_p < 1.0 else 0.0)  # megatron: 0.0 = off
+        # Temperature 1 here: the wrapper has already divided the logits (see module docstring).
+        return MSamplingParams(temperature=1.0, top_k=int(top_k), top_p=float(top_p),
                                return_log_probs=True, num_tokens_to_generate=params.response_length)
+
+    @staticmethod
+    def logprob_temperature(params: SamplingParams) -> float:
+        """The temperature the returned log-probs are taken at (1 for greedy decoding)."""
+        return 1.0 if params.greedy else params.temperature
 
     def generate(self, prompts, params: SamplingParams) -> RolloutBatch:
         from megatron.core.inference.inference_request import InferenceRequest
@@ -189,7 +215,7 @@ class MegatronStaticEngine(RolloutEngine):
             for bi, start in enumerate(range(0, n, self.batch_size)):
                 batch = prompts[start:start + self.batch_size]
                 max_seq = max(len(p) for p in batch) + T
-                ctrl = self._controller(len(batch), max_seq, params.stop_token_ids)
+                ctrl = self._controller(len(batch), max_seq, params.stop_token_ids, self.logprob_temperature(params))
                 ctrl.sampling_rng.manual_seed(_mix_seed(params.seed, self.runtime.dp_rank, bi))
                 requests = OrderedDict(
                     (i, InferenceRequest(request_id=i, prompt="", prompt_tokens=list(p), sampling_params=mparams))
@@ -208,6 +234,6 @@ class MegatronStaticEngine(RolloutEngine):
         return RolloutBatch(
             response_ids_BT=ids_BT, response_lengths_B=lengths_B, eos_B=eos_B, logprobs_BT=logp_BT,
             prompt_lengths_B=torch.tensor([len(p) for p in prompts], dtype=torch.long),
-            pad_token_id=self.pad_token_id, logprob_temperature=1.0,
+            pad_token_id=self.pad_token_id, logprob_temperature=self.logprob_temperature(params),
             stats={"tokens": int(lengths_B.sum()), "seconds": seconds},
         )

@@ -122,17 +122,18 @@ def case_greedy_kv_cache_equals_recompute_pp2():
     assert tokens == _GREEDY_TP1["tokens"]
 
 
-def _check_sampled_logprobs(tp: int, pp: int, **params) -> None:
+def _check_sampled_logprobs(tp: int, pp: int, temperature: float = 1.0, **params) -> None:
     rt, spec, chunks = _setup(tp, pp)
     out = _engine(rt, spec, chunks, batch_size=3).generate(
-        PROMPTS, SamplingParams(temperature=1.0, response_length=T, seed=5, **params))
+        PROMPTS, SamplingParams(temperature=temperature, response_length=T, seed=5, **params))
+    assert out.logprob_temperature == temperature
     worst = 0.0
     for i, p in enumerate(PROMPTS):
         n = int(out.response_lengths_B[i])
         resp = out.response_ids_BT[i, :n].tolist()
         seq = p + resp
-        # Training-style: full forward, temperature 1, log_softmax in float64, next-token gather.
-        logp = F.log_softmax(_full_logits(chunks, rt, seq).double(), dim=-1)
+        # Training-style: full forward, logits / temperature, log_softmax in float64, next-token gather.
+        logp = F.log_softmax(_full_logits(chunks, rt, seq).double() / temperature, dim=-1)
         ref = logp[len(p) - 1:len(seq) - 1].gather(-1, torch.tensor(resp)[:, None])[:, 0]
         worst = max(worst, float((ref - out.logprobs_BT[i, :n].double()).abs().max()))
         assert (out.logprobs_BT[i, n:] == 0).all()
@@ -149,12 +150,12 @@ def case_sampled_logprobs_match_training_forward_tp1():
     _check_sampled_logprobs(1, 1)
 
 
-def case_sampled_logprobs_match_training_forward_tp2_top_p():
-    _check_sampled_logprobs(2, 1, top_p=0.9)
+def case_sampled_logprobs_match_training_forward_tp2_top_p_temperature():
+    _check_sampled_logprobs(2, 1, temperature=0.7, top_p=0.9)
 
 
-def case_sampled_logprobs_match_training_forward_pp2_top_k():
-    _check_sampled_logprobs(1, 2, top_k=20)
+def case_sampled_logprobs_match_training_forward_pp2_top_k_temperature():
+    _check_sampled_logprobs(1, 2, temperature=1.3, top_k=20)
 
 
 def case_top_k_samples_lie_in_top_k():
