@@ -7,7 +7,8 @@ from mcore_align.rollout import RolloutBatch, SamplingParams, available_backends
 
 
 def test_unavailable_backend_is_refused_not_swapped():
-    with pytest.raises(RuntimeError, match=r"rollout backend 'vllm' is not available: .*Available backends: \['megatron'\]"):
+    with pytest.raises(RuntimeError,
+                       match=r"rollout backend 'vllm' is not available: .*Available backends: \['megatron'\]"):
         build_rollout_engine("vllm", chunks=[], runtime=None, vocab_size=8)
     with pytest.raises(RuntimeError, match="megatron_dynamic.*GPU-only"):
         build_rollout_engine("megatron_dynamic")
@@ -23,6 +24,11 @@ def test_unavailable_backend_is_refused_not_swapped():
 def test_sampling_params_validation(kw, msg):
     with pytest.raises(ValueError, match=msg):
         SamplingParams(**kw)
+
+
+def test_megatron_backend_refuses_several_chunks():
+    with pytest.raises(ValueError, match="one model chunk per rank, got 2"):
+        build_rollout_engine("megatron", chunks=[torch.nn.Linear(1, 1)] * 2, runtime=None, vocab_size=8)
 
 
 def test_greedy_and_mask():
