@@ -20,6 +20,12 @@ What megatron-core 0.16 does that fails on a CPU-only torch build, and what we d
   replaced by the same computation without the device assertion.
 * ``torch.cuda.synchronize`` / ``empty_cache`` / streams raise without CUDA. ->
   no-ops (there is nothing asynchronous to wait for on CPU).
+* Generation (``megatron.core.inference``, used by ``mcore_align.rollout``): the text
+  generation controller times every step with ``torch.cuda.Event``, which cannot be built
+  on a CPU torch. -> :class:`_CpuTimingEvent`, a wall-clock stand-in with the same
+  ``record`` / ``synchronize`` / ``elapsed_time`` (milliseconds). Its pipeline p2p helpers
+  assert ``tensor.is_cuda`` before every send/recv/broadcast. -> the same check without
+  the device part (not None, contiguous where asked).
 
 Not supported in this mode. Refused with a clear error before training
 (``trainer.setup.check_device_support``): the distributed optimizer, bf16/fp16
@@ -125,6 +131,48 @@ def _patch_clip_grads() -> None:
     optimizer.clip_grad_by_total_norm_fp32 = _cpu_clip_grad_by_total_norm_fp32
 
 
+class _CpuTimingEvent:
+    """Stand-in for ``torch.cuda.Event(enable_timing=True)`` on CPU: CPU work is synchronous,
+    so the wall clock at ``record()`` is the event's time."""
+
+    def __init__(self, enable_timing: bool = False, blocking: bool = False, interprocess: bool = False):
+        self._t: float | None = None
+
+    def record(self, stream=None) -> None:
+        import time
+
+        self._t = time.perf_counter()
+
+    def synchronize(self) -> None:
+        pass
+
+    def wait(self, stream=None) -> None:
+        pass
+
+    def query(self) -> bool:
+        return True
+
+    def elapsed_time(self, end: "_CpuTimingEvent") -> float:
+        """Milliseconds from this event to ``end`` (CUDA's unit)."""
+        assert self._t is not None and end._t is not None, "elapsed_time on an event that was never recorded"
+        return (end._t - self._t) * 1e3
+
+
+def _patch_inference() -> None:
+    from megatron.core.inference import communication_utils
+
+    def not_none(tensor):  # ``_is_cuda`` without the device assertion
+        assert tensor is not None
+
+    def not_none_contiguous(tensor):
+        assert tensor is not None
+        assert tensor.is_contiguous()
+
+    communication_utils._is_cuda = not_none
+    communication_utils._is_cuda_contiguous = not_none_contiguous
+    torch.cuda.Event = _CpuTimingEvent
+
+
 def enable_cpu_mode() -> None:
     """Install the CPU execution mode for this process (idempotent)."""
     global _ENABLED, _MODE
@@ -135,6 +183,7 @@ def enable_cpu_mode() -> None:
     _patch_cuda_runtime()
     _patch_rng()
     _patch_clip_grads()
+    _patch_inference()
     _MODE = _CudaToCpu()
     _MODE.__enter__()  # stays on the mode stack for the life of the process
     _ENABLED = True
