@@ -1,4 +1,17 @@
-"""What the user sees: rank-0 progress bar, metrics.jsonl, TensorBoard/wandb, a PNG plot."""
+"""What the user sees: rank-0 progress bar, Megatron-LM-style console lines, metrics.jsonl,
+TensorBoard/wandb, a PNG plot.
+
+Console (rank 0, stdout, whatever the log level), as Megatron-LM's ``training_log`` prints:
+
+    [2026-12-01 15:00:00] iteration       10/     100 | consumed samples:           80 | elapsed time per
+    iteration (ms): 812.3 | tokens/s: 5130 | learning rate: 5.000000E-07 | global batch size:     8 |
+    loss: 6.931472E-01 | rewards/accuracies: 5.000000E-01 | ... | loss scale: 1.0 | grad norm: 1.234 |
+    number of skipped iterations:   0 | mem (GiB): 1.23 |
+
+one every ``train.log_interval`` steps (and for every skipped step), plus a line per evaluation
+(``validation at iteration N | ...``) and per checkpoint (``saved checkpoint at iteration N to
+...``). With the progress bar on, the lines are written above the bar.
+"""
 from __future__ import annotations
 
 import json
@@ -10,6 +23,9 @@ from pathlib import Path
 log = logging.getLogger(__name__)
 
 BAR_KEYS = ("loss", "rewards/accuracies", "rewards/margins")
+# Loop bookkeeping that the console line prints in its own words (not as objective metrics).
+_LOOP_KEYS = ("lr", "grad_norm", "tokens_per_sec", "step_time", "skipped", "consumed_samples", "loss_scale",
+              "skipped_iters", "mem_gib", "global_batch_size")
 
 
 class Reporter:
@@ -48,10 +64,14 @@ class Reporter:
             else:
                 self.wandb = wandb.init(project=wandb_project, config=config)
 
-    def log(self, step: int, metrics: dict, prefix: str = "") -> None:
+    def log(self, step: int, metrics: dict, prefix: str = "", console: bool = True) -> None:
+        """Record ``metrics`` of ``step`` everywhere; ``console``: also print the line."""
         if not self.enabled:
             return
         row = {"step": step, **{prefix + k: v for k, v in metrics.items()}}
+        if console:
+            self.echo(training_line(step, self.total, metrics) if not prefix else
+                      validation_line(step, metrics))
         if self.metrics_file:
             self.metrics_file.write(json.dumps(row) + "\n")
             self.metrics_file.flush()
@@ -67,8 +87,15 @@ class Reporter:
             if "tokens_per_sec" in metrics:
                 shown["tok/s"] = f"{metrics['tokens_per_sec']:.0f}"
             self.bar.set_postfix(shown)
-        elif prefix:
-            log.info("step %d %s", step, {k: round(v, 4) for k, v in row.items() if k != "step"})
+
+    def echo(self, line: str) -> None:
+        """One console line on rank 0 (above the progress bar when there is one)."""
+        if not self.enabled:
+            return
+        if self.bar is not None:
+            self.bar.write(line)
+        else:
+            print(line, flush=True)
 
     def close(self, plot: bool) -> Path | None:
         if not self.enabled:
@@ -82,6 +109,41 @@ class Reporter:
         if plot and self.save:
             return plot_curves(self.save / "metrics.jsonl", self.save / "training_curves.png")
         return None
+
+
+def _num(v) -> str:
+    return f"{v:.6E}" if isinstance(v, float) else str(v)
+
+
+def training_line(step: int, total: int, m: dict) -> str:
+    """Megatron-LM's per-interval line from one training row (see the module docstring)."""
+    stamp = time.strftime("%Y-%m-%d %H:%M:%S")
+    parts = [f"[{stamp}] iteration {step:8d}/{total:8d}"]
+    if "consumed_samples" in m:
+        parts.append(f"consumed samples: {m['consumed_samples']:12d}")
+    if "step_time" in m:
+        parts.append(f"elapsed time per iteration (ms): {1000 * m['step_time']:.1f}")
+    if "tokens_per_sec" in m:
+        parts.append(f"tokens/s: {m['tokens_per_sec']:.0f}")
+    if "lr" in m:
+        parts.append(f"learning rate: {m['lr']:.6E}")
+    if "global_batch_size" in m:
+        parts.append(f"global batch size: {m['global_batch_size']:5d}")
+    parts += [f"{k}: {_num(v)}" for k, v in m.items() if k not in _LOOP_KEYS]
+    if m.get("loss_scale") is not None:
+        parts.append(f"loss scale: {m['loss_scale']:.1f}")
+    if m.get("grad_norm") is not None:
+        parts.append(f"grad norm: {m['grad_norm']:.3f}")
+    if "skipped_iters" in m:
+        parts.append(f"number of skipped iterations: {m['skipped_iters']:3d}")
+    if m.get("mem_gib") is not None:
+        parts.append(f"mem (GiB): {m['mem_gib']:.2f}")
+    return " | ".join(parts) + " |"
+
+
+def validation_line(step: int, m: dict) -> str:
+    """Megatron-LM's evaluation line."""
+    return f" validation at iteration {step} | " + " | ".join(f"{k}: {_num(v)}" for k, v in m.items()) + " |"
 
 
 def plot_curves(metrics_jsonl: Path, out_png: Path) -> Path | None:
