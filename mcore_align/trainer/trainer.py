@@ -16,7 +16,8 @@ from mcore_align.config import RunConfig
 from mcore_align.data.batch import layout_multiples
 from mcore_align.data.loader import build_data
 from mcore_align.parallel.runtime import initialize
-from mcore_align.trainer.checkpointing import latest_checkpoint, load_checkpoint, save_checkpoint
+from mcore_align.trainer.checkpointing import (Sidecar, last_stage_state, latest_checkpoint, load_checkpoint,
+                                               save_checkpoint)
 from mcore_align.trainer.reporting import Reporter
 from mcore_align.trainer.setup import (build_optimizer, build_policy, build_reference, check_device_support,
                                        wire_model_config)
@@ -48,6 +49,8 @@ class Trainer:
         self.resume_from = latest_checkpoint(t.save)
         source = Path(self.resume_from or cfg.model.load)  # model_spec.json + tokenizer/
         self.spec = read_model_spec(source)
+        # Written into every checkpoint: held in memory, as pruning may delete `source`.
+        self.sidecar = Sidecar.read(source, keep=self.rt.rank == 0)
         self.tokenizer = AutoTokenizer.from_pretrained(str(source / "tokenizer"))
         self.objective = build_objective(cfg.algo.rlhf_type, **cfg.algo.params)
         self.data = build_data(
@@ -159,8 +162,8 @@ class Trainer:
         save_checkpoint(
             t.save, self.step, self.policy, self.optimizer, self.scheduler, self.rt,
             extra={"step": self.step, "data": self.data.train.state_dict(), "config": self.cfg.to_dict(),
-                   "objective": self.objective.state_dict()},
-            sidecar_from=self.resume_from or self.cfg.model.load, save_total_limit=t.save_total_limit,
+                   "objective": last_stage_state(self.objective.state_dict(), self.rt)},
+            sidecar=self.sidecar, save_total_limit=t.save_total_limit,
         )
 
     def _precompute_reference(self) -> dict[int, list]:
