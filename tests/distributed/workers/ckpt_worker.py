@@ -114,6 +114,7 @@ def case_bco_pair_resume_equals_uninterrupted_pp2():
 def case_finished_run_relaunch_keeps_checkpoint():
     save = _save_dir("finished")
     Trainer(_cfg(save, "train_iters=2")).train()  # no save_interval: one save, at the end
+    _copy(save, "two_steps")  # untouched by the relaunch below: the source of the cases after this one
     it = Path(save) / "iter_0000002"
     before = {f.name: (f.stat().st_ino, f.stat().st_mtime_ns) for f in it.iterdir()}
     again = Trainer(_cfg(save, "train_iters=2"))
@@ -165,7 +166,7 @@ def case_longer_relaunch_rebuilds_lr_schedule():
 def case_rng_not_restored_at_another_world_size_is_logged():
     from megatron.core import dist_checkpointing
 
-    save = _copy(str(WORK / "finished"), "other_world")
+    save = _copy(str(WORK / "two_steps"), "other_world")
     real = dist_checkpointing.load_common_state_dict
 
     def saved_by_four(path):  # as if the checkpoint had been written by 4 ranks
@@ -183,7 +184,7 @@ def case_rng_not_restored_at_another_world_size_is_logged():
 
 
 def case_truncated_shard_is_named():
-    save = Path(_copy(str(WORK / "finished"), "truncated"))
+    save = Path(_copy(str(WORK / "two_steps"), "truncated"))
     shard = max((save / "iter_0000002").glob("*.distcp"), key=lambda f: f.stat().st_size)
     dist.barrier()
     if dist.get_rank() == 0:
@@ -197,7 +198,7 @@ def case_truncated_shard_is_named():
 
 
 def case_iter_dirs_without_marker_are_not_overwritten():
-    save = Path(_copy(str(WORK / "finished"), "no_marker"))
+    save = Path(_copy(str(WORK / "two_steps"), "no_marker"))
     if dist.get_rank() == 0:
         (save / checkpointing.LATEST).unlink()
     dist.barrier()
