@@ -61,7 +61,8 @@ def test_final_checkpoint_exports(results, work, case, marker):
     assert p.returncode == 0, p.stderr[-4000:]
     hf = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
     base = AutoModelForCausalLM.from_pretrained(work / "hf", dtype=torch.float32)
-    assert AutoTokenizer.from_pretrained(out)("hello").input_ids == AutoTokenizer.from_pretrained(work / "hf")("hello").input_ids
+    tok, tok0 = AutoTokenizer.from_pretrained(out), AutoTokenizer.from_pretrained(work / "hf")
+    assert tok("hello world").input_ids == tok0("hello world").input_ids
     # The exported weights are the trained ones (training moved them away from the base).
     w, w0 = hf.model.layers[0].mlp.up_proj.weight, base.model.layers[0].mlp.up_proj.weight
     assert w.shape == w0.shape and (w - w0).abs().max() > 1e-6

@@ -51,7 +51,8 @@ def test_iter_dirs_without_marker_are_refused(tmp_path):
     (tmp_path / "iter_0000004").mkdir()
     (tmp_path / "iter_0000004" / "metadata.json").write_text("{}")
     (tmp_path / "iter_0000006").mkdir()  # a torn save
-    with pytest.raises(CheckpointError, match=r"iter_0000004, iter_0000006 but no latest.*Complete ones: \['iter_0000004'\]"):
+    expected = r"iter_0000004, iter_0000006 but no latest.*Complete ones: \['iter_0000004'\]"
+    with pytest.raises(CheckpointError, match=expected):
         checkpointing.latest_checkpoint(tmp_path)
 
 
@@ -114,8 +115,8 @@ def test_missing_index_is_incomplete(ckpt):
 def test_export_cli_reports_incomplete_checkpoint(ckpt, tmp_path):
     shard = _largest_shard(ckpt)
     shard.write_bytes(shard.read_bytes()[:100])
-    p = subprocess.run([sys.executable, "tools/convert_mcore_to_hf.py", "--ckpt", str(ckpt), "--out", str(tmp_path / "o")],
-                       cwd=ROOT, capture_output=True, text=True, timeout=300)
+    p = subprocess.run([sys.executable, "tools/convert_mcore_to_hf.py", "--ckpt", str(ckpt),
+                        "--out", str(tmp_path / "o")], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert p.returncode == 2, p.stderr[-3000:]
     assert "error:" in p.stderr and shard.name in p.stderr and "incomplete" in p.stderr, p.stderr[-3000:]
     assert "Traceback" not in p.stderr
@@ -149,7 +150,8 @@ def _scheduler(train_iters: int, monkeypatch):
     from mcore_align.trainer.setup import build_optimizer
 
     cfg = build_config({"model": {"load": "unused"}, "data": {"dataset": ["unused"]},
-                        "optim": {"learning_rate": 1e-3, "min_lr": 0.0, "lr_decay_style": "linear", "warmup_ratio": 0.0},
+                        "optim": {"learning_rate": 1e-3, "min_lr": 0.0, "lr_decay_style": "linear",
+                                  "warmup_ratio": 0.0},
                         "train": {"device": "cpu"}, "algo": {"rlhf_type": "dpo"}})
     monkeypatch.setattr(mo, "get_megatron_optimizer", lambda *a, **k: _Opt())
     return build_optimizer([], type("R", (), {"pgs": None})(), cfg, train_iters)[1]

@@ -157,8 +157,8 @@ def case_longer_relaunch_rebuilds_lr_schedule():
     assert longer.step == 2
     res = longer.train()
     # megatron linear decay, no warmup: lr after step k = 1e-3 * (1 - k / 4); "lr" is logged after the step.
-    torch.testing.assert_close(torch.tensor(_col(res, "lr"), dtype=torch.float64),
-                               torch.tensor([1e-3 * (1 - k / 4) for k in (3, 4)], dtype=torch.float64), rtol=1e-9, atol=0)
+    want = torch.tensor([1e-3 * (1 - k / 4) for k in (3, 4)], dtype=torch.float64)
+    torch.testing.assert_close(torch.tensor(_col(res, "lr"), dtype=torch.float64), want, rtol=1e-9, atol=0)
     if dist.get_rank() == 0:
         assert any("LR schedule rebuilt" in w and "lr_decay_steps 2 -> 4" in w for w in warned), warned
 
