@@ -14,6 +14,10 @@ A training save directory holds ``latest_checkpointed_iteration.txt`` and
 ``iter_0000010/``-style checkpoint directories; :func:`resolve_checkpoint_dir`
 picks the latest. ``model_spec.json`` and ``tokenizer/`` are looked up in the
 checkpoint directory first, then in its parent (the save directory).
+
+:func:`check_complete` is called before any load: a missing or truncated ``.distcp``
+(a copy cut short, a full disk) is reported by file name as an incomplete checkpoint
+instead of a traceback from inside torch.distributed.checkpoint.
 """
 from __future__ import annotations
 
@@ -28,6 +32,7 @@ from typing import Iterator
 
 import torch
 
+from mcore_align.checkpoint.hf_files import CheckpointError
 from mcore_align.models.spec import ModelSpec
 
 SPEC_FILE = "model_spec.json"
@@ -95,6 +100,19 @@ def read_checkpoint_dtype(ckpt_dir: str | Path) -> torch.dtype:
     return parse_dtype(_spec_doc(ckpt_dir)["dtype"])
 
 
+def sidecar_paths(ckpt_dir: str | Path) -> dict[str, Path]:
+    """``{"model_spec.json": path, "tokenizer": path}`` of a checkpoint (or of the latest
+    one of a save directory), each looked up beside it then in its parent. Both are needed
+    to resume or export; a missing one is a :class:`CheckpointError` naming the directory."""
+    ckpt_dir = resolve_checkpoint_dir(ckpt_dir)
+    found = {name: _find_beside(ckpt_dir, name) for name in (SPEC_FILE, TOKENIZER_DIR)}
+    missing = [name for name, p in found.items() if p is None]
+    if missing:
+        raise CheckpointError(f"{ckpt_dir}: no {' / '.join(missing)} here or in the parent directory; a checkpoint "
+                              "needs both to be resumed or exported (converted and training checkpoints carry them)")
+    return found
+
+
 def tokenizer_dir(ckpt_dir: str | Path) -> Path | None:
     return _find_beside(resolve_checkpoint_dir(ckpt_dir), TOKENIZER_DIR)
 
@@ -132,7 +150,10 @@ def resolve_checkpoint_dir(path: str | Path) -> Path:
         return p
     if (p / LATEST_FILE).exists():
         it = (p / LATEST_FILE).read_text().strip()
-        sub = p / (it if not it.isdigit() else f"iter_{int(it):07d}")
+        if not it.isdigit():
+            raise CheckpointError(f"{p / LATEST_FILE}: expected an iteration number, found {it[:40]!r} "
+                                  "(corrupt marker)")
+        sub = p / f"iter_{int(it):07d}"
         if not (sub / "metadata.json").exists():
             raise FileNotFoundError(f"{p / LATEST_FILE} names iteration {it!r} but {sub} is not a checkpoint")
         return sub
@@ -140,6 +161,38 @@ def resolve_checkpoint_dir(path: str | Path) -> Path:
         f"{p}: not a megatron dist checkpoint (no metadata.json) nor a training save directory "
         f"(no {LATEST_FILE})"
     )
+
+
+def check_complete(ckpt_dir: str | Path) -> Path:
+    """Raise :class:`CheckpointError` naming the file if a dist checkpoint is incomplete.
+
+    torch_dist's ``.metadata`` records, for every stored item, the ``.distcp`` file and
+    the byte range (offset, length) it occupies; each file must exist and be at least as
+    long as the furthest range in it. Cheap: reads the index and stats the files.
+    Returns the checkpoint directory.
+    """
+    from torch.distributed.checkpoint import FileSystemReader
+
+    path = Path(ckpt_dir)
+    for name in ("metadata.json", "common.pt", ".metadata"):
+        if not (path / name).is_file():
+            raise CheckpointError(f"{path / name}: missing; the checkpoint {path} is incomplete")
+    try:
+        storage = FileSystemReader(str(path)).read_metadata().storage_data
+    except Exception as e:  # noqa: BLE001 - a torn pickle can raise anything
+        raise CheckpointError(f"{path / '.metadata'}: unreadable ({type(e).__name__}: {e}); "
+                              f"the checkpoint {path} is incomplete or corrupt") from e
+    need: dict[str, int] = {}  # file -> bytes the index says it holds
+    for info in storage.values():
+        need[info.relative_path] = max(need.get(info.relative_path, 0), info.offset + info.length)
+    for name, size in sorted(need.items()):
+        f = path / name
+        if not f.is_file():
+            raise CheckpointError(f"{f}: missing; the checkpoint {path} is incomplete")
+        if f.stat().st_size < size:
+            raise CheckpointError(f"{f}: {f.stat().st_size} bytes, the index (.metadata) needs {size}; "
+                                  f"the checkpoint {path} is incomplete (truncated file)")
+    return path
 
 
 # -- atomic output ------------------------------------------------------------------------

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from mcore_align.checkpoint.layout import resolve_checkpoint_dir
+from mcore_align.checkpoint.layout import check_complete, resolve_checkpoint_dir
 
 
 def load_model_weights(chunks, ckpt_dir: str | Path) -> Path:
@@ -18,7 +18,7 @@ def load_model_weights(chunks, ckpt_dir: str | Path) -> Path:
     from megatron.core import dist_checkpointing
     from megatron.core.dist_checkpointing.validation import StrictHandling
 
-    path = resolve_checkpoint_dir(ckpt_dir)
+    path = check_complete(resolve_checkpoint_dir(ckpt_dir))  # incomplete: CheckpointError naming the file
     request = {f"chunk{i}": c.sharded_state_dict() for i, c in enumerate(chunks)}
     loaded = dist_checkpointing.load(request, str(path), strict=StrictHandling.RAISE_UNEXPECTED)
     for i, c in enumerate(chunks):

@@ -30,7 +30,8 @@ from pathlib import Path
 
 import torch
 
-from mcore_align.checkpoint.layout import atomic_output_dir, parse_dtype, read_model_spec, resolve_checkpoint_dir
+from mcore_align.checkpoint.layout import (atomic_output_dir, check_complete, parse_dtype, read_model_spec,
+                                          resolve_checkpoint_dir)
 from mcore_align.models.adapter import adapter_for
 from mcore_align.models.lora import HF_GROUPS, LoRAConfig, resolve_target_modules
 
@@ -53,7 +54,7 @@ def is_lora_checkpoint(ckpt_dir: str | Path) -> bool:
 
     if not dist.is_initialized():  # offline tools; under torchrun the trainer's world is kept
         init_single_process()
-    return _saved_model_config(resolve_checkpoint_dir(ckpt_dir)).get("train_type") == "lora"
+    return _saved_model_config(check_complete(resolve_checkpoint_dir(ckpt_dir))).get("train_type") == "lora"
 
 
 def saved_lora_config(path: Path):
@@ -78,7 +79,7 @@ def load_lora_model(chunks, ckpt_dir: str | Path, base: str | Path | None = None
     from mcore_align.checkpoint.loading import load_model_weights
     from mcore_align.models.lora import adapter_sharded_state_dict, apply_lora, load_adapter_state
 
-    path = resolve_checkpoint_dir(ckpt_dir)
+    path = check_complete(resolve_checkpoint_dir(ckpt_dir))
     cfg, saved_base = saved_lora_config(path)
     load_model_weights(chunks, base or saved_base)
     apply_lora(chunks, cfg, seed=0)  # initial values are overwritten by the checkpoint's
@@ -100,7 +101,7 @@ def read_lora_checkpoint(ckpt_dir: str | Path):
     from mcore_align.checkpoint.layout import init_single_process
 
     init_single_process()
-    path = resolve_checkpoint_dir(ckpt_dir)
+    path = check_complete(resolve_checkpoint_dir(ckpt_dir))
     cfg, base = saved_lora_config(path)
     stored = FileSystemReader(str(path)).read_metadata().state_dict_metadata
     request = {}
@@ -138,7 +139,7 @@ def export_peft(ckpt_dir: str | Path, out_dir: str | Path, *, base_model_name_or
     from peft import LoraConfig
     from safetensors.torch import save_file
 
-    path = resolve_checkpoint_dir(ckpt_dir)
+    path = check_complete(resolve_checkpoint_dir(ckpt_dir))
     cfg, base, adapters = read_lora_checkpoint(path)
     hf = hf_adapters(read_model_spec(path), adapters)
     tensors = {}
@@ -166,7 +167,7 @@ def export_merged(ckpt_dir: str | Path, out_dir: str | Path, *, base: str | Path
 
     from mcore_align.checkpoint.mcore_to_hf import convert_mcore_to_hf
 
-    path = resolve_checkpoint_dir(ckpt_dir)
+    path = check_complete(resolve_checkpoint_dir(ckpt_dir))
     cfg, saved_base, adapters = read_lora_checkpoint(path)
     base = base or saved_base
     deltas = hf_adapters(read_model_spec(path), adapters)

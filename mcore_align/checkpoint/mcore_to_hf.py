@@ -30,6 +30,7 @@ from mcore_align.checkpoint.hf_files import ShardedSafetensorsWriter, parse_size
 from mcore_align.checkpoint.hf_to_mcore import _param_of, _Slice, build_meta_model
 from mcore_align.checkpoint.layout import (
     atomic_output_dir,
+    check_complete,
     dtype_name,
     parse_dtype,
     read_model_spec,
@@ -163,7 +164,7 @@ def convert_mcore_to_hf(ckpt_dir: str | Path, out_dir: str | Path, dtype: str | 
     from megatron.core import dist_checkpointing
     from megatron.core.dist_checkpointing.validation import StrictHandling
 
-    path = resolve_checkpoint_dir(ckpt_dir)
+    path = check_complete(resolve_checkpoint_dir(ckpt_dir))  # incomplete: CheckpointError naming the file
     spec = read_model_spec(path)
     adapter = adapter_for(spec)
     model = build_meta_model(spec)

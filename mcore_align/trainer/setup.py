@@ -131,6 +131,11 @@ def build_optimizer(policy, runtime: Runtime, cfg: RunConfig, train_iters: int):
         end_wd=o.weight_decay,
         wd_incr_steps=train_iters,
         wd_incr_style="constant",
+        # On resume the schedule comes from this config and only the step count from the
+        # checkpoint (Megatron-LM's --override-opt_param-scheduler): a relaunch with a larger
+        # train_iters decays over the new length. Changes are logged (trainer/checkpointing.py).
+        use_checkpoint_opt_param_scheduler=False,
+        override_opt_param_scheduler=True,
     )
     return optimizer, scheduler
 

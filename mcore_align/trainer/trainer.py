@@ -16,7 +16,8 @@ from mcore_align.config import RunConfig, check_layout
 from mcore_align.data.batch import layout_multiples
 from mcore_align.data.loader import build_data
 from mcore_align.parallel.runtime import initialize
-from mcore_align.trainer.checkpointing import latest_checkpoint, load_checkpoint, save_checkpoint
+from mcore_align.trainer.checkpointing import (Sidecar, last_stage_state, latest_checkpoint, load_checkpoint,
+                                               save_checkpoint)
 from mcore_align.trainer.reporting import Reporter
 from mcore_align.trainer.setup import (build_optimizer, build_policy, build_reference, check_device_support,
                                        wire_model_config)
@@ -27,6 +28,15 @@ log = logging.getLogger(__name__)
 
 class TooManyNonFinite(RuntimeError):
     pass
+
+
+def _memory_gib(runtime) -> float:
+    """Peak device memory (CUDA) or this process's resident memory (CPU mode), GiB."""
+    if not runtime.is_cpu:
+        return torch.cuda.max_memory_allocated() / 2**30
+    import psutil
+
+    return psutil.Process().memory_info().rss / 2**30
 
 
 class Trainer:
@@ -44,6 +54,8 @@ class Trainer:
         source = Path(self.resume_from or cfg.model.load)  # model_spec.json + tokenizer/
         self.spec = read_model_spec(source)
         check_layout(cfg, self.spec, rank=self.rt.rank)  # PP vs layers, TP vs heads, max_length
+        # Written into every checkpoint: held in memory, as pruning may delete `source`.
+        self.sidecar = Sidecar.read(source, keep=self.rt.rank == 0)
         self.tokenizer = AutoTokenizer.from_pretrained(str(source / "tokenizer"))
         self.objective = build_objective(cfg.algo.rlhf_type, **cfg.algo.params)
         self.data = build_data(
@@ -80,6 +92,10 @@ class Trainer:
     # -- the loop -------------------------------------------------------------------
     def train(self) -> dict:
         t = self.cfg.train
+        if self.step >= self.train_iters:  # a finished run relaunched: leave its checkpoint and logs alone
+            log.warning("the run in %s already reached step %d of train_iters=%d: nothing to train "
+                        "(raise train_iters to continue it)", t.save, self.step, self.train_iters)
+            return {"step": self.step, "history": [], "stopped": False, "eval": {}, "plot": None}
         ref_cache = (self._precompute_reference()
                      if self.objective.needs_reference and t.ref_model == "precompute" else None)
         reporter = Reporter(
@@ -88,6 +104,7 @@ class Trainer:
             config=self.cfg.to_dict(),
         )
         bad_in_row, steps_this_launch, history = 0, 0, []
+        skipped_iters = 0  # this launch
         last_eval: tuple[int, dict] | None = None  # (step, metrics) of the latest evaluation
         if t.eval_interval and self.data.eval is not None and self.step == 0:
             last_eval = (0, self.evaluate())
@@ -101,8 +118,12 @@ class Trainer:
             self.step += 1
             steps_this_launch += 1
             bad_in_row = bad_in_row + 1 if res.skipped else 0
+            skipped_iters += int(res.skipped)
             row = {**res.metrics, "lr": self.optimizer.param_groups[0]["lr"], "grad_norm": res.grad_norm,
-                   "tokens_per_sec": gb.real_tokens / dt, "step_time": dt, "skipped": res.skipped}
+                   "tokens_per_sec": gb.real_tokens / dt, "step_time": dt, "skipped": res.skipped,
+                   "consumed_samples": self.step * t.global_batch_size, "global_batch_size": t.global_batch_size,
+                   "loss_scale": float(self.optimizer.get_loss_scale()), "skipped_iters": skipped_iters,
+                   "mem_gib": _memory_gib(self.rt)}
             history.append(row)
             if self.step % t.log_interval == 0 or res.skipped:
                 reporter.log(self.step, row)
@@ -116,7 +137,7 @@ class Trainer:
                 reporter.log(self.step, last_eval[1], prefix="eval/")
             stop = self._agreed_stop() or (t.exit_after_steps is not None and steps_this_launch >= t.exit_after_steps)
             if t.save and (stop or (t.save_interval and self.step % t.save_interval == 0)):
-                self.save()
+                reporter.echo(f" saved checkpoint at iteration {self.step} to {self.save()}")
             if stop:
                 log.warning("stopping at step %d (signal or exit_after_steps); relaunch to resume", self.step)
                 reporter.close(plot=False)
@@ -128,7 +149,7 @@ class Trainer:
             if final_eval:
                 reporter.log(self.step, final_eval, prefix="eval/")
         if t.save and not (t.save_interval and self.step % t.save_interval == 0):
-            self.save()
+            reporter.echo(f" saved checkpoint at iteration {self.step} to {self.save()}")
         plot = reporter.close(plot=t.plot)
         return {"step": self.step, "history": history, "stopped": False, "eval": final_eval,
                 "plot": str(plot) if plot else None}
@@ -147,13 +168,13 @@ class Trainer:
             add_metric_sums(sums, self.stepper.eval_sums(gb, ref_cache=ref))
         return finalize_metrics(sums)
 
-    def save(self) -> None:
+    def save(self) -> Path:
         t = self.cfg.train
-        save_checkpoint(
+        return save_checkpoint(
             t.save, self.step, self.policy, self.optimizer, self.scheduler, self.rt,
             extra={"step": self.step, "data": self.data.train.state_dict(), "config": self.cfg.to_dict(),
-                   "objective": self.objective.state_dict()},
-            sidecar_from=self.resume_from or self.cfg.model.load, save_total_limit=t.save_total_limit,
+                   "objective": last_stage_state(self.objective.state_dict(), self.rt)},
+            sidecar=self.sidecar, save_total_limit=t.save_total_limit,
         )
 
     def _precompute_reference(self) -> dict[int, list]:
