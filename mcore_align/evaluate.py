@@ -32,7 +32,7 @@ def evaluate(policy: str, reference: str, dataset: list[str], overrides: list[st
     from mcore_align.parallel.runtime import initialize
     from mcore_align.trainer.reference import FrozenModel
     from mcore_align.trainer.setup import model_options
-    from mcore_align.trainer.step import Stepper, add_metric_sums, finalize_metrics
+    from mcore_align.trainer.step import Stepper, add_metric_sums, finalize_metrics, pooled_counts
 
     cfg = build_config({"model": {"load": reference}, "data": {"dataset": dataset}, "algo": {"rlhf_type": rlhf_type}},
                        overrides)
@@ -57,11 +57,13 @@ def evaluate(policy: str, reference: str, dataset: list[str], overrides: list[st
         ref = FrozenModel(build_model(spec, rt, role="reference", opts=opts))
         load_model_weights(ref.chunks, reference)
     stepper = Stepper(rt, objective, pol, ref)
+    # The whole set is one global batch: the loss normalised by its counts, metrics pooled.
+    batches = [next(data.train) for _ in range(data.train.batches_per_epoch)]
+    counts = pooled_counts(batches)
     sums: dict[str, tuple[float, float]] = {}
-    n = data.train.batches_per_epoch
-    for _ in range(n):  # reduced like training metrics: sums and counts, one division
-        add_metric_sums(sums, stepper.eval_sums(next(data.train)))
-    return {"batches": n, **finalize_metrics(sums)}
+    for gb in batches:
+        add_metric_sums(sums, stepper.eval_sums(gb, counts=counts))
+    return {"batches": len(batches), **finalize_metrics(sums)}
 
 
 def main(argv: list[str] | None = None) -> int:

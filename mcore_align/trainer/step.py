@@ -283,16 +283,20 @@ class Stepper:
             scheduler.step(increment=1)
         return StepResult(metrics, skipped=not ok, grad_norm=float(grad_norm) if grad_norm is not None else None)
 
-    def eval_sums(self, global_batch, ref_cache=None) -> dict[str, tuple[float, float]]:
+    def eval_sums(self, global_batch, ref_cache=None, counts: GlobalCounts | None = None
+                  ) -> dict[str, tuple[float, float]]:
         """(sum, count) of every objective metric of the policy on one batch, without
         gradients, reduced over micro-batches and DP (the same on every rank).
 
-        The loss is the batch's global-count-normalised value; it becomes
-        (loss * units, units) with units = pairs (paired data) or sequences, so losses of
-        several batches combine like every other metric: sums and counts add, one division
-        at the end (`finalize_metrics`), whatever the batch split."""
+        ``counts``: the global counts the loss is normalised by; default the batch's own.
+        Evaluation over several batches passes the counts of ALL of them (`pooled_counts`),
+        so the batches' loss contributions add up to the loss of the whole held-out set, as
+        the micro-batches of one training step add up to its loss. The loss comes back as
+        (contribution, this batch's share of the counts' units), so shares add up to 1 and
+        `finalize_metrics` returns the pooled loss; metrics add their sums and counts."""
         batches, global_stat = self.prepare(global_batch, ref_cache)
-        counts = GlobalCounts(**global_batch.counts_dict())
+        own = GlobalCounts(**global_batch.counts_dict())
+        counts = counts or own
 
         def step(data_iterator, model):
             b = next(data_iterator)
@@ -302,9 +306,12 @@ class Stepper:
         with torch.no_grad():
             outs = self._run(self.policy, batches, step, forward_only=True)
         sums = self.reduce_metric_sums(outs)
-        units = float(counts.num_pairs if self.objective.paired else counts.num_sequences)
-        sums["loss"] = (sums["loss"][0] * units, units)
+        sums["loss"] = (sums["loss"][0], self._units(own) / self._units(counts))
         return sums
+
+    def _units(self, counts: GlobalCounts) -> float:
+        """What a loss averages over: pairs (paired data) or sequences."""
+        return float(counts.num_pairs if self.objective.paired else counts.num_sequences)
 
     def eval_step(self, global_batch, ref_cache=None) -> dict[str, float]:
         """Objective metrics of the policy on one batch, without gradients."""
@@ -357,6 +364,15 @@ def add_metric_sums(total: dict[str, tuple[float, float]], more: dict[str, tuple
     for k, (s, c) in more.items():
         s0, c0 = total.get(k, (0.0, 0.0))
         total[k] = (s0 + s, c0 + c)
+
+
+def pooled_counts(global_batches) -> GlobalCounts:
+    """The global counts of several batches taken as one (evaluation over a held-out set)."""
+    total: dict[str, int] = {}
+    for gb in global_batches:
+        for k, v in gb.counts_dict().items():
+            total[k] = total.get(k, 0) + v
+    return GlobalCounts(**total)
 
 
 def finalize_metrics(sums: dict[str, tuple[float, float]]) -> dict[str, float]:

@@ -156,16 +156,17 @@ class Trainer:
 
     # -- pieces ---------------------------------------------------------------------
     def evaluate(self) -> dict:
-        """Metrics over ``eval_iters`` held-out batches, reduced like training metrics: sums
-        and counts over all batches, one division (independent of how batches split)."""
-        from mcore_align.trainer.step import add_metric_sums, finalize_metrics
+        """Metrics over ``eval_iters`` held-out batches taken as ONE global batch: the loss is
+        normalised by the counts of all of them and metrics pool their sums and counts, so
+        nothing depends on how the held-out set splits into batches."""
+        from mcore_align.trainer.step import add_metric_sums, finalize_metrics, pooled_counts
 
+        batches = [gb for _, gb in zip(range(self.cfg.train.eval_iters), self.data.eval)]
+        counts = pooled_counts(batches)
         sums: dict[str, tuple[float, float]] = {}
-        for i, gb in enumerate(self.data.eval):
-            if i >= self.cfg.train.eval_iters:
-                break
+        for i, gb in enumerate(batches):
             ref = self._eval_ref_cache[i] if self._eval_ref_cache is not None else None
-            add_metric_sums(sums, self.stepper.eval_sums(gb, ref_cache=ref))
+            add_metric_sums(sums, self.stepper.eval_sums(gb, ref_cache=ref, counts=counts))
         return finalize_metrics(sums)
 
     def save(self) -> Path:

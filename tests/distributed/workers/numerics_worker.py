@@ -50,7 +50,7 @@ def case_policy_and_identical_reference_are_bitwise_equal():
     for threads in (1, 2):  # per rank
         torch.set_num_threads(threads)
         pol = st.forward_only_sums(st.policy, batches)
-        ref = st.forward_only_sums(st.reference, batches)
+        ref = st.reference_sums(batches)
         for p, r in zip(pol, ref):
             assert torch.equal(p, r), (f"{threads} thread(s): policy vs identical reference: "
                                        f"max |diff| {(p - r).abs().max().item():.3g}")
@@ -71,8 +71,20 @@ def case_reference_refuses_autograd():
     tr = _trainer("dpo")
     b = tr.stepper.to_device(next(tr.data.train).micro_batches)[0]
     try:
-        tr.stepper._model_forward(tr.reference[0], b)
+        tr.stepper._model_forward(tr.reference.chunks[0], b)
     except RuntimeError as e:
         assert "torch.no_grad" in str(e), e
     else:
         raise AssertionError("the frozen reference ran with autograd enabled")
+
+
+def case_eval_metrics_do_not_depend_on_the_batch_split():
+    """Evaluation pools (sum, count) over batches like training: the token-mean NLL over the
+    same 24 held-out pairs is the same in 3 batches of 8 as in 2 batches of 12 (per-batch
+    means averaged would weight the batches' tokens differently)."""
+    got = {}
+    for gbs in (8, 12):
+        tr = _trainer("dpo", f"global_batch_size={gbs}", f"data.val_dataset=[{DATA}]", f"eval_iters={24 // gbs}")
+        got[gbs] = tr.evaluate()
+    for k in ("nll_loss", "loss", "rewards/accuracies", "logps/chosen"):
+        assert abs(got[8][k] - got[12][k]) <= 1e-5 * max(1.0, abs(got[8][k])), (k, got)
