@@ -1,7 +1,8 @@
 """KTO: Kahneman-Tversky Optimization on unpaired desirable / undesirable examples.
 
 Paper: Ethayarajh et al., "KTO: Model Alignment as Prospect Theoretic Optimization",
-arXiv:2402.01306, Eq. (7) (the form TRL's KTOTrainer.kto_loss implements):
+arXiv:2402.01306, Section 3.2, the KTO loss (the form TRL's KTOTrainer.kto_loss implements;
+cite the loss by this section, as the paper's equation numbers differ between its versions):
 
     r(x, y) = log pi(y|x) - log ref(y|x)
     z0      = max(0, E_{x', y'} [ log pi(y'|x') - log ref(y'|x') ])          (detached)
@@ -100,7 +101,7 @@ class KTOConfig:
     undesirable_weight: float = 1.0
     """lambda_U: weight of the undesirable-example losses."""
     loss_type: str = "kto"
-    """"kto" (paper Eq. 7) or "apo_zero_unpaired" (APO-zero on unpaired data, no z0)."""
+    """"kto" (the paper's loss, Sec. 3.2) or "apo_zero_unpaired" (APO-zero on unpaired data, no z0)."""
 
     def __post_init__(self) -> None:
         check_positive(self.beta, "beta")

@@ -131,7 +131,9 @@ def copy_tokenizer(hf_dir: str | Path, ckpt_dir: str | Path) -> list[str]:
 
 def write_checkpoint_extras(ckpt_dir: str | Path, spec: ModelSpec, dtype: torch.dtype,
                             tokenizer_src: str | Path) -> None:
-    """What the trainer writes beside its checkpoints so that export needs no other input.
+    """``model_spec.json`` + ``tokenizer/`` beside a checkpoint, so that export needs no other
+    input (the trainer writes the same files from memory, see trainer/checkpointing.Sidecar;
+    this is for checkpoints assembled by hand or in tests).
 
     ``tokenizer_src`` is an HF directory or a converted checkpoint (its ``tokenizer/``).
     """

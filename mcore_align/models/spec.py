@@ -2,7 +2,8 @@
 
 A :class:`ModelSpec` holds only numbers and switches; every family maps its HF
 config onto it (``families.py``), and the provider turns it into megatron's
-``TransformerConfig`` + layer spec. Shared code never branches on the family name.
+``TransformerConfig`` + layer spec. The family name selects the family's entry in
+``families.py`` and its weight adapter (``adapter.adapter_for``); nothing else reads it.
 """
 from __future__ import annotations
 

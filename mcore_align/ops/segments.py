@@ -85,9 +85,11 @@ def allreduce_segment_sums(
     Gradient convention: every CP rank then computes the *same* loss L from the total
     sums. The backward is the identity, so rank r receives ``dL/d total`` for its partial
     sums and back-propagates exactly the gradient of L through its own tokens, once.
-    Parameter gradients must therefore be **summed** over CP ranks to give dL/dparams
-    (megatron's DDP averages over DP x CP, so a trainer using it multiplies L by
-    ``cp_size``). A sum-backward (all-reduce of the gradient) would count L cp_size times.
+    Parameter gradients must therefore be **summed** over CP ranks to give dL/dparams,
+    which is what the trainer's megatron DDP does: the provider builds with
+    ``calculate_per_token_loss=True`` and ``finalize_model_grads`` runs without a token
+    count, so gradients are summed over DP x CP, never averaged (no ``cp_size`` factor; see
+    trainer/step.py). A sum-backward (all-reduce of the gradient) would count L cp_size times.
     """
     if cp_group is None or dist.get_world_size(cp_group) == 1:
         return sums, counts

@@ -1,8 +1,9 @@
 """CPU execution mode: run megatron-core (written for CUDA) on CPU with gloo.
 
-This is an explicit, opt-in mode (``--device cpu``; the default only where CUDA is
-absent) for tests, laptops and debugging. Everything that bends megatron-core to
-the CPU lives in this one module, so the CUDA path never goes through it.
+This is an explicit, opt-in mode (``train.device=cpu`` in the config, ``--device cpu`` of
+the tools; ``auto`` picks it only where CUDA is absent) for tests, laptops and debugging.
+Everything that bends megatron-core to the CPU lives in this one module, so the CUDA path
+never goes through it.
 
 What megatron-core 0.16 does that fails on a CPU-only torch build, and what we do
 (see also ``shared/notes/megatron-core-on-cpu.md``):
