@@ -20,12 +20,9 @@ per micro-batch; the `nll_loss` metric reports the chosen NLL even when cpo_alph
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable
-
-import torch
-import torch.nn.functional as F
 from torch import Tensor
 
+from mcore_align.algorithms.pair_losses import PairLoss, hinge_pair_loss, ipo_pair_loss, sigmoid_pair_loss
 from mcore_align.algorithms.base import (
     GlobalCounts,
     Metrics,
@@ -42,23 +39,6 @@ from mcore_align.algorithms.base import (
     require_positive,
     split_pairs,
 )
-
-PairLoss = Callable[[Tensor, float, float], Tensor]
-"""fn(logits [P], beta, label_smoothing) -> per-pair losses [P]."""
-
-
-def sigmoid_pair_loss(logits: Tensor, beta: float, label_smoothing: float) -> Tensor:
-    z = beta * logits
-    return -F.logsigmoid(z) * (1 - label_smoothing) - F.logsigmoid(-z) * label_smoothing
-
-
-def hinge_pair_loss(logits: Tensor, beta: float, label_smoothing: float) -> Tensor:
-    return torch.relu(1 - beta * logits)
-
-
-def ipo_pair_loss(logits: Tensor, beta: float, label_smoothing: float) -> Tensor:
-    return (logits - 1 / (2 * beta)) ** 2
-
 
 CPO_LOSSES: dict[str, PairLoss] = {"sigmoid": sigmoid_pair_loss, "hinge": hinge_pair_loss, "ipo": ipo_pair_loss}
 _LENGTH_NORMALISED = {"ipo"}

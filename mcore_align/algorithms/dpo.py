@@ -48,6 +48,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from mcore_align.algorithms.pair_losses import hinge_pair_loss, ipo_pair_loss, sigmoid_pair_loss
 from mcore_align.algorithms.base import (
     GlobalCounts,
     Metrics,
@@ -97,11 +98,7 @@ def _pairwise(per_pair: Callable[[_Terms, "DPOConfig"], Tensor]) -> Callable[[_T
 
 @_pairwise
 def _sigmoid(t: _Terms, cfg: "DPOConfig") -> Tensor:
-    """DPO, arXiv:2305.18290 Eq. (7); label_smoothing eps gives conservative DPO
-    (Mitchell, "A note on DPO with noisy preferences", 2023)."""
-    z = cfg.beta * t.logits
-    eps = cfg.label_smoothing
-    return -F.logsigmoid(z) * (1 - eps) - F.logsigmoid(-z) * eps
+    return sigmoid_pair_loss(t.logits, cfg.beta, cfg.label_smoothing)
 
 
 @_pairwise
@@ -114,14 +111,13 @@ def _robust(t: _Terms, cfg: "DPOConfig") -> Tensor:
 
 @_pairwise
 def _hinge(t: _Terms, cfg: "DPOConfig") -> Tensor:
-    """SLiC hinge, Zhao et al., arXiv:2305.10425; RSO, Liu et al., arXiv:2309.06657, Eq. (10)."""
-    return torch.relu(1 - cfg.beta * t.logits)
+    return hinge_pair_loss(t.logits, cfg.beta, cfg.label_smoothing)
 
 
 @_pairwise
 def _ipo(t: _Terms, cfg: "DPOConfig") -> Tensor:
-    """IPO, Azar et al., arXiv:2310.12036, Eq. (17), beta = tau, on length-normalised logits (TRL)."""
-    return (t.avg_logits - 1 / (2 * cfg.beta)) ** 2
+    """On length-normalised logits (TRL 1.16)."""
+    return ipo_pair_loss(t.avg_logits, cfg.beta, cfg.label_smoothing)
 
 
 # EXO with label_smoothing == 0 would take log(0); TRL substitutes this epsilon.

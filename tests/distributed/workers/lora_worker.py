@@ -191,7 +191,10 @@ def _train_and_check(name: str, *layout: str, iters: int = 8) -> None:
 
     save = _save_dir(name)
     tr = Trainer(_cfg(save, f"train_iters={iters}", *layout))
-    assert tr.reference is None  # LoRA: no second copy of the weights
+    from mcore_align.trainer.reference import PolicyWithoutAdapters
+
+    # LoRA: no second copy of the weights, the reference is the policy with adapters off.
+    assert isinstance(tr.reference, PolicyWithoutAdapters) and tr.reference.policy is tr.policy
     adapters = {n: p for m in tr.policy for n, p in m.module.named_parameters() if p.requires_grad}
     assert adapters and all(".lora." in n for n in adapters), sorted(adapters)
     # Megatron DDP and the optimizer see the adapters only: no grads or Adam state for the base.
