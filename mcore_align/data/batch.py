@@ -104,6 +104,9 @@ class MicroBatch:
     """float32 [N]: the pair's reward-model margin on its sequences (NaN: none)."""
     packed: bool
     """True for the [1, T] THD layout."""
+    extras: dict = field(default_factory=dict)
+    """Per-token float tensors laid out like ``labels`` (online objectives: the advantage,
+    old and reference log-prob of the token each position predicts; 0 elsewhere)."""
 
     def packed_seq_params(self):
         """`PackedSeqParams` (THD) for megatron's attention; None in padded mode."""
@@ -259,7 +262,15 @@ def _shift(tok: np.ndarray, tgt: np.ndarray, width: int) -> tuple[np.ndarray, ..
 
 def collate(store, refs: list[SeqRef], packed: bool, pad_multiple: int, pad_id: int,
             max_length: int) -> MicroBatch:
-    seqs = [_materialize(store, r, max_length) for r in refs]
+    return collate_arrays([_materialize(store, r, max_length) for r in refs], refs, packed, pad_multiple, pad_id)
+
+
+def collate_arrays(seqs: list[tuple[np.ndarray, np.ndarray]], refs: list[SeqRef], packed: bool,
+                   pad_multiple: int, pad_id: int, extras: dict[str, list[np.ndarray]] | None = None) -> MicroBatch:
+    """A micro-batch from (tokens, targets) arrays, one per sequence (targets: 1 on tokens to
+    score). ``extras``: per-token float arrays, one per sequence and aligned with its TOKENS
+    (value i belongs to token i); they are shifted like the targets, so in the batch they sit
+    at the position that predicts the token, the position of its label and loss-mask entry."""
     lens = np.array([len(t) for t, _ in seqs], dtype=np.int64)
     if packed:
         widths = round_up(lens, pad_multiple)
@@ -275,6 +286,14 @@ def collate(store, refs: list[SeqRef], packed: bool, pad_multiple: int, pad_id: 
     cu = np.concatenate([[0], np.cumsum(widths)]).astype(np.int32)
     mask = cat([r[2] for r in rows])
     nlt = np.array([r[2].sum() for r in rows], dtype=np.int64)
+    shifted = {}
+    for name, per_seq in (extras or {}).items():
+        vals = []
+        for v, w in zip(per_seq, widths):
+            row = np.zeros(int(w), np.float32)
+            row[: len(v) - 1] = v[1:]  # value of token t+1 at position t, like the labels
+            vals.append(row)
+        shifted[name] = torch.from_numpy(shape_fix(cat(vals)))
     return MicroBatch(
         tokens=torch.from_numpy(shape_fix(cat(toks))),
         position_ids=torch.from_numpy(shape_fix(cat(pos))),
@@ -289,4 +308,5 @@ def collate(store, refs: list[SeqRef], packed: bool, pad_multiple: int, pad_id: 
         seq_lengths=torch.from_numpy(lens),
         margin=torch.tensor([r.margin for r in refs], dtype=torch.float32),
         packed=packed,
+        extras=shifted,
     )
