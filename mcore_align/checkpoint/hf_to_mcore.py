@@ -257,11 +257,11 @@ def convert_hf_to_mcore(hf_dir: str | Path, out_dir: str | Path, dtype: str | to
     """
     hf_dir = Path(hf_dir)
     spec = spec_from_hf_config(read_hf_config(hf_dir))  # unknown families fail here
-    src = HFSafetensors(hf_dir)
+    adapter = adapter_for(spec)
+    src = adapter.wrap_source(HFSafetensors(hf_dir))
     dtype = parse_dtype(dtype) or src.stored_dtype()
     model = build_meta_model(spec, dtype)
     meta_params = dict(model.named_parameters())
-    adapter = adapter_for(spec)
     src.check_against(expected_hf_shapes(spec, meta_params), adapter.hf_optional())
 
     def compute(name: str) -> torch.Tensor:

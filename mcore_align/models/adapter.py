@@ -115,6 +115,10 @@ class LlamaStyleAdapter:
         # Tied checkpoints sometimes still store lm_head.weight (== embed_tokens).
         return {"lm_head.weight"} if self.spec.tie_word_embeddings else set()
 
+    def wrap_source(self, src):
+        """The HF source as this adapter reads it (MoE: fused expert tensors seen per expert)."""
+        return src
+
     def to_mcore(self, name: str, get_hf: Callable[[str], torch.Tensor]) -> torch.Tensor:
         """Build megatron parameter ``name`` from HF tensors fetched by ``get_hf``."""
         r = self.rules[name]

@@ -20,6 +20,10 @@ What megatron-core 0.16 does that fails on a CPU-only torch build, and what we d
   replaced by the same computation without the device assertion.
 * ``torch.cuda.synchronize`` / ``empty_cache`` / streams raise without CUDA. ->
   no-ops (there is nothing asynchronous to wait for on CPU).
+* MoE (``_patch_moe``): the alltoall dispatcher's CUDA side stream and events -> stand-ins;
+  its all-to-all split sizes are moved to the host only when CUDA -> numpy on CPU too;
+  ``te_general_gemm`` read unguarded without TE -> None (``bridge_moe_without_te``, also
+  called when a MoE model is built on CUDA without TE).
 
 Not supported in this mode. Refused with a clear error before training
 (``trainer.setup.check_device_support``): the distributed optimizer, bf16/fp16
@@ -31,6 +35,7 @@ are reduced once after the last micro-batch).
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 
 import torch
@@ -135,6 +140,7 @@ def enable_cpu_mode() -> None:
     _patch_cuda_runtime()
     _patch_rng()
     _patch_clip_grads()
+    _patch_moe()
     _MODE = _CudaToCpu()
     _MODE.__enter__()  # stays on the mode stack for the life of the process
     _ENABLED = True
@@ -144,3 +150,60 @@ def enable_cpu_mode() -> None:
 def is_cpu_mode() -> bool:
     return _ENABLED
 
+
+
+# -- Mixture of Experts ------------------------------------------------------------------------
+class _CpuStream:
+    """Stand-in for the CUDA side stream of megatron's alltoall dispatcher (CPU work is
+    synchronous: waiting and events are no-ops)."""
+
+    def wait_stream(self, other) -> None:
+        pass
+
+    def record_event(self, event=None) -> "_CpuEvent":
+        return _CpuEvent()
+
+    def synchronize(self) -> None:
+        pass
+
+
+class _CpuEvent:
+    def synchronize(self) -> None:
+        pass
+
+    def wait(self, stream=None) -> None:
+        pass
+
+
+_CPU_STREAM = _CpuStream()
+
+
+def _cpu_maybe_move_tensor_to_cpu(tensor, as_numpy: bool = False, record_stream: bool = False):
+    """megatron's ``maybe_move_tensor_to_cpu`` converts only CUDA tensors, so on CPU the
+    all-to-all split sizes stay tensors and ``all_to_all_single`` raises TypeError; here
+    they become what the CUDA path yields (numpy arrays when ``as_numpy``)."""
+    if torch.is_tensor(tensor) and as_numpy:
+        return tensor.detach().cpu().numpy()
+    return tensor
+
+
+def bridge_moe_without_te() -> None:
+    """Needed wherever Transformer Engine does not import (CPU, and CUDA machines without TE):
+    ``moe_utils`` defines ``te_general_gemm`` only when TE imports, but the router's gating
+    linear reads it unguarded, so every MoE forward raises NameError. Idempotent."""
+    from megatron.core.transformer.moe import moe_utils
+
+    if not hasattr(moe_utils, "te_general_gemm"):
+        moe_utils.te_general_gemm = None
+
+
+def _patch_moe() -> None:
+    """CPU mode for megatron's MoE layer (alltoall dispatcher): stream stand-ins, split sizes
+    as host values. See ``bridge_moe_without_te`` for the part CUDA without TE needs too."""
+    from megatron.core.transformer.moe import token_dispatcher
+
+    bridge_moe_without_te()
+    token_dispatcher.MoEAlltoAllTokenDispatcher.cuda_dtoh_stream = _CPU_STREAM
+    token_dispatcher.maybe_move_tensor_to_cpu = _cpu_maybe_move_tensor_to_cpu
+    torch.cuda.current_stream = lambda device=None: _CPU_STREAM
+    torch.cuda.stream = lambda stream=None: contextlib.nullcontext()
