@@ -1,0 +1,40 @@
+"""MoE at EP=2, TP=2+SP, PP=2 (one 2-rank launch) and TP=2 x EP=2 (one 4-rank launch), all
+from checkpoints converted once at EP=1; logits against transformers."""
+import pytest
+
+from mcore_align.checkpoint import convert_hf_to_mcore
+from mcore_align.models.tiny import make_tiny_model
+from tests.dist_utils import dist_cases, run_dist_module
+from tests.unit.test_moe import MODELS
+
+WORKER = "tests.distributed.workers.moe_worker"
+WORKER4 = "tests.distributed.workers.moe4_worker"
+
+
+@pytest.fixture(scope="module")
+def root(tmp_path_factory):
+    root = tmp_path_factory.mktemp("moe_dist")
+    for name, (family, overrides) in MODELS.items():
+        make_tiny_model(root / name / "hf", family, hf_overrides=overrides)
+        convert_hf_to_mcore(root / name / "hf", root / name / "mc", dtype="fp32")
+    return root
+
+
+@pytest.fixture(scope="module")
+def results(root):
+    return run_dist_module(WORKER, nproc=2, env={"MCA_MOE_ROOT": str(root)})
+
+
+@pytest.fixture(scope="module")
+def results4(root):
+    return run_dist_module(WORKER4, nproc=4, env={"MCA_MOE_ROOT": str(root)})
+
+
+@pytest.mark.parametrize("case", dist_cases(WORKER))
+def test_case(results, case):
+    results.check(case)
+
+
+@pytest.mark.parametrize("case", dist_cases(WORKER4))
+def test_case_4_ranks(results4, case):
+    results4.check(case)
