@@ -244,13 +244,16 @@ class FusedExpertsSource:
 
 
 # -- megatron config and layer specs -----------------------------------------------------------
-def moe_config_kwargs(spec: ModelSpec, parallel, *, grouped_gemm: bool) -> dict:
-    """TransformerConfig fields of a MoE model ({} for a dense one). ``grouped_gemm``: the TE
+def moe_config_kwargs(spec: ModelSpec, parallel, *, grouped_gemm: bool, aux_loss_coeff: float = 0.0) -> dict:
+    """TransformerConfig fields of a MoE model ({} for a dense one). ``aux_loss_coeff`` > 0
+    switches on megatron's ``aux_loss`` load balancing. ``grouped_gemm``: the TE
     layer spec is built (TEGroupedMLP); False: local spec, SequentialMLP. The provider already
     sets ``moe_token_dispatcher_type="alltoall"`` (megatron refuses ``allgather`` with
     variable sequence lengths)."""
     if not is_moe(spec):
         return {}
+    if aux_loss_coeff < 0:
+        raise ValueError(f"moe_aux_loss_coeff must be >= 0, got {aux_loss_coeff}")
     return dict(
         num_moe_experts=spec.num_moe_experts,
         moe_ffn_hidden_size=spec.moe_ffn_hidden_size,
@@ -263,9 +266,9 @@ def moe_config_kwargs(spec: ModelSpec, parallel, *, grouped_gemm: bool) -> dict:
         moe_shared_expert_intermediate_size=spec.moe_shared_expert_intermediate_size,
         moe_shared_expert_gate=spec.moe_shared_expert_gate,
         moe_grouped_gemm=grouped_gemm,
-        # Preference objectives: no auxiliary load-balancing loss (see docs/moe.md).
-        moe_router_load_balancing_type="none",
-        moe_aux_loss_coeff=0.0,
+        # Off by default for preference objectives (ModelOptions.moe_aux_loss_coeff, docs/moe.md).
+        moe_router_load_balancing_type="aux_loss" if aux_loss_coeff else "none",
+        moe_aux_loss_coeff=float(aux_loss_coeff),
         expert_model_parallel_size=parallel.expert_model_parallel_size,
         expert_tensor_parallel_size=parallel.expert_tensor_parallel_size,
     )

@@ -47,6 +47,11 @@ class ModelOptions:
     transformer_engine: bool = True
     """Use Transformer Engine's layer spec when TE imports and CUDA is present. False forces
     megatron's local spec (LoRA wraps the local ColumnParallelLinear/RowParallelLinear)."""
+    moe_aux_loss_coeff: float = 0.0
+    """MoE only: coefficient of megatron's auxiliary load-balancing loss (``aux_loss``); 0 turns
+    it off. Default 0 for preference objectives: with per-token loss normalisation megatron
+    scales it by the local token count, so its gradient depends on the micro-batch split and
+    the layout, and the policy should stay near the reference anyway (docs/moe.md)."""
 
 
 _REPORTED: set = set()
@@ -126,7 +131,7 @@ def transformer_config(spec: ModelSpec, parallel: ParallelConfig, opts: ModelOpt
         recompute_method="uniform" if opts.recompute_granularity == "full" else None,
         recompute_num_layers=1 if opts.recompute_granularity == "full" else None,
         # {} for dense families; grouped GEMM exactly where the TE layer spec is built.
-        **moe_config_kwargs(spec, parallel, grouped_gemm=(
+        **moe_config_kwargs(spec, parallel, aux_loss_coeff=opts.moe_aux_loss_coeff, grouped_gemm=(
             not cpu and opts.transformer_engine and have_transformer_engine())),
     )
 

@@ -1,9 +1,13 @@
 """MoE at EP=2, TP=2+SP, PP=2 (one 2-rank launch) and TP=2 x EP=2 (one 4-rank launch), all
-from checkpoints converted once at EP=1; logits against transformers."""
+from checkpoints converted once at EP=1; logits against transformers. The 2-rank launch also
+trains DPO through the real trainer at DP=2 and at EP=2 (same losses and grad norms)."""
+import json
+
 import pytest
 
 from mcore_align.checkpoint import convert_hf_to_mcore
 from mcore_align.models.tiny import make_tiny_model
+from tests.conftest import shared_data_dir
 from tests.dist_utils import dist_cases, run_dist_module
 from tests.unit.test_moe import MODELS
 
@@ -17,6 +21,10 @@ def root(tmp_path_factory):
     for name, (family, overrides) in MODELS.items():
         make_tiny_model(root / name / "hf", family, hf_overrides=overrides)
         convert_hf_to_mcore(root / name / "hf", root / name / "mc", dtype="fp32")
+    data = shared_data_dir() / "dpo_en_demo.json"
+    if data.exists():  # 16 real pairs, the shortest (the DPO cases skip without them)
+        recs = sorted(json.loads(data.read_text()), key=lambda r: len(json.dumps(r)))
+        (root / "dpo_subset.json").write_text(json.dumps(recs[:16]))
     return root
 
 

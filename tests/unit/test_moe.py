@@ -209,3 +209,15 @@ def test_bad_fused_expert_shape_is_named(converted, tmp_path):
     with pytest.raises(ValueError, match=r"fused expert tensor 'model.layers.0.mlp.experts.gate_up_proj' "
                                          r"has shape \[3, 96, 64\], expected \[4, ., .\]"):
         convert_hf_to_mcore(hf, tmp_path / "mc")
+
+
+def test_aux_loss_is_off_by_default_and_configurable(converted):
+    from mcore_align.models.provider import ModelOptions, transformer_config
+
+    spec = read_model_spec(converted / "qwen3_moe" / "mc")
+    off = transformer_config(spec, ParallelConfig(), ModelOptions(), cpu=True)
+    assert (off.moe_router_load_balancing_type, off.moe_aux_loss_coeff) == ("none", 0.0)
+    on = transformer_config(spec, ParallelConfig(), ModelOptions(moe_aux_loss_coeff=1e-3), cpu=True)
+    assert (on.moe_router_load_balancing_type, on.moe_aux_loss_coeff) == ("aux_loss", 1e-3)
+    with pytest.raises(ValueError, match="moe_aux_loss_coeff must be >= 0, got -1"):
+        transformer_config(spec, ParallelConfig(), ModelOptions(moe_aux_loss_coeff=-1), cpu=True)
