@@ -46,3 +46,23 @@ def test_case(results, case):
 @pytest.mark.parametrize("case", dist_cases(WORKER4))
 def test_case_4_ranks(results4, case):
     results4.check(case)
+
+
+def test_export_of_checkpoint_saved_at_ep2_matches_trained_model(results, root, tmp_path):
+    """The DPO run saved at EP=2; its HF export computes the trained megatron model's logits
+    in transformers (and training moved them away from the base model's)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from mcore_align.checkpoint import convert_mcore_to_hf
+
+    results.check("case_dpo_moe_ep2_matches_dp2")
+    saved = torch.load(root / "dpo_ep2_logits.pt")
+    convert_mcore_to_hf(root / "dpo_ep2_save", tmp_path / "hf")
+    with torch.no_grad():
+        ref = AutoModelForCausalLM.from_pretrained(tmp_path / "hf", dtype=torch.float32).eval()(saved["tokens"]).logits
+        base = AutoModelForCausalLM.from_pretrained(root / "qwen3_moe" / "hf",
+                                                    dtype=torch.float32).eval()(saved["tokens"]).logits
+    scale = ref.abs().max()
+    assert (saved["logits"] - ref).abs().max() / scale < 1e-4
+    assert (base - ref).abs().max() / scale > 1e-3

@@ -85,7 +85,7 @@ def case_expert_layout_must_divide_the_world():
 # -- DPO through the real trainer (tiny Qwen3-MoE) ---------------------------------------------
 # DP=2 (EP=1) and DP=2 x EP=2 (each rank holds 2 of the 4 experts) must give the same losses and
 # grad norms: same data, same order, only where the experts live differs.
-def _train_dpo(name: str, *layout: str) -> list[dict]:
+def _train_dpo(name: str, *layout: str, save: str | None = None) -> list[dict]:
     import json
 
     from mcore_align.config import build_config
@@ -101,12 +101,22 @@ def _train_dpo(name: str, *layout: str) -> list[dict]:
                  "max_tokens_per_micro_batch": 1280, "cache_dir": str(ROOT / "cache")},
         "optim": {"learning_rate": 1e-3, "lr_decay_style": "constant", "clip_grad": 1.0},
         "train": {"global_batch_size": 8, "train_iters": 6, "device": "cpu", "progress_bar": False,
-                  "save": None, "plot": False, "seed": 7},
+                  "save": save, "plot": False, "seed": 7},
         "algo": {"rlhf_type": "dpo", "beta": 0.1, "rpo_alpha": None},
     }
-    history = Trainer(build_config(raw, layout)).train()["history"]
+    tr = Trainer(build_config(raw, layout))
+    history = tr.train()["history"]
     if dist.get_rank() == 0:
         (ROOT / f"dpo_{name}.json").write_text(json.dumps(history))
+    if save is not None:  # logits of the trained model, for the export check on the pytest side
+        import torch
+
+        from mcore_align.checkpoint.verify import megatron_logits
+
+        tokens = torch.randint(0, 512, (2, 24), generator=torch.Generator().manual_seed(0))
+        logits = megatron_logits([m.module for m in tr.policy], tokens, tr.rt)
+        if dist.get_rank() == 0:
+            torch.save({"tokens": tokens, "logits": logits}, ROOT / f"dpo_{name}_logits.pt")
     return history
 
 
@@ -118,7 +128,8 @@ def case_dpo_moe_ep2_matches_dp2():
     import json
     import math
 
-    ep = _train_dpo("ep2", "expert_model_parallel_size=2")
+    # Saved at EP=2: tests/distributed/test_moe_dist.py exports it (experts by global index).
+    ep = _train_dpo("ep2", "expert_model_parallel_size=2", save=str(ROOT / "dpo_ep2_save"))
     dp = json.loads((ROOT / "dpo_dp2.json").read_text())
     assert len(ep) == len(dp) == 6
     for a, b in zip(dp, ep):
