@@ -34,7 +34,7 @@ def results(root):
 
 
 @pytest.fixture(scope="module")
-def results4(root):
+def results4(root, results):  # after the 2-rank launch: its DP=2 DPO history is the reference
     return run_dist_module(WORKER4, nproc=4, env={"MCA_MOE_ROOT": str(root)})
 
 
