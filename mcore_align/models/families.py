@@ -30,7 +30,7 @@ class Family:
     moe_names: "MoeNames | None" = None
     """MoE families: HF tensor names of the MoE block (read by models/moe.py's adapter)."""
     sliding_window_needs_flag: bool = False
-    """``sliding_window`` applies only with ``use_sliding_window: true`` (Qwen-MoE configs)."""
+    """``sliding_window`` applies only with ``use_sliding_window: true`` (Qwen2, Qwen-MoE configs)."""
 
 
 FAMILIES: dict[str, Family] = {}
@@ -44,7 +44,8 @@ def register_family(f: Family) -> Family:
 
 register_family(Family("llama", ("LlamaForCausalLM",), ("llama",), lambda c: bool(c.get("attention_bias", False)), False))
 register_family(Family("mistral", ("MistralForCausalLM",), ("mistral",), lambda c: False, False))
-register_family(Family("qwen2", ("Qwen2ForCausalLM",), ("qwen2",), lambda c: True, False))
+register_family(Family("qwen2", ("Qwen2ForCausalLM",), ("qwen2",), lambda c: True, False,
+                       sliding_window_needs_flag=True))
 register_family(Family("qwen3", ("Qwen3ForCausalLM",), ("qwen3",), lambda c: bool(c.get("attention_bias", False)), True))
 
 
@@ -115,8 +116,7 @@ def spec_from_hf_config(c: dict) -> ModelSpec:
         # HF puts a bias on o_proj too; megatron can only add it together with MLP biases.
         raise ValueError("config.json: attention_bias=True (o_proj bias) is not supported for llama")
     window = c.get("sliding_window")
-    if window is not None and ((fam.name != "qwen2" and not fam.sliding_window_needs_flag)
-                               or c.get("use_sliding_window")):
+    if window is not None and (not fam.sliding_window_needs_flag or c.get("use_sliding_window")):
         warnings.warn(
             f"config.json: sliding_window={window} is ignored: attention is full causal, exact only "
             "for sequences no longer than the window"

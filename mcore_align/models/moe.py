@@ -22,7 +22,7 @@ HF writes one tensor per expert (transformers 5 fuses them in memory only)::
 
 A checkpoint with fused expert tensors on disk (``mlp.experts.gate_up_proj`` [E, 2F, H],
 ``mlp.experts.down_proj`` [E, H, F], transformers' in-memory layout) is read too
-(:class:`FusedExpertsSource`); export always writes the per-expert names.
+(``MoEAdapter.virtual_hf_tensors``); export always writes the per-expert names.
 
 Routing conventions (measured against transformers, see shared/notes/moe-on-megatron-core.md):
 HF softmax -> top-k -> renormalise (Mixtral; Qwen ``norm_topk_prob=True``) equals megatron's
@@ -34,8 +34,6 @@ from __future__ import annotations
 import copy
 import re
 from dataclasses import dataclass
-
-import torch
 
 from mcore_align.models.adapter import ADAPTERS, LlamaStyleAdapter, Rule, _identity
 from mcore_align.models.spec import ModelSpec
@@ -169,78 +167,30 @@ class MoEAdapter(LlamaStyleAdapter):
                     rules.append(one(mp + "shared_experts.gate_weight", hp + nm.shared_expert_gate))
         return rules
 
-    def wrap_source(self, src):
-        """Present fused on-disk expert tensors under the per-expert names (see module doc)."""
-        return FusedExpertsSource.wrap(src, self) or src
-
-
-ADAPTERS["moe"] = MoEAdapter
-
-
-class FusedExpertsSource:
-    """An ``HFSafetensors`` whose fused ``{block}experts.gate_up_proj`` [E, 2F, H] and
-    ``{block}experts.down_proj`` [E, H, F] tensors appear as per-expert tensors.
-
-    ``gate_up_proj[e]`` is [gate_e; up_e] (rows 0..F-1 gate), ``down_proj[e]`` is down_e.
-    ``get`` keeps the last fused tensor read, so converting one layer's E experts reads it
-    once (the converter asks for the experts of a layer in order).
-    """
-
-    def __init__(self, src, virtual: dict[str, tuple[str, int, slice]]):
-        self.src = src
-        self.virtual = virtual  # per-expert name -> (fused name, expert, row slice)
-        self.dir = src.dir
-        self.file_of = {n: f for n, f in src.file_of.items()}
-        self.shapes = dict(src.shapes)
-        self.dtypes = dict(src.dtypes)
-        for name, (fused, e, rows) in virtual.items():
-            full = src.shapes[fused]
-            self.file_of[name], self.dtypes[name] = src.file_of[fused], src.dtypes[fused]
-            self.shapes[name] = (len(range(*rows.indices(full[1]))), full[2])
-        for fused in {f for f, _, _ in virtual.values()}:
-            del self.file_of[fused], self.shapes[fused], self.dtypes[fused]
-        self._cached: tuple[str, torch.Tensor] | None = None
-
-    @classmethod
-    def wrap(cls, src, adapter: MoEAdapter) -> "FusedExpertsSource | None":
-        s, nm = adapter.spec, adapter.names
+    def virtual_hf_tensors(self, stored_shapes):
+        """Fused on-disk experts (transformers' in-memory layout) read as per-expert tensors:
+        ``gate_up_proj[e]`` [2F, H] is [gate_e; up_e], ``down_proj[e]`` [H, F] is down_e."""
+        s, nm = self.spec, self.names
         virtual = {}
         for i, flag in enumerate(s.moe_layer_pattern):
             hp = f"model.layers.{i}.{nm.block}experts."
             fused_gu, fused_d = hp + "gate_up_proj", hp + "down_proj"
-            if fused_gu not in src.shapes and fused_d not in src.shapes:
+            if not flag or (fused_gu not in stored_shapes and fused_d not in stored_shapes):
                 continue
-            for fused in (fused_gu, fused_d):
-                shape = src.shapes.get(fused)
-                if shape is None or len(shape) != 3 or shape[0] != s.num_moe_experts:
-                    raise ValueError(f"{src.dir}: fused expert tensor {fused!r} has shape "
-                                     f"{list(shape) if shape else None}, expected [{s.num_moe_experts}, ., .]")
-            f2 = src.shapes[fused_gu][1]
-            if f2 % 2:
-                raise ValueError(f"{src.dir}: {fused_gu!r} has an odd row count {f2} (expected [gate; up])")
+            for fused, rows_multiple in ((fused_gu, 2), (fused_d, 1)):  # gate_up_proj: [gate; up] rows
+                shape = stored_shapes.get(fused)
+                if shape is None or len(shape) != 3 or shape[0] != s.num_moe_experts or shape[1] % rows_multiple:
+                    raise ValueError(f"fused expert tensor {fused!r} has shape {list(shape) if shape else None}, "
+                                     f"expected [{s.num_moe_experts}, ., .] (gate_up_proj: an even row count)")
+            f2 = stored_shapes[fused_gu][1]
             for e in range(s.num_moe_experts):
                 virtual[f"{hp}{e}.{nm.gate}.weight"] = (fused_gu, e, slice(0, f2 // 2))
                 virtual[f"{hp}{e}.{nm.up}.weight"] = (fused_gu, e, slice(f2 // 2, f2))
                 virtual[f"{hp}{e}.{nm.down}.weight"] = (fused_d, e, slice(None))
-        return cls(src, virtual) if virtual else None
+        return virtual
 
-    def names(self) -> set[str]:
-        return set(self.file_of)
 
-    def get(self, name: str) -> torch.Tensor:
-        if name not in self.virtual:
-            return self.src.get(name)
-        fused, e, rows = self.virtual[name]
-        if self._cached is None or self._cached[0] != fused:
-            self._cached = None  # free the previous one first
-            self._cached = (fused, self.src.get(fused))
-        return self._cached[1][e, rows].clone()
-
-    def check_against(self, expected, optional) -> None:
-        type(self.src).check_against(self, expected, optional)
-
-    def stored_dtype(self) -> torch.dtype:
-        return type(self.src).stored_dtype(self)
+ADAPTERS["moe"] = MoEAdapter
 
 
 # -- megatron config and layer specs -----------------------------------------------------------
@@ -274,20 +224,19 @@ def moe_config_kwargs(spec: ModelSpec, parallel, *, grouped_gemm: bool, aux_loss
     )
 
 
-def moe_mlp_spec(spec: ModelSpec, *, use_te: bool):
-    """The ``mlp`` submodule spec of a MoE layer (TEGroupedMLP with TE, SequentialMLP without)."""
+def _megatron_moe_layer_spec(spec: ModelSpec, *, use_te: bool):
+    """megatron's MoE layer spec, whose ``mlp`` (MoELayer: TEGroupedMLP experts with TE,
+    SequentialMLP without) we take."""
     from megatron.core.models.gpt.gpt_layer_specs import (
         get_gpt_layer_local_spec,
         get_gpt_layer_with_transformer_engine_spec,
     )
 
     if use_te:
-        full = get_gpt_layer_with_transformer_engine_spec(
+        return get_gpt_layer_with_transformer_engine_spec(
             num_experts=spec.num_moe_experts, moe_grouped_gemm=True, qk_layernorm=spec.qk_norm)
-    else:
-        full = get_gpt_layer_local_spec(num_experts=spec.num_moe_experts, moe_grouped_gemm=False,
-                                        qk_layernorm=spec.qk_norm, normalization="RMSNorm")
-    return full
+    return get_gpt_layer_local_spec(num_experts=spec.num_moe_experts, moe_grouped_gemm=False,
+                                    qk_layernorm=spec.qk_norm, normalization="RMSNorm")
 
 
 def moe_layer_specs(spec: ModelSpec, dense, cfg, vp_stage, *, use_te: bool) -> list:
@@ -299,7 +248,7 @@ def moe_layer_specs(spec: ModelSpec, dense, cfg, vp_stage, *, use_te: bool) -> l
     from mcore_align.parallel.cpu_mode import bridge_moe_without_te
 
     bridge_moe_without_te()
-    moe_full = moe_mlp_spec(spec, use_te=use_te)
+    moe_full = _megatron_moe_layer_spec(spec, use_te=use_te)
     moe = copy.deepcopy(dense)
     moe.submodules.mlp = moe_full.submodules.mlp
     if use_te:  # TE's dense spec fuses the pre-MLP norm into linear_fc1; MoE needs its own norm
