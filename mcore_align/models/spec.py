@@ -24,7 +24,7 @@ class RopeScaling:
 @dataclass(frozen=True, kw_only=True)
 class ModelSpec:
     family: str
-    """Registered family name (``llama``, ``mistral``, ``qwen2``, ``qwen3``)."""
+    """Registered family name (``llama``, ``mistral``, ``qwen2``, ``qwen3``, ``qwen3_moe``, ``mixtral``, ``qwen2_moe``)."""
     num_layers: int
     hidden_size: int
     ffn_hidden_size: int
