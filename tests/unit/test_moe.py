@@ -274,3 +274,18 @@ def test_gradients_equal_transformers_autograd(converted, name):
             compared += 1
     assert compared == len(adapter.hf_names())
     assert any(".experts." in n for n in adapter.hf_names()) and any("mlp.gate.weight" in n for n in adapter.hf_names())
+
+
+def test_lora_on_expert_linears_is_refused_attention_only_works(converted):
+    from mcore_align.checkpoint.layout import init_single_process
+    from mcore_align.models.lora import PRESETS, LoRAConfig, apply_lora
+    from mcore_align.models.provider import ModelOptions, build_model
+
+    spec = read_model_spec(converted / "qwen2_moe" / "mc")
+    rt = init_single_process()
+    opts = ModelOptions(core_attention="megatron", transformer_engine=False)
+    with pytest.raises(ValueError,
+                       match=r"LoRA on MoE expert linears is not supported \(decoder.layers.1.mlp.experts"):
+        apply_lora(build_model(spec, rt, opts=opts), LoRAConfig(targets=PRESETS["ALL"]), seed=0)
+    adapted = apply_lora(build_model(spec, rt, opts=opts), LoRAConfig(), seed=0)
+    assert adapted and all("self_attention" in n for n in adapted), adapted
