@@ -24,6 +24,8 @@ What megatron-core 0.16 does that fails on a CPU-only torch build, and what we d
   its all-to-all split sizes are moved to the host only when CUDA -> numpy on CPU too;
   ``te_general_gemm`` read unguarded without TE -> None (``bridge_moe_without_te``, also
   called when a MoE model is built on CUDA without TE).
+  Uneven all-gather / reduce-scatter over the expert-TP group (ETP > 1 with EP > 1), which
+  gloo lacks -> padded all-gather / all-reduce and slice.
 
 Not supported in this mode. Refused with a clear error before training
 (``trainer.setup.check_device_support``): the distributed optimizer, bf16/fp16
@@ -197,12 +199,52 @@ def bridge_moe_without_te() -> None:
         moe_utils.te_general_gemm = None
 
 
+def _uneven_gather_along_first_dim(orig):
+    """gloo's ``all_gather`` needs equal shapes; megatron's alltoall dispatcher gathers uneven
+    row counts over the expert-TP group (ETP > 1 with EP > 1: each rank received a different
+    number of tokens). Same result: pad every part to the largest, gather, cut.
+    Example: output_split_sizes [16, 28] -> both ranks send 28 rows, rank 0's part keeps 16."""
+
+    def gather(input_, group, output_split_sizes=None, use_global_buffer=False):
+        if output_split_sizes is None or group.size() == 1:
+            return orig(input_, group, output_split_sizes, use_global_buffer)
+        sizes = [int(n) for n in output_split_sizes]
+        padded_MH = input_.new_zeros((max(sizes), *input_.shape[1:]))
+        padded_MH[: input_.shape[0]] = input_
+        parts = [torch.empty_like(padded_MH) for _ in sizes]
+        torch.distributed.all_gather(parts, padded_MH, group=group)
+        return torch.cat([p[:n] for p, n in zip(parts, sizes)], dim=0)
+
+    return gather
+
+
+def _uneven_reduce_scatter_along_first_dim(orig):
+    """The uneven reduce-scatter of the same dispatcher (combine, and the gather's backward):
+    all-reduce the whole tensor and keep this rank's rows (same sums; gloo has no uneven
+    reduce-scatter). Example: input_split_sizes [16, 28]: rank 1 keeps rows 16..43."""
+
+    def reduce_scatter(input_, group, input_split_sizes=None, use_global_buffer=False):
+        if input_split_sizes is None or group.size() == 1:
+            return orig(input_, group, input_split_sizes, use_global_buffer)
+        sizes = [int(n) for n in input_split_sizes]
+        total = input_.contiguous().clone()
+        torch.distributed.all_reduce(total, group=group)
+        start = sum(sizes[: group.rank()])
+        return total[start: start + sizes[group.rank()]]
+
+    return reduce_scatter
+
+
 def _patch_moe() -> None:
     """CPU mode for megatron's MoE layer (alltoall dispatcher): stream stand-ins, split sizes
-    as host values. See ``bridge_moe_without_te`` for the part CUDA without TE needs too."""
+    as host values, uneven expert-TP collectives. See ``bridge_moe_without_te`` for the part CUDA without TE needs too."""
+    from megatron.core.tensor_parallel import mappings
     from megatron.core.transformer.moe import token_dispatcher
 
     bridge_moe_without_te()
+    mappings._gather_along_first_dim = _uneven_gather_along_first_dim(mappings._gather_along_first_dim)
+    mappings._reduce_scatter_along_first_dim = _uneven_reduce_scatter_along_first_dim(
+        mappings._reduce_scatter_along_first_dim)
     token_dispatcher.MoEAlltoAllTokenDispatcher.cuda_dtoh_stream = _CPU_STREAM
     token_dispatcher.maybe_move_tensor_to_cpu = _cpu_maybe_move_tensor_to_cpu
     torch.cuda.current_stream = lambda device=None: _CPU_STREAM
