@@ -11,8 +11,8 @@ import warnings
 from dataclasses import dataclass
 from typing import Callable
 
-from mcore_align.models.spec import ModelSpec, RopeScaling
 from mcore_align.models.moe import MoeNames, mixtral_fields, qwen_moe_fields
+from mcore_align.models.spec import ModelSpec, RopeScaling
 
 
 @dataclass(frozen=True)

@@ -16,8 +16,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from mcore_align.models.norm import TorchRMSNorm
 from mcore_align.models.moe import check_moe_layout, is_moe, moe_config_kwargs, moe_layer_specs
+from mcore_align.models.norm import TorchRMSNorm
 from mcore_align.models.spec import ModelSpec
 from mcore_align.parallel.runtime import ParallelConfig, Runtime
 
@@ -234,9 +234,7 @@ def _block_spec(spec: ModelSpec, lspec, cfg, vp_stage, use_te: bool):
 
     layers = moe_layer_specs(spec, lspec, cfg, vp_stage, use_te=use_te)
     if use_te:
-        from megatron.core.extensions.transformer_engine import TENorm
-
-        final = TENorm
+        from megatron.core.extensions.transformer_engine import TENorm as final
     else:
         final = TorchRMSNorm
     return ModuleSpec(module=TransformerBlock,
