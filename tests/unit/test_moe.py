@@ -289,3 +289,27 @@ def test_lora_on_expert_linears_is_refused_attention_only_works(converted):
         apply_lora(build_model(spec, rt, opts=opts), LoRAConfig(targets=PRESETS["ALL"]), seed=0)
     adapted = apply_lora(build_model(spec, rt, opts=opts), LoRAConfig(), seed=0)
     assert adapted and all("self_attention" in n for n in adapted), adapted
+
+
+def test_aux_loss_runs_on_cpu_and_reaches_the_router(converted):
+    """moe_aux_loss_coeff > 0 trains without CUDA and adds a gradient through the routers:
+    the last layer's experts (downstream of every router's aux loss) get the same gradients
+    as without it, its router does not."""
+    from mcore_align.checkpoint import load_model_weights
+    from mcore_align.checkpoint.layout import init_single_process
+    from mcore_align.models.provider import ModelOptions, build_model
+
+    mc = converted / "qwen3_moe" / "mc"
+    spec, rt = read_model_spec(mc), init_single_process()
+    tokens = torch.randint(0, spec.vocab_size, (2, 24), generator=torch.Generator().manual_seed(0))
+    grads = []
+    for coeff in (0.0, 1e-2):
+        (model,) = build_model(spec, rt, opts=ModelOptions(core_attention="megatron", moe_aux_loss_coeff=coeff))
+        load_model_weights([model], mc)
+        model.train()
+        model(tokens, torch.arange(24)[None], attention_mask=None).sum().backward()
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters()})
+    router = "decoder.layers.1.mlp.router.weight"
+    assert not torch.allclose(grads[0][router], grads[1][router])
+    expert = "decoder.layers.1.mlp.experts.local_experts.0.linear_fc1.weight"
+    torch.testing.assert_close(grads[0][expert], grads[1][expert])
