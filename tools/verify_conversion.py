@@ -29,15 +29,20 @@ def main() -> int:
     p.add_argument("--tp", type=int, default=1)
     p.add_argument("--pp", type=int, default=1)
     p.add_argument("--vpp", type=int, default=None)
+    p.add_argument("--sp", action="store_true", help="sequence parallelism (needed by MoE at TP > 1)")
+    p.add_argument("--ep", type=int, default=1, help="expert model parallel size (MoE)")
+    p.add_argument("--etp", type=int, default=None, help="expert tensor parallel size (MoE; default: TP)")
     p.add_argument("--dtype", choices=sorted(DTYPES), default="fp32", help="compute dtype of both models")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     a = p.parse_args()
     rt = initialize(ParallelConfig(tensor_model_parallel_size=a.tp, pipeline_model_parallel_size=a.pp,
-                                   virtual_pipeline_model_parallel_size=a.vpp), device=a.device)
+                                   virtual_pipeline_model_parallel_size=a.vpp, sequence_parallel=a.sp,
+                                   expert_model_parallel_size=a.ep, expert_tensor_parallel_size=a.etp),
+                    device=a.device)
     res = verify_checkpoint(a.hf, a.ckpt, rt, seq_len=a.seq_len, batch=a.batch, dtype=DTYPES[a.dtype])
     ok = res.ok(a.tol)
     if rt.rank == 0:
-        print(f"[tp={a.tp} pp={a.pp} vpp={a.vpp}] {res} -> {'OK' if ok else 'FAIL'} (tol {a.tol:g})")
+        print(f"[tp={a.tp} pp={a.pp} vpp={a.vpp} ep={a.ep}] {res} -> {'OK' if ok else 'FAIL'} (tol {a.tol:g})")
     destroy()
     return 0 if ok else 1
 

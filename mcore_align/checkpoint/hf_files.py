@@ -100,6 +100,37 @@ class HFSafetensors:
         return names[common]
 
 
+class SlicedTensorsView(HFSafetensors):
+    """An :class:`HFSafetensors` in which some stored tensors appear as their sub-tensors.
+
+    ``virtual``: name -> (stored name, index along dim 0, row slice), e.g. MoE's
+    ``...experts.3.up_proj.weight`` -> (``...experts.gate_up_proj``, 3, rows F..2F-1). The
+    stored tensors behind virtual names are hidden (the strict key check sees the virtual
+    names). ``get`` keeps the last stored tensor it read, so asking for the sub-tensors of one
+    stored tensor in a row reads it once.
+    """
+
+    def __init__(self, src: HFSafetensors, virtual: dict[str, tuple[str, int, slice]]):
+        self.src, self.virtual, self.dir = src, virtual, src.dir
+        self.file_of, self.shapes, self.dtypes = dict(src.file_of), dict(src.shapes), dict(src.dtypes)
+        for name, (stored, _, rows) in virtual.items():
+            full = src.shapes[stored]
+            self.file_of[name], self.dtypes[name] = src.file_of[stored], src.dtypes[stored]
+            self.shapes[name] = (len(range(*rows.indices(full[1]))), *full[2:])
+        for stored in {v[0] for v in virtual.values()}:
+            del self.file_of[stored], self.shapes[stored], self.dtypes[stored]
+        self._last: tuple[str, torch.Tensor] | None = None
+
+    def get(self, name: str) -> torch.Tensor:
+        if name not in self.virtual:
+            return self.src.get(name)
+        stored, index, rows = self.virtual[name]
+        if self._last is None or self._last[0] != stored:
+            self._last = None  # free the previous one before reading the next
+            self._last = (stored, self.src.get(stored))
+        return self._last[1][index, rows].clone()
+
+
 def parse_size(size: str | int) -> int:
     """``"5GB"`` -> 5 * 10**9 bytes (HF's convention: decimal units; ``GiB`` binary)."""
     if isinstance(size, int):

@@ -30,7 +30,7 @@ from typing import Callable
 
 import torch
 
-from mcore_align.checkpoint.hf_files import CheckpointError, HFSafetensors
+from mcore_align.checkpoint.hf_files import CheckpointError, HFSafetensors, SlicedTensorsView
 from mcore_align.checkpoint.layout import (
     atomic_output_dir,
     copy_tokenizer,
@@ -257,11 +257,14 @@ def convert_hf_to_mcore(hf_dir: str | Path, out_dir: str | Path, dtype: str | to
     """
     hf_dir = Path(hf_dir)
     spec = spec_from_hf_config(read_hf_config(hf_dir))  # unknown families fail here
+    adapter = adapter_for(spec)
     src = HFSafetensors(hf_dir)
+    virtual = adapter.virtual_hf_tensors(src.shapes)  # e.g. fused MoE experts, read per expert
+    if virtual:
+        src = SlicedTensorsView(src, virtual)
     dtype = parse_dtype(dtype) or src.stored_dtype()
     model = build_meta_model(spec, dtype)
     meta_params = dict(model.named_parameters())
-    adapter = adapter_for(spec)
     src.check_against(expected_hf_shapes(spec, meta_params), adapter.hf_optional())
 
     def compute(name: str) -> torch.Tensor:

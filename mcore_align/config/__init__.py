@@ -69,9 +69,14 @@ class ModelConfig:
     import, on CPU, or with LoRA), "local" (megatron's local spec and mcore_align's packed
     attention) or "auto" (TE when it imports and CUDA is present and train_type is not lora,
     else local; the start-up log says which and why)."""
+    moe_aux_loss_coeff: float = 0.0
+    """MoE models: megatron's load-balancing auxiliary loss coefficient; 0 (default) turns it
+    off for preference objectives (see docs/moe.md for why)."""
 
     def __post_init__(self) -> None:
         check_field_types(self, "model")
+        if self.moe_aux_loss_coeff < 0:
+            raise ValueError(f"model.moe_aux_loss_coeff must be >= 0, got {self.moe_aux_loss_coeff}")
         if self.transformer_impl not in TRANSFORMER_IMPLS:
             raise ValueError(f"model.transformer_impl must be one of {TRANSFORMER_IMPLS}, got {self.transformer_impl!r}")
         check_positive(self, "model", "lora_rank", "lora_alpha")

@@ -115,6 +115,12 @@ class LlamaStyleAdapter:
         # Tied checkpoints sometimes still store lm_head.weight (== embed_tokens).
         return {"lm_head.weight"} if self.spec.tie_word_embeddings else set()
 
+    def virtual_hf_tensors(self, stored_shapes: dict[str, tuple[int, ...]]) -> dict[str, tuple[str, int, slice]]:
+        """HF names this adapter reads that the checkpoint stores inside a larger tensor:
+        name -> (stored name, index along dim 0, row slice of that sub-tensor). Dense
+        layouts have none; MoE reads fused expert tensors this way (models/moe.py)."""
+        return {}
+
     def to_mcore(self, name: str, get_hf: Callable[[str], torch.Tensor]) -> torch.Tensor:
         """Build megatron parameter ``name`` from HF tensors fetched by ``get_hf``."""
         r = self.rules[name]

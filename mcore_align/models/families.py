@@ -11,6 +11,7 @@ import warnings
 from dataclasses import dataclass
 from typing import Callable
 
+from mcore_align.models.moe import MoeNames, mixtral_fields, qwen_moe_fields
 from mcore_align.models.spec import ModelSpec, RopeScaling
 
 
@@ -24,6 +25,12 @@ class Family:
     qkv_bias: Callable[[dict], bool]
     qk_norm: bool
     adapter: str = "llama_style"
+    moe: Callable[[dict], dict] | None = None
+    """MoE families: HF config -> the ModelSpec MoE fields (see models/moe.py); None: dense."""
+    moe_names: "MoeNames | None" = None
+    """MoE families: HF tensor names of the MoE block (read by models/moe.py's adapter)."""
+    sliding_window_needs_flag: bool = False
+    """``sliding_window`` applies only with ``use_sliding_window: true`` (Qwen2, Qwen-MoE configs)."""
 
 
 FAMILIES: dict[str, Family] = {}
@@ -37,8 +44,31 @@ def register_family(f: Family) -> Family:
 
 register_family(Family("llama", ("LlamaForCausalLM",), ("llama",), lambda c: bool(c.get("attention_bias", False)), False))
 register_family(Family("mistral", ("MistralForCausalLM",), ("mistral",), lambda c: False, False))
-register_family(Family("qwen2", ("Qwen2ForCausalLM",), ("qwen2",), lambda c: True, False))
+register_family(Family("qwen2", ("Qwen2ForCausalLM",), ("qwen2",), lambda c: True, False,
+                       sliding_window_needs_flag=True))
 register_family(Family("qwen3", ("Qwen3ForCausalLM",), ("qwen3",), lambda c: bool(c.get("attention_bias", False)), True))
+
+
+def _no_attention_bias(c: dict) -> bool:
+    """Families whose ``attention_bias`` also puts a bias on o_proj, which megatron cannot add alone."""
+    if c.get("attention_bias"):
+        raise ValueError("config.json: attention_bias=True (o_proj bias) is not supported for "
+                         f"{c.get('model_type')}")
+    return False
+
+
+register_family(Family("qwen3_moe", ("Qwen3MoeForCausalLM",), ("qwen3_moe",), _no_attention_bias, True,
+                       adapter="moe", moe=qwen_moe_fields, moe_names=MoeNames(block="mlp."),
+                       sliding_window_needs_flag=True))
+register_family(Family("mixtral", ("MixtralForCausalLM",), ("mixtral",), lambda c: False, False,
+                       adapter="moe", moe=mixtral_fields,
+                       moe_names=MoeNames(block="block_sparse_moe.", gate="w1", up="w3", down="w2")))
+register_family(Family("qwen2_moe", ("Qwen2MoeForCausalLM",), ("qwen2_moe",),
+                       lambda c: bool(c.get("qkv_bias", True)), False,
+                       adapter="moe", moe=qwen_moe_fields,
+                       moe_names=MoeNames(block="mlp.", shared_expert="shared_expert.",
+                                          shared_expert_gate="shared_expert_gate.weight"),
+                       sliding_window_needs_flag=True))
 
 
 def supported() -> str:
@@ -86,7 +116,7 @@ def spec_from_hf_config(c: dict) -> ModelSpec:
         # HF puts a bias on o_proj too; megatron can only add it together with MLP biases.
         raise ValueError("config.json: attention_bias=True (o_proj bias) is not supported for llama")
     window = c.get("sliding_window")
-    if window is not None and (fam.name != "qwen2" or c.get("use_sliding_window")):
+    if window is not None and (not fam.sliding_window_needs_flag or c.get("use_sliding_window")):
         warnings.warn(
             f"config.json: sliding_window={window} is ignored: attention is full causal, exact only "
             "for sequences no longer than the window"
@@ -111,4 +141,5 @@ def spec_from_hf_config(c: dict) -> ModelSpec:
         tie_word_embeddings=bool(c.get("tie_word_embeddings", False)),
         init_std=float(c.get("initializer_range", 0.02)),
         hf_config=c,
+        **(fam.moe(c) if fam.moe else {}),
     )

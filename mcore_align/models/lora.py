@@ -231,11 +231,17 @@ def apply_lora(chunks, cfg: LoRAConfig, *, seed: int) -> list[str]:
     adapted = []
     for chunk in chunks:
         chunk.requires_grad_(False)
-        for name, mod in list(chunk.named_modules()):
-            if name.rsplit(".", 1)[-1] in cfg.targets:
-                gname = global_module_name(chunk, name)
-                attach_lora(mod, gname, cfg, seed=seed)
-                adapted.append(gname)
+        targets = [(name, mod) for name, mod in chunk.named_modules() if name.rsplit(".", 1)[-1] in cfg.targets]
+        experts = [name for name, _ in targets if ".experts." in name or ".shared_experts." in name]
+        if experts:  # checked before any adapter is attached
+            # Expert parameters are reduced over the expert-data-parallel group and named by
+            # local expert index; adapters on them would be neither (MoE, docs/moe.md).
+            raise ValueError(f"LoRA on MoE expert linears is not supported ({experts[0]}, ...); "
+                             "target attention only (lora_target_modules=DEFAULT)")
+        for name, mod in targets:
+            gname = global_module_name(chunk, name)
+            attach_lora(mod, gname, cfg, seed=seed)
+            adapted.append(gname)
     if not adapted:
         raise ValueError(f"LoRA: no module named {cfg.targets} in the model")
     return adapted

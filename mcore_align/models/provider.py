@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from mcore_align.models.moe import check_moe_layout, is_moe, moe_config_kwargs, moe_layer_specs
 from mcore_align.models.norm import TorchRMSNorm
 from mcore_align.models.spec import ModelSpec
 from mcore_align.parallel.runtime import ParallelConfig, Runtime
@@ -50,6 +51,11 @@ class ModelOptions:
     lora: bool = False
     """LoRA adapters will wrap the linear layers: they wrap megatron's local
     ColumnParallelLinear/RowParallelLinear, so "auto" picks local and "transformer_engine" is refused."""
+    moe_aux_loss_coeff: float = 0.0
+    """MoE only: coefficient of megatron's auxiliary load-balancing loss (``aux_loss``); 0 turns
+    it off. Default 0 for preference objectives: with per-token loss normalisation megatron
+    scales it by the local token count, so its gradient depends on the micro-batch split and
+    the layout, and the policy should stay near the reference anyway (docs/moe.md)."""
 
 
 TRANSFORMER_IMPLS = ("auto", "local", "transformer_engine")
@@ -167,6 +173,9 @@ def transformer_config(spec: ModelSpec, parallel: ParallelConfig, opts: ModelOpt
         recompute_granularity=opts.recompute_granularity,
         recompute_method="uniform" if opts.recompute_granularity == "full" else None,
         recompute_num_layers=1 if opts.recompute_granularity == "full" else None,
+        # {} for dense families; grouped GEMM exactly where the TE layer spec is built.
+        **moe_config_kwargs(spec, parallel, aux_loss_coeff=opts.moe_aux_loss_coeff,
+                            grouped_gemm=select_transformer_impl(opts, cpu=cpu)[0]),
     )
 
 
@@ -220,6 +229,7 @@ def build_model(spec: ModelSpec, runtime: Runtime, *, role: str = "policy", opts
             f"num_key_value_heads {spec.num_query_groups} and num_attention_heads "
             f"{spec.num_attention_heads} must be divisible by tensor_model_parallel_size {tp}"
         )
+    check_moe_layout(spec, par)
     use_te, why = select_transformer_impl(opts, cpu=runtime.is_cpu)
     report_model_backends(use_te, why, opts, runtime)
     cfg = transformer_config(spec, par, opts, cpu=runtime.is_cpu)
@@ -230,7 +240,7 @@ def build_model(spec: ModelSpec, runtime: Runtime, *, role: str = "policy", opts
         stage = vp_stage if par.virtual_pipeline_model_parallel_size else None
         model = GPTModel(
             config=cfg,
-            transformer_layer_spec=lspec if use_te else _local_block_spec(lspec, cfg, stage),
+            transformer_layer_spec=_block_spec(spec, lspec, cfg, stage, use_te),
             vocab_size=spec.vocab_size,
             max_sequence_length=spec.max_position_embeddings,
             pre_process=parallel_state.is_pipeline_first_stage(ignore_virtual=False, vp_stage=stage),
@@ -280,6 +290,23 @@ def _freeze_for_inference(model) -> None:
                                "run it under torch.no_grad()")
 
     model.register_forward_pre_hook(no_autograd)
+
+
+def _block_spec(spec: ModelSpec, lspec, cfg, vp_stage, use_te: bool):
+    """What GPTModel is given: the layer spec (TE, dense), or this stage's block with per-layer
+    specs (local spec; MoE models, whose layers are dense or MoE per ``moe_layer_pattern``)."""
+    if not is_moe(spec):
+        return lspec if use_te else _local_block_spec(lspec, cfg, vp_stage)
+    from megatron.core.transformer.spec_utils import ModuleSpec
+    from megatron.core.transformer.transformer_block import TransformerBlock, TransformerBlockSubmodules
+
+    layers = moe_layer_specs(spec, lspec, cfg, vp_stage, use_te=use_te)
+    if use_te:
+        from megatron.core.extensions.transformer_engine import TENorm as final
+    else:
+        final = TorchRMSNorm
+    return ModuleSpec(module=TransformerBlock,
+                      submodules=TransformerBlockSubmodules(layer_specs=layers, layer_norm=final))
 
 
 def _local_block_spec(lspec, cfg, vp_stage):

@@ -25,7 +25,7 @@ class RopeScaling:
 @dataclass(frozen=True, kw_only=True)
 class ModelSpec:
     family: str
-    """Registered family name (``llama``, ``mistral``, ``qwen2``, ``qwen3``)."""
+    """Registered family name (``llama``, ``mistral``, ``qwen2``, ``qwen3``, ``qwen3_moe``, ``mixtral``, ``qwen2_moe``)."""
     num_layers: int
     hidden_size: int
     ffn_hidden_size: int
@@ -44,6 +44,23 @@ class ModelSpec:
     init_std: float = 0.02
     hf_config: dict = field(default_factory=dict, compare=False, repr=False)
     """The source ``config.json``, kept so export needs no other input."""
+    # -- Mixture of Experts (None / empty for dense families; see models/moe.py) -------------
+    num_moe_experts: int | None = None
+    """Routed experts per MoE layer (HF ``num_experts`` / ``num_local_experts``)."""
+    moe_ffn_hidden_size: int | None = None
+    """Hidden size of one routed expert's SwiGLU MLP."""
+    moe_router_topk: int = 0
+    """Experts per token (HF ``num_experts_per_tok``)."""
+    moe_router_pre_softmax: bool = False
+    """megatron's routing convention: True = softmax over all experts, then top-k (the k
+    probabilities are not renormalised); False = top-k on the logits, then softmax over those k
+    (equal to softmax-then-top-k renormalised to sum 1)."""
+    moe_layer_pattern: tuple[int, ...] = ()
+    """Per layer, 1 = MoE, 0 = dense MLP of ``ffn_hidden_size`` (megatron's list ``moe_layer_freq``)."""
+    moe_shared_expert_intermediate_size: int | None = None
+    """Hidden size of the always-on shared expert (Qwen2-MoE); None: no shared expert."""
+    moe_shared_expert_gate: bool = False
+    """The shared expert's output is scaled by sigmoid(hidden @ gate) (Qwen2-MoE)."""
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=1, sort_keys=True)
@@ -53,6 +70,8 @@ class ModelSpec:
         d = dict(d)
         if d.get("rope_scaling"):
             d["rope_scaling"] = RopeScaling(**d["rope_scaling"])
+        if "moe_layer_pattern" in d:  # JSON lists back to the tuple the dataclass holds
+            d["moe_layer_pattern"] = tuple(d["moe_layer_pattern"])
         return cls(**d)
 
 

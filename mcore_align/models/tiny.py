@@ -19,6 +19,14 @@ TINY_FAMILIES = {
     "mistral": ("MistralForCausalLM", "mistral", "llama2", {"sliding_window": None}),
     "qwen2": ("Qwen2ForCausalLM", "qwen2", "chatml", {}),
     "qwen3": ("Qwen3ForCausalLM", "qwen3", "chatml", {"head_dim": 24}),
+    # MoE: 4 experts, top-2 (Mixtral's experts are intermediate_size wide).
+    "qwen3_moe": ("Qwen3MoeForCausalLM", "qwen3_moe", "chatml", {
+        "num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 48, "norm_topk_prob": True}),
+    "mixtral": ("MixtralForCausalLM", "mixtral", "llama2", {
+        "num_local_experts": 4, "num_experts_per_tok": 2, "sliding_window": None}),
+    "qwen2_moe": ("Qwen2MoeForCausalLM", "qwen2_moe", "chatml", {
+        "num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 48,
+        "shared_expert_intermediate_size": 80, "norm_topk_prob": False}),
 }
 
 
@@ -41,11 +49,14 @@ def make_tiny_model(
     rope_theta: float = 10000.0,
     rms_norm_eps: float = 1e-6,
     rope_scaling: dict | None = None,
+    hf_overrides: dict | None = None,
 ) -> Path:
     """Write a random-init HF checkpoint + tokenizer to ``out_dir``; returns the path.
 
     ``rope_scaling``: HF's dict, replacing the family's (the tiny Llama uses Llama 3.1's
     ``llama3`` scaling with a 128-token original window, so it matters at short lengths).
+    ``hf_overrides``: further config.json fields over the family's (e.g. ``norm_topk_prob``,
+    ``mlp_only_layers`` of a MoE family).
     """
     from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -71,7 +82,7 @@ def make_tiny_model(
         bos_token_id=tok.bos_token_id,
         eos_token_id=tok.eos_token_id,
         pad_token_id=tok.pad_token_id,
-        **{**extra, **({"rope_scaling": rope_scaling} if rope_scaling else {})},
+        **{**extra, **({"rope_scaling": rope_scaling} if rope_scaling else {}), **(hf_overrides or {})},
     )
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)

@@ -27,6 +27,12 @@ What megatron-core 0.16 does that fails on a CPU-only torch build, and what we d
   ``record`` / ``synchronize`` / ``elapsed_time`` (milliseconds). Its pipeline p2p helpers
   assert ``tensor.is_cuda`` before every send/recv/broadcast. -> the same check without
   the device part (not None, contiguous where asked).
+* MoE (``_patch_moe``): the alltoall dispatcher's CUDA side stream and events -> stand-ins;
+  its all-to-all split sizes are moved to the host only when CUDA -> numpy on CPU too;
+  ``te_general_gemm`` read unguarded without TE -> None (``bridge_moe_without_te``, also
+  called when a MoE model is built on CUDA without TE).
+  Uneven all-gather / reduce-scatter over the expert-TP group (ETP > 1 with EP > 1), which
+  gloo lacks -> padded all-gather / all-reduce and slice.
 
 Not supported in this mode. Refused with a clear error before training
 (``trainer.setup.check_device_support``): the distributed optimizer, bf16/fp16
@@ -38,6 +44,7 @@ are reduced once after the last micro-batch).
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 
 import torch
@@ -185,6 +192,7 @@ def enable_cpu_mode() -> None:
     _patch_rng()
     _patch_clip_grads()
     _patch_inference()
+    _patch_moe()
     _MODE = _CudaToCpu()
     _MODE.__enter__()  # stays on the mode stack for the life of the process
     _ENABLED = True
@@ -194,3 +202,100 @@ def enable_cpu_mode() -> None:
 def is_cpu_mode() -> bool:
     return _ENABLED
 
+
+
+# -- Mixture of Experts ------------------------------------------------------------------------
+class _CpuStream:
+    """Stand-in for the CUDA side stream of megatron's alltoall dispatcher (CPU work is
+    synchronous: waiting and events are no-ops)."""
+
+    def wait_stream(self, other) -> None:
+        pass
+
+    def record_event(self, event=None) -> "_CpuEvent":
+        return _CpuEvent()
+
+    def synchronize(self) -> None:
+        pass
+
+
+class _CpuEvent:
+    def synchronize(self) -> None:
+        pass
+
+    def wait(self, stream=None) -> None:
+        pass
+
+
+_CPU_STREAM = _CpuStream()
+
+
+def _cpu_maybe_move_tensor_to_cpu(tensor, as_numpy: bool = False, record_stream: bool = False):
+    """megatron's ``maybe_move_tensor_to_cpu`` converts only CUDA tensors, so on CPU the
+    all-to-all split sizes stay tensors and ``all_to_all_single`` raises TypeError; here
+    they become what the CUDA path yields (numpy arrays when ``as_numpy``)."""
+    if torch.is_tensor(tensor) and as_numpy:
+        return tensor.detach().cpu().numpy()
+    return tensor
+
+
+def bridge_moe_without_te() -> None:
+    """Needed wherever Transformer Engine does not import (CPU, and CUDA machines without TE):
+    ``moe_utils`` defines ``te_general_gemm`` only when TE imports, but the router's gating
+    linear reads it unguarded, so every MoE forward raises NameError. Idempotent."""
+    from megatron.core.transformer.moe import moe_utils
+
+    if not hasattr(moe_utils, "te_general_gemm"):
+        moe_utils.te_general_gemm = None
+
+
+def _uneven_gather_along_first_dim(orig):
+    """gloo's ``all_gather`` needs equal shapes; megatron's alltoall dispatcher gathers uneven
+    row counts over the expert-TP group (ETP > 1 with EP > 1: each rank received a different
+    number of tokens). Same result: pad every part to the largest, gather, cut.
+    Example: output_split_sizes [16, 28] -> both ranks send 28 rows, rank 0's part keeps 16."""
+
+    def gather(input_, group, output_split_sizes=None, use_global_buffer=False):
+        if output_split_sizes is None or group.size() == 1:
+            return orig(input_, group, output_split_sizes, use_global_buffer)
+        sizes = [int(n) for n in output_split_sizes]
+        padded_MH = input_.new_zeros((max(sizes), *input_.shape[1:]))
+        padded_MH[: input_.shape[0]] = input_
+        parts = [torch.empty_like(padded_MH) for _ in sizes]
+        torch.distributed.all_gather(parts, padded_MH, group=group)
+        return torch.cat([p[:n] for p, n in zip(parts, sizes)], dim=0)
+
+    return gather
+
+
+def _uneven_reduce_scatter_along_first_dim(orig):
+    """The uneven reduce-scatter of the same dispatcher (combine, and the gather's backward):
+    all-reduce the whole tensor and keep this rank's rows (same sums; gloo has no uneven
+    reduce-scatter). Example: input_split_sizes [16, 28]: rank 1 keeps rows 16..43."""
+
+    def reduce_scatter(input_, group, input_split_sizes=None, use_global_buffer=False):
+        if input_split_sizes is None or group.size() == 1:
+            return orig(input_, group, input_split_sizes, use_global_buffer)
+        sizes = [int(n) for n in input_split_sizes]
+        total = input_.contiguous().clone()
+        torch.distributed.all_reduce(total, group=group)
+        start = sum(sizes[: group.rank()])
+        return total[start: start + sizes[group.rank()]]
+
+    return reduce_scatter
+
+
+def _patch_moe() -> None:
+    """CPU mode for megatron's MoE layer (alltoall dispatcher): stream stand-ins, split sizes
+    as host values, uneven expert-TP collectives. See ``bridge_moe_without_te`` for the part CUDA without TE needs too."""
+    from megatron.core.tensor_parallel import mappings
+    from megatron.core.transformer.moe import token_dispatcher
+
+    bridge_moe_without_te()
+    mappings._gather_along_first_dim = _uneven_gather_along_first_dim(mappings._gather_along_first_dim)
+    mappings._reduce_scatter_along_first_dim = _uneven_reduce_scatter_along_first_dim(
+        mappings._reduce_scatter_along_first_dim)
+    token_dispatcher.MoEAlltoAllTokenDispatcher.cuda_dtoh_stream = _CPU_STREAM
+    token_dispatcher.maybe_move_tensor_to_cpu = _cpu_maybe_move_tensor_to_cpu
+    torch.cuda.current_stream = lambda device=None: _CPU_STREAM
+    torch.cuda.stream = lambda stream=None: contextlib.nullcontext()

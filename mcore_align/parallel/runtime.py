@@ -34,6 +34,12 @@ class ParallelConfig:
     """Context parallel size: each sequence is split over this many ranks."""
     sequence_parallel: bool = False
     """Split LayerNorm/dropout activations along the sequence over the TP group."""
+    expert_model_parallel_size: int = 1
+    """Expert parallel size (MoE): each MoE layer's experts are split over this many ranks
+    (must divide the number of experts); tokens reach their experts by all-to-all."""
+    expert_tensor_parallel_size: int | None = None
+    """Tensor parallel size inside each expert (MoE); None: tensor_model_parallel_size.
+    Expert layout: world = ETP * EP * expert-DP * PP."""
 
     def __post_init__(self) -> None:
         from mcore_align.config.types import check_field_types  # local: mcore_align.config imports this module
@@ -50,6 +56,20 @@ class ParallelConfig:
             )
         if self.sequence_parallel and self.tensor_model_parallel_size == 1:
             raise ValueError("sequence_parallel=True needs tensor_model_parallel_size > 1")
+        self._check_expert_sizes()
+
+    def _check_expert_sizes(self) -> None:
+        if self.expert_model_parallel_size < 1:
+            raise ValueError(f"expert_model_parallel_size must be >= 1, got {self.expert_model_parallel_size}")
+        etp = self.expert_tensor_parallel_size
+        if etp is not None and etp < 1:
+            raise ValueError(f"expert_tensor_parallel_size must be >= 1 or None, got {etp}")
+
+    @property
+    def expert_layout_size(self) -> int:
+        """ETP * EP * PP: what the world size must be a multiple of for the expert groups."""
+        etp = self.expert_tensor_parallel_size or self.tensor_model_parallel_size
+        return etp * self.expert_model_parallel_size * self.pipeline_model_parallel_size
 
     @property
     def model_parallel_size(self) -> int:
@@ -141,9 +161,17 @@ def initialize(parallel: ParallelConfig, device: str = "auto", seed: int = 1234)
             f"world size {world} is not divisible by TP*PP*CP = {parallel.model_parallel_size} "
             f"({dataclasses.asdict(parallel)})"
         )
+    if world % parallel.expert_layout_size:
+        raise ValueError(
+            f"world size {world} is not divisible by expert_tensor_parallel_size x "
+            f"expert_model_parallel_size x pipeline_model_parallel_size = {parallel.expert_layout_size} "
+            f"({dataclasses.asdict(parallel)})"
+        )
     if parallel_state.model_parallel_is_initialized():
         parallel_state.destroy_model_parallel()
     parallel_state.initialize_model_parallel(
+        expert_model_parallel_size=parallel.expert_model_parallel_size,
+        expert_tensor_parallel_size=parallel.expert_tensor_parallel_size,
         tensor_model_parallel_size=parallel.tensor_model_parallel_size,
         pipeline_model_parallel_size=parallel.pipeline_model_parallel_size,
         virtual_pipeline_model_parallel_size=parallel.virtual_pipeline_model_parallel_size,

@@ -18,7 +18,8 @@ def model_options(cfg: RunConfig, head: str = "lm") -> ModelOptions:
     dtype = torch.bfloat16 if cfg.model.bf16 else torch.float16 if cfg.model.fp16 else torch.float32
     return ModelOptions(params_dtype=dtype, recompute_granularity=cfg.model.recompute_granularity,
                         head=head, fused_logprobs=cfg.model.fused_logprobs,
-                        transformer_impl=cfg.model.transformer_impl, lora=cfg.model.train_type == "lora")
+                        transformer_impl=cfg.model.transformer_impl, lora=cfg.model.train_type == "lora",
+                        moe_aux_loss_coeff=cfg.model.moe_aux_loss_coeff)
 
 
 def check_device_support(cfg: RunConfig, runtime: Runtime) -> None:

@@ -1,0 +1,279 @@
+"""Mixture of Experts: HF config -> ModelSpec MoE fields, weight-adapter rules, layer specs.
+
+Families (``families.py``) carry a :class:`MoeNames` record: the HF tensor names of one
+MoE block. Everything else here is family-neutral.
+
+Megatron's MoE block (local spec: ``MoELayer`` with ``SequentialMLP`` experts; TE spec:
+``TEGroupedMLP``, same checkpoint format) has, per MoE layer ``i`` (names at EP=1, where
+local expert index == global index; dist checkpoints store experts by global index, so
+a checkpoint loads at any EP)::
+
+    decoder.layers.{i}.mlp.router.weight                               [E, H]
+    decoder.layers.{i}.mlp.experts.local_experts.{e}.linear_fc1.weight [2F, H]  = [gate; up]
+    decoder.layers.{i}.mlp.experts.local_experts.{e}.linear_fc2.weight [H, F]
+    decoder.layers.{i}.mlp.shared_experts.linear_fc1.weight            [2Fs, H] (Qwen2-MoE)
+    decoder.layers.{i}.mlp.shared_experts.linear_fc2.weight            [H, Fs]
+    decoder.layers.{i}.mlp.shared_experts.gate_weight                  [1, H]
+
+HF writes one tensor per expert (transformers 5 fuses them in memory only)::
+
+    model.layers.{i}.mlp.gate.weight                          (Qwen)  / block_sparse_moe.gate.weight (Mixtral)
+    model.layers.{i}.mlp.experts.{e}.gate_proj|up_proj|down_proj.weight / block_sparse_moe.experts.{e}.w1|w3|w2.weight
+
+A checkpoint with fused expert tensors on disk (``mlp.experts.gate_up_proj`` [E, 2F, H],
+``mlp.experts.down_proj`` [E, H, F], transformers' in-memory layout) is read too
+(``MoEAdapter.virtual_hf_tensors``); export always writes the per-expert names.
+
+Routing conventions (measured against transformers, see shared/notes/moe-on-megatron-core.md):
+HF softmax -> top-k -> renormalise (Mixtral; Qwen ``norm_topk_prob=True``) equals megatron's
+``moe_router_pre_softmax=False`` (top-k on logits, softmax over the k); HF softmax -> top-k
+without renormalising (Qwen ``norm_topk_prob=False``) equals ``moe_router_pre_softmax=True``.
+"""
+from __future__ import annotations
+
+import copy
+import re
+from dataclasses import dataclass
+
+from mcore_align.models.adapter import ADAPTERS, LlamaStyleAdapter, Rule, _identity
+from mcore_align.models.spec import ModelSpec
+
+
+@dataclass(frozen=True)
+class MoeNames:
+    """HF tensor names of one MoE block, relative to ``model.layers.{i}.``."""
+
+    block: str
+    """Prefix of the MoE block: ``mlp.`` (Qwen) or ``block_sparse_moe.`` (Mixtral)."""
+    gate: str = "gate_proj"
+    up: str = "up_proj"
+    down: str = "down_proj"
+    """Per-expert projection names (Mixtral: w1 / w3 / w2)."""
+    router: str = "gate.weight"
+    shared_expert: str | None = None
+    """Prefix of the shared expert's gate_proj/up_proj/down_proj (Qwen2-MoE: ``shared_expert.``)."""
+    shared_expert_gate: str | None = None
+    """The shared expert's sigmoid gate [1, H] (Qwen2-MoE: ``shared_expert_gate.weight``)."""
+
+
+# -- HF config -> ModelSpec fields --------------------------------------------------------
+def _num_experts(c: dict) -> int:
+    for key in ("num_experts", "num_local_experts"):
+        if c.get(key):
+            return int(c[key])
+    raise ValueError("config.json: a MoE family needs num_experts (or num_local_experts) > 0")
+
+
+def _check_router(c: dict, e: int, k: int) -> None:
+    """Refuse routing settings megatron's router does not compute the same way."""
+    if not 1 <= k <= e:
+        raise ValueError(f"config.json: num_experts_per_tok={k} must be in [1, num_experts={e}]")
+    jitter = float(c.get("router_jitter_noise") or 0.0)
+    if jitter:
+        raise ValueError(f"config.json: router_jitter_noise={jitter} is not supported (megatron's router "
+                         "has input jitter of another form); set it to 0")
+    for key in ("topk_method", "scoring_func", "n_group", "topk_group", "routed_scaling_factor"):
+        if c.get(key) not in (None, "greedy", "softmax", 1, 1.0):
+            raise ValueError(f"config.json: router setting {key}={c[key]!r} is not supported "
+                             "(only softmax top-k routing)")
+
+
+def _sparse_pattern(c: dict, n_layers: int) -> tuple[int, ...]:
+    """Qwen-MoE: layer i is MoE unless listed in mlp_only_layers, and (i+1) % decoder_sparse_step == 0."""
+    only_dense = set(c.get("mlp_only_layers") or [])
+    bad = sorted(i for i in only_dense if not 0 <= i < n_layers)
+    if bad:
+        raise ValueError(f"config.json: mlp_only_layers {bad} outside [0, {n_layers})")
+    step = int(c.get("decoder_sparse_step") or 1)
+    return tuple(int(i not in only_dense and (i + 1) % step == 0) for i in range(n_layers))
+
+
+def qwen_moe_fields(c: dict) -> dict:
+    """Qwen2-MoE / Qwen3-MoE: ``norm_topk_prob`` picks the routing convention; dense layers
+    by ``mlp_only_layers`` / ``decoder_sparse_step``; shared expert when the config has one."""
+    e, k, n = _num_experts(c), int(c.get("num_experts_per_tok", 0)), int(c["num_hidden_layers"])
+    _check_router(c, e, k)
+    shared = c.get("shared_expert_intermediate_size")
+    return dict(
+        num_moe_experts=e,
+        moe_ffn_hidden_size=int(c["moe_intermediate_size"]),
+        moe_router_topk=k,
+        moe_router_pre_softmax=not bool(c.get("norm_topk_prob", False)),
+        moe_layer_pattern=_sparse_pattern(c, n),
+        moe_shared_expert_intermediate_size=int(shared) if shared else None,
+        moe_shared_expert_gate=bool(shared),
+    )
+
+
+def mixtral_fields(c: dict) -> dict:
+    """Mixtral: every layer MoE, experts of ``intermediate_size``, renormalised top-k."""
+    e, k, n = _num_experts(c), int(c.get("num_experts_per_tok", 0)), int(c["num_hidden_layers"])
+    _check_router(c, e, k)
+    return dict(
+        num_moe_experts=e,
+        moe_ffn_hidden_size=int(c["intermediate_size"]),
+        moe_router_topk=k,
+        moe_router_pre_softmax=False,
+        moe_layer_pattern=(1,) * n,
+    )
+
+
+def is_moe(spec: ModelSpec) -> bool:
+    return bool(spec.num_moe_experts)
+
+
+# -- weight adapter -------------------------------------------------------------------------
+class MoEAdapter(LlamaStyleAdapter):
+    """Llama-style attention and norms; the MLP of each MoE layer is router + experts (+ shared)."""
+
+    def __init__(self, spec: ModelSpec):
+        from mcore_align.models.families import FAMILIES
+
+        self.names: MoeNames = FAMILIES[spec.family].moe_names
+        assert self.names is not None, f"family {spec.family} uses the MoE adapter without MoeNames"
+        super().__init__(spec)
+
+    def _rules(self) -> list[Rule]:
+        s, nm = self.spec, self.names
+        one = lambda m, h: Rule(m, (h,), _identity, lambda x: (x,))  # noqa: E731
+        moe_layers = {i for i, flag in enumerate(s.moe_layer_pattern) if flag}
+        dense_mlp = re.compile(r"decoder\.layers\.(\d+)\.mlp\.linear_fc[12]\.weight")
+        rules = []
+        for r in super()._rules():
+            m = dense_mlp.fullmatch(r.mcore)
+            if m is None or int(m.group(1)) not in moe_layers:
+                rules.append(r)
+                continue
+            if r.mcore.endswith("linear_fc2.weight"):
+                continue  # the whole block is added once, after linear_fc1's place
+            i = int(m.group(1))
+            mp, hp = f"decoder.layers.{i}.mlp.", f"model.layers.{i}.{nm.block}"
+            rules.append(one(mp + "router.weight", hp + nm.router))
+            for e in range(s.num_moe_experts):
+                me, he = f"{mp}experts.local_experts.{e}.", f"{hp}experts.{e}."
+                rules += [
+                    Rule(me + "linear_fc1.weight", (f"{he}{nm.gate}.weight", f"{he}{nm.up}.weight"),
+                         self._fuse_gate_up, self._split_gate_up),
+                    one(me + "linear_fc2.weight", f"{he}{nm.down}.weight"),
+                ]
+            if s.moe_shared_expert_intermediate_size:
+                hs = hp + nm.shared_expert
+                rules += [
+                    Rule(mp + "shared_experts.linear_fc1.weight", (hs + "gate_proj.weight", hs + "up_proj.weight"),
+                         self._fuse_gate_up, self._split_gate_up),
+                    one(mp + "shared_experts.linear_fc2.weight", hs + "down_proj.weight"),
+                ]
+                if s.moe_shared_expert_gate:
+                    rules.append(one(mp + "shared_experts.gate_weight", hp + nm.shared_expert_gate))
+        return rules
+
+    def virtual_hf_tensors(self, stored_shapes):
+        """Fused on-disk experts (transformers' in-memory layout) read as per-expert tensors:
+        ``gate_up_proj[e]`` [2F, H] is [gate_e; up_e], ``down_proj[e]`` [H, F] is down_e."""
+        s, nm = self.spec, self.names
+        virtual = {}
+        for i, flag in enumerate(s.moe_layer_pattern):
+            hp = f"model.layers.{i}.{nm.block}experts."
+            fused_gu, fused_d = hp + "gate_up_proj", hp + "down_proj"
+            if not flag or (fused_gu not in stored_shapes and fused_d not in stored_shapes):
+                continue
+            for fused, rows_multiple in ((fused_gu, 2), (fused_d, 1)):  # gate_up_proj: [gate; up] rows
+                shape = stored_shapes.get(fused)
+                if shape is None or len(shape) != 3 or shape[0] != s.num_moe_experts or shape[1] % rows_multiple:
+                    raise ValueError(f"fused expert tensor {fused!r} has shape {list(shape) if shape else None}, "
+                                     f"expected [{s.num_moe_experts}, ., .] (gate_up_proj: an even row count)")
+            f2 = stored_shapes[fused_gu][1]
+            for e in range(s.num_moe_experts):
+                virtual[f"{hp}{e}.{nm.gate}.weight"] = (fused_gu, e, slice(0, f2 // 2))
+                virtual[f"{hp}{e}.{nm.up}.weight"] = (fused_gu, e, slice(f2 // 2, f2))
+                virtual[f"{hp}{e}.{nm.down}.weight"] = (fused_d, e, slice(None))
+        return virtual
+
+
+ADAPTERS["moe"] = MoEAdapter
+
+
+# -- megatron config and layer specs -----------------------------------------------------------
+def moe_config_kwargs(spec: ModelSpec, parallel, *, grouped_gemm: bool, aux_loss_coeff: float = 0.0) -> dict:
+    """TransformerConfig fields of a MoE model ({} for a dense one). ``aux_loss_coeff`` > 0
+    switches on megatron's ``aux_loss`` load balancing. ``grouped_gemm``: the TE
+    layer spec is built (TEGroupedMLP); False: local spec, SequentialMLP. The provider already
+    sets ``moe_token_dispatcher_type="alltoall"`` (megatron refuses ``allgather`` with
+    variable sequence lengths)."""
+    if not is_moe(spec):
+        return {}
+    if aux_loss_coeff < 0:
+        raise ValueError(f"moe_aux_loss_coeff must be >= 0, got {aux_loss_coeff}")
+    return dict(
+        num_moe_experts=spec.num_moe_experts,
+        moe_ffn_hidden_size=spec.moe_ffn_hidden_size,
+        moe_router_topk=spec.moe_router_topk,
+        moe_router_pre_softmax=spec.moe_router_pre_softmax,
+        moe_router_score_function="softmax",
+        # Router logits in fp32, as transformers computes its softmax.
+        moe_router_dtype="fp32",
+        moe_layer_freq=list(spec.moe_layer_pattern),
+        moe_shared_expert_intermediate_size=spec.moe_shared_expert_intermediate_size,
+        moe_shared_expert_gate=spec.moe_shared_expert_gate,
+        moe_grouped_gemm=grouped_gemm,
+        # Off by default for preference objectives (ModelOptions.moe_aux_loss_coeff, docs/moe.md).
+        moe_router_load_balancing_type="aux_loss" if aux_loss_coeff else "none",
+        moe_aux_loss_coeff=float(aux_loss_coeff),
+        expert_model_parallel_size=parallel.expert_model_parallel_size,
+        expert_tensor_parallel_size=parallel.expert_tensor_parallel_size,
+    )
+
+
+def _megatron_moe_layer_spec(spec: ModelSpec, *, use_te: bool):
+    """megatron's MoE layer spec, whose ``mlp`` (MoELayer: TEGroupedMLP experts with TE,
+    SequentialMLP without) we take."""
+    from megatron.core.models.gpt.gpt_layer_specs import (
+        get_gpt_layer_local_spec,
+        get_gpt_layer_with_transformer_engine_spec,
+    )
+
+    if use_te:
+        return get_gpt_layer_with_transformer_engine_spec(
+            num_experts=spec.num_moe_experts, moe_grouped_gemm=True, qk_layernorm=spec.qk_norm)
+    return get_gpt_layer_local_spec(num_experts=spec.num_moe_experts, moe_grouped_gemm=False,
+                                    qk_layernorm=spec.qk_norm, normalization="RMSNorm")
+
+
+def moe_layer_specs(spec: ModelSpec, dense, cfg, vp_stage, *, use_te: bool) -> list:
+    """Per-layer specs of this (virtual) pipeline stage: ``dense`` for dense layers, and for
+    MoE layers the same spec with its ``mlp`` (and, with TE, its pre-MLP norm) replaced."""
+    from megatron.core.transformer.transformer_block import get_num_layers_to_build
+    from megatron.core.transformer.transformer_layer import get_transformer_layer_offset
+
+    from mcore_align.parallel.cpu_mode import bridge_moe_without_te
+
+    bridge_moe_without_te()
+    moe_full = _megatron_moe_layer_spec(spec, use_te=use_te)
+    moe = copy.deepcopy(dense)
+    moe.submodules.mlp = moe_full.submodules.mlp
+    if use_te:  # TE's dense spec fuses the pre-MLP norm into linear_fc1; MoE needs its own norm
+        moe.submodules.pre_mlp_layernorm = moe_full.submodules.pre_mlp_layernorm
+    offset = get_transformer_layer_offset(cfg, vp_stage=vp_stage)
+    n = get_num_layers_to_build(cfg, vp_stage=vp_stage)
+    return [moe if spec.moe_layer_pattern[offset + j] else dense for j in range(n)]
+
+
+# -- layout checks (before anything is built) ---------------------------------------------------
+def check_moe_layout(spec: ModelSpec, parallel) -> None:
+    """Raise ``ValueError`` for a parallel layout this MoE model cannot run at."""
+    ep = parallel.expert_model_parallel_size
+    etp = parallel.expert_tensor_parallel_size or parallel.tensor_model_parallel_size
+    if not is_moe(spec):
+        if ep > 1:
+            raise ValueError(f"expert_model_parallel_size={ep} needs a MoE model; "
+                             f"{spec.family} has no experts")
+        return
+    if spec.num_moe_experts % ep:
+        raise ValueError(f"expert_model_parallel_size={ep} must divide the number of experts "
+                         f"({spec.num_moe_experts}, config.json num_experts)")
+    if parallel.tensor_model_parallel_size > 1 and not parallel.sequence_parallel:
+        raise ValueError(f"MoE at tensor_model_parallel_size={parallel.tensor_model_parallel_size} "
+                         "needs sequence_parallel=True (megatron refuses to train MoE with TP and no SP)")
+    if spec.moe_ffn_hidden_size % etp:
+        raise ValueError(f"expert_tensor_parallel_size={etp} must divide the expert hidden size "
+                         f"{spec.moe_ffn_hidden_size} (config.json moe_intermediate_size)")

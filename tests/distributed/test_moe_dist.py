@@ -1,0 +1,68 @@
+"""MoE at EP=2, TP=2+SP, PP=2 (one 2-rank launch) and TP=2 x EP=2 (one 4-rank launch), all
+from checkpoints converted once at EP=1; logits against transformers. The 2-rank launch also
+trains DPO through the real trainer at DP=2 and at EP=2 (same losses and grad norms)."""
+import json
+
+import pytest
+
+from mcore_align.checkpoint import convert_hf_to_mcore
+from mcore_align.models.tiny import make_tiny_model
+from tests.conftest import shared_data_dir
+from tests.dist_utils import dist_cases, run_dist_module
+from tests.unit.test_moe import MODELS
+
+WORKER = "tests.distributed.workers.moe_worker"
+WORKER4 = "tests.distributed.workers.moe4_worker"
+
+
+@pytest.fixture(scope="module")
+def root(tmp_path_factory):
+    root = tmp_path_factory.mktemp("moe_dist")
+    for name, (family, overrides) in MODELS.items():
+        make_tiny_model(root / name / "hf", family, hf_overrides=overrides)
+        convert_hf_to_mcore(root / name / "hf", root / name / "mc", dtype="fp32")
+    data = shared_data_dir() / "dpo_en_demo.json"
+    if data.exists():  # 16 real pairs, the shortest (the DPO cases skip without them)
+        recs = sorted(json.loads(data.read_text()), key=lambda r: len(json.dumps(r)))
+        (root / "dpo_subset.json").write_text(json.dumps(recs[:16]))
+    return root
+
+
+@pytest.fixture(scope="module")
+def results(root):
+    return run_dist_module(WORKER, nproc=2, env={"MCA_MOE_ROOT": str(root)})
+
+
+@pytest.fixture(scope="module")
+def results4(root, results):  # after the 2-rank launch: its DP=2 DPO history is the reference
+    return run_dist_module(WORKER4, nproc=4, env={"MCA_MOE_ROOT": str(root)})
+
+
+@pytest.mark.parametrize("case", dist_cases(WORKER))
+def test_case(results, case):
+    results.check(case)
+
+
+@pytest.mark.parametrize("case", dist_cases(WORKER4))
+def test_case_4_ranks(results4, case):
+    results4.check(case)
+
+
+def test_export_of_checkpoint_saved_at_ep2_matches_trained_model(results, root, tmp_path):
+    """The DPO run saved at EP=2; its HF export computes the trained megatron model's logits
+    in transformers (and training moved them away from the base model's)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from mcore_align.checkpoint import convert_mcore_to_hf
+
+    results.check("case_dpo_moe_ep2_matches_dp2")
+    saved = torch.load(root / "dpo_ep2_logits.pt")
+    convert_mcore_to_hf(root / "dpo_ep2_save", tmp_path / "hf")
+    with torch.no_grad():
+        ref = AutoModelForCausalLM.from_pretrained(tmp_path / "hf", dtype=torch.float32).eval()(saved["tokens"]).logits
+        base = AutoModelForCausalLM.from_pretrained(root / "qwen3_moe" / "hf",
+                                                    dtype=torch.float32).eval()(saved["tokens"]).logits
+    scale = ref.abs().max()
+    assert (saved["logits"] - ref).abs().max() / scale < 1e-4
+    assert (base - ref).abs().max() / scale > 1e-3

@@ -1,0 +1,138 @@
+"""2-rank MoE cases: one converted checkpoint (EP=1) loads at EP=2, TP=2+SP and PP=2 and
+matches transformers; bad layouts fail with their message.
+
+The checkpoints are converted once by tests/distributed/test_moe_dist.py into
+$MCA_MOE_ROOT/<name>/{hf,mc}. fp32; tolerance 1e-4 relative to the logit scale.
+"""
+import os
+from pathlib import Path
+
+import torch.distributed as dist
+
+from mcore_align.checkpoint import read_model_spec
+from mcore_align.checkpoint.verify import verify_checkpoint
+from mcore_align.models.provider import ModelOptions, build_model
+from mcore_align.parallel import ParallelConfig, initialize
+
+ROOT = Path(os.environ.get("MCA_MOE_ROOT", "/nonexistent"))
+TOL = 1e-4
+
+
+def check(name: str, **layout) -> None:
+    rt = initialize(ParallelConfig(**layout), device="cpu")
+    res = verify_checkpoint(ROOT / name / "hf", ROOT / name / "mc", rt, seq_len=24, batch=2)
+    assert res.ok(TOL), f"{name} {layout}: {res}"
+
+
+def raises(fn, message: str) -> None:
+    try:
+        fn()
+    except ValueError as e:
+        assert message in str(e), f"expected {message!r} in {e!r}"
+    else:
+        raise AssertionError(f"no ValueError with {message!r}")
+
+
+def case_qwen3_moe_ep2():
+    check("qwen3_moe", expert_model_parallel_size=2)
+    # Each rank really holds half of the 4 experts (global indices 2r, 2r+1).
+    rt = initialize(ParallelConfig(expert_model_parallel_size=2), device="cpu")
+    (model,) = build_model(read_model_spec(ROOT / "qwen3_moe" / "mc"), rt,
+                           opts=ModelOptions(core_attention="megatron"))
+    experts = model.decoder.layers[0].mlp.experts
+    assert len(experts.local_experts) == 2 and experts.ep_group.size() == 2, experts
+
+
+def case_qwen3_moe_nonorm_ep2():  # the other router convention, layer 0 dense
+    check("qwen3_moe_nonorm", expert_model_parallel_size=2)
+
+
+def case_mixtral_ep2():
+    check("mixtral", expert_model_parallel_size=2)
+
+
+def case_qwen2_moe_ep2():  # shared expert + sigmoid gate
+    check("qwen2_moe", expert_model_parallel_size=2)
+
+
+def case_qwen3_moe_tp2_sp():
+    check("qwen3_moe", tensor_model_parallel_size=2, sequence_parallel=True)
+
+
+def case_qwen2_moe_tp2_sp():
+    check("qwen2_moe", tensor_model_parallel_size=2, sequence_parallel=True)
+
+
+def case_qwen2_moe_pp2():  # stage 0 holds the dense layer, stage 1 the MoE layer
+    check("qwen2_moe", pipeline_model_parallel_size=2)
+
+
+def case_tp2_without_sp_is_refused():
+    rt = initialize(ParallelConfig(tensor_model_parallel_size=2), device="cpu")
+    spec = read_model_spec(ROOT / "qwen3_moe" / "mc")
+    raises(lambda: build_model(spec, rt, opts=ModelOptions(core_attention="megatron")),
+           "MoE at tensor_model_parallel_size=2 needs sequence_parallel=True")
+
+
+def case_expert_layout_must_divide_the_world():
+    # ETP defaults to TP=2: ETP x EP x PP = 4 does not divide a world of 2.
+    raises(lambda: initialize(ParallelConfig(tensor_model_parallel_size=2, sequence_parallel=True,
+                                             expert_model_parallel_size=2), device="cpu"),
+           "world size 2 is not divisible by expert_tensor_parallel_size x expert_model_parallel_size x "
+           "pipeline_model_parallel_size = 4")
+
+
+# -- DPO through the real trainer (tiny Qwen3-MoE) ---------------------------------------------
+# DP=2 (EP=1) and DP=2 x EP=2 (each rank holds 2 of the 4 experts) must give the same losses and
+# grad norms: same data, same order, only where the experts live differs.
+def _train_dpo(name: str, *layout: str, save: str | None = None) -> list[dict]:
+    import json
+
+    from mcore_align.config import build_config
+    from mcore_align.trainer.trainer import Trainer
+    from tests.dist_utils import SkipCase
+
+    data = ROOT / "dpo_subset.json"
+    if not data.exists():
+        raise SkipCase("shared preference data (dpo_en_demo.json) not found")
+    raw = {
+        "model": {"load": str(ROOT / "qwen3_moe" / "mc")},
+        "data": {"dataset": [str(data)], "max_length": 320, "truncation_strategy": "right",
+                 "max_tokens_per_micro_batch": 1280, "cache_dir": str(ROOT / "cache")},
+        "optim": {"learning_rate": 1e-3, "lr_decay_style": "constant", "clip_grad": 1.0},
+        "train": {"global_batch_size": 8, "train_iters": 6, "device": "cpu", "progress_bar": False,
+                  "save": save, "plot": False, "seed": 7},
+        "algo": {"rlhf_type": "dpo", "beta": 0.1, "rpo_alpha": None},
+    }
+    tr = Trainer(build_config(raw, layout))
+    history = tr.train()["history"]
+    if dist.get_rank() == 0:
+        (ROOT / f"dpo_{name}.json").write_text(json.dumps(history))
+    if save is not None:  # logits of the trained model, for the export check on the pytest side
+        import torch
+
+        from mcore_align.checkpoint.verify import megatron_logits
+
+        tokens = torch.randint(0, 512, (2, 24), generator=torch.Generator().manual_seed(0))
+        logits = megatron_logits([m.module for m in tr.policy], tokens, tr.rt)
+        if dist.get_rank() == 0:
+            torch.save({"tokens": tokens, "logits": logits}, ROOT / f"dpo_{name}_logits.pt")
+    return history
+
+
+def case_dpo_moe_dp2():
+    _train_dpo("dp2")
+
+
+def case_dpo_moe_ep2_matches_dp2():
+    import json
+    import math
+
+    # Saved at EP=2: tests/distributed/test_moe_dist.py exports it (experts by global index).
+    ep = _train_dpo("ep2", "expert_model_parallel_size=2", save=str(ROOT / "dpo_ep2_save"))
+    dp = json.loads((ROOT / "dpo_dp2.json").read_text())
+    assert len(ep) == len(dp) == 6
+    for a, b in zip(dp, ep):
+        for key in ("loss", "grad_norm"):
+            assert math.isfinite(b[key]) and abs(a[key] - b[key]) <= 1e-4 * max(1.0, abs(a[key])), (key, dp, ep)
+    assert ep[-1]["loss"] < ep[0]["loss"] - 0.1, [x["loss"] for x in ep]
