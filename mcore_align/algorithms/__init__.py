@@ -25,9 +25,10 @@ from mcore_align.algorithms.orpo import ORPO, ORPOConfig  # noqa: E402
 from mcore_align.algorithms.simpo import SimPO, SimPOConfig  # noqa: E402
 from mcore_align.algorithms.rm import RM, RMConfig  # noqa: E402
 from mcore_align.algorithms.sft import SFT, SFTConfig  # noqa: E402
+from mcore_align.algorithms.grpo import GRPO, RLOO, GRPOConfig  # noqa: E402
 
 __all__ = [
-    "CPO", "CPOConfig", "DPO", "DPOConfig", "DPO_LOSS_TYPES", "GlobalCounts", "KTO", "KTOConfig",
+    "CPO", "CPOConfig", "GRPO", "GRPOConfig", "RLOO", "DPO", "DPOConfig", "DPO_LOSS_TYPES", "GlobalCounts", "KTO", "KTOConfig",
     "ORPO", "ORPOConfig", "Objective", "RM", "RMConfig", "SFT", "SFTConfig", "SequenceStats",
     "SimPO", "SimPOConfig", "available_objectives", "build_objective", "check_weight_ratio",
     "kl_partial_sums", "kl_reference_point", "objective_config_cls", "register_objective",

@@ -16,7 +16,9 @@ Declarations: an objective says what it consumes and the step computes exactly t
   (mismatched-KL) sequences of the batch; ``kl_reference`` a global pre-pass statistic
   (`global_partial_sums` summed over the step, then `global_statistic`); ``labels`` and
   ``margins`` are read from the batch.
-* ``data_kind``: which sequences the data pipeline builds ("paired", "kto", "sft").
+* ``data_kind``: which sequences the data pipeline builds ("paired", "kto", "sft"), or
+  "prompt" for online objectives: the trainer's rollout phase (trainer/rollout.py) samples
+  responses, scores them and attaches the per-token ``token_*`` inputs before the step.
 
 Normalisation contract: `Objective.__call__` returns this micro-batch's *contribution*,
 already divided by global counts, so that
@@ -72,6 +74,18 @@ class SequenceStats:
     trainer (`Objective.global_partial_sums` -> sum over the step -> `global_statistic`)."""
     margins: Tensor | None = None
     """[P] RM: optional per-pair margin (Llama 2 style)."""
+    # ---- per-token fields (online objectives): [T] over this rank's flattened positions of
+    # the micro-batch; position t holds what concerns its label (the token at t + 1).
+    token_logps: Tensor | None = None
+    """[T] policy log-prob of each position's label at the objective's temperature (grad)."""
+    token_mask: Tensor | None = None
+    """[T] 1.0 where the label is a response token (the loss mask), else 0."""
+    token_old_logps: Tensor | None = None
+    """[T] log-probs of the policy that sampled the responses (no grad)."""
+    token_ref_logps: Tensor | None = None
+    """[T] reference-model log-probs (no grad)."""
+    token_advantages: Tensor | None = None
+    """[T] advantage of each response token (the estimator's output)."""
 
 
 @dataclass
@@ -115,6 +129,8 @@ class Objective:
     head: ClassVar[str] = "lm"
     """"lm": the model ends in its vocabulary projection; "value": a scalar value head
     (models/heads.py) whose value at each sequence's last token is `stats.rewards`."""
+    logprob_temperature: float = 1.0
+    """Temperature of ``token_logps`` (online objectives: the sampling temperature)."""
     # Derived from the declarations by `register_objective`:
     paired: ClassVar[bool]
     """True: stats hold (chosen, rejected) pairs at (even, odd) indices."""
@@ -171,8 +187,10 @@ _REGISTRY: dict[str, type[Objective]] = {}
 
 STATS_FIELDS = frozenset(f.name for f in dataclasses.fields(SequenceStats))
 HEADS = ("lm", "value")
-DATA_KINDS = ("paired", "kto", "sft")
-REFERENCE_INPUTS = frozenset({"ref_logps", "ref_kl_logps"})
+DATA_KINDS = ("paired", "kto", "sft", "prompt")
+REFERENCE_INPUTS = frozenset({"ref_logps", "ref_kl_logps", "token_ref_logps"})
+TOKEN_EXTRAS = frozenset({"token_old_logps", "token_ref_logps", "token_advantages"})
+"""Per-token inputs computed by the rollout phase and carried by the micro-batch (``extras``)."""
 
 
 def register_objective(cls: type[Objective]) -> type[Objective]:
@@ -190,6 +208,11 @@ def register_objective(cls: type[Objective]) -> type[Objective]:
     # KTO-style inputs exist only for data with labelled, mismatched-KL sequences.
     kto_inputs = inputs & {"labels", "kl_logps", "ref_kl_logps", "kl_reference"}
     assert not kto_inputs or cls.data_kind == "kto", f"{cls.__name__}: {sorted(kto_inputs)} need data_kind 'kto'"
+    # Per-token inputs come from rollouts: online objectives (prompt data) and only those.
+    token_inputs = {i for i in inputs if i.startswith("token_")}
+    assert bool(token_inputs) == (cls.data_kind == "prompt"), \
+        f"{cls.__name__}: per-token inputs and data_kind 'prompt' go together"
+    assert not token_inputs or {"token_logps", "token_mask"} <= token_inputs, cls.__name__
     overrides_global = cls.global_partial_sums is not Objective.global_partial_sums
     assert overrides_global == ("kl_reference" in inputs), \
         f"{cls.__name__}: kl_reference input and global_partial_sums/global_statistic go together"

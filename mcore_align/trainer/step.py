@@ -31,6 +31,7 @@ import torch
 import torch.distributed as dist
 
 from mcore_align.algorithms import GlobalCounts, SequenceStats
+from mcore_align.algorithms.base import TOKEN_EXTRAS
 from mcore_align.data.batch import ROLE_CHOSEN, ROLE_KL
 from mcore_align.ops.context_parallel import packed_seq_params, split_packed_for_cp
 from mcore_align.models.heads import emits_hidden_states, lm_logprobs
@@ -57,7 +58,7 @@ class DeviceBatch:
 
 
 class Stepper:
-    def __init__(self, runtime, objective, policy, reference=None):
+    def __init__(self, runtime, objective, policy, reference=None):  # noqa: D107
         """``reference``: a trainer/reference.py provider (``.models()``), or None when the
         objective reads no reference sums (or they are precomputed)."""
         from megatron.core.pipeline_parallel import get_forward_backward_func
@@ -80,7 +81,9 @@ class Stepper:
             moved = replace(mb, **{
                 k: getattr(mb, k).to(dev, non_blocking=True)
                 for k in ("tokens", "position_ids", "labels", "loss_mask", "cu_seqlens")
-            })
+            }, extras={k: v.to(dev, non_blocking=True) for k, v in mb.extras.items()})
+            # Per-token extras (online objectives) are not split for context parallelism.
+            assert not (mb.extras and self.cp_size > 1), "per-token batch extras with context parallelism"
             if self.cp_size == 1:
                 out.append(DeviceBatch(moved, psp=moved.packed_seq_params(), seg_cu=moved.cu_seqlens))
                 continue
@@ -103,6 +106,21 @@ class Stepper:
             packed_seq_params=b.psp,
         )
 
+    def token_logprobs(self, b: "DeviceBatch", output, model, temperature: float = 1.0) -> torch.Tensor:
+        """``[T]`` log-prob of every position's label (this rank's tokens, flattened).
+
+        ``temperature``: log-probs of ``softmax(logits / temperature)`` (online objectives score
+        their samples at the sampling temperature). With the fused head the hidden states are
+        divided instead: ``(h / t) W^T = (h W^T) / t``, so the logits still never exist whole."""
+        if emits_hidden_states(model):
+            hidden = output / temperature if temperature != 1.0 else output
+            logp_BS = lm_logprobs(model, hidden, b.mb.labels)
+        else:
+            logits = output.float() if output.dtype == torch.float16 else output
+            logits = logits / temperature if temperature != 1.0 else logits
+            logp_BS = vocab_parallel_logprobs(logits, b.mb.labels, self.tp_group)
+        return logp_BS.reshape(-1)
+
     def sequence_sums(self, b: "DeviceBatch", output, model, whole_sequence: bool = False):
         """Per-sequence sums of target log-probs over loss tokens: ([N], [N]), whole sequences.
 
@@ -113,12 +131,7 @@ class Stepper:
         sequence, prompt included (positions 0..L-2, whose labels are tokens 1..L-1), from the
         same log-probs: ``(sums, counts, seq_sums, seq_counts)``.
         """
-        if emits_hidden_states(model):
-            logp_BS = lm_logprobs(model, output, b.mb.labels)
-        else:
-            logits = output.float() if output.dtype == torch.float16 else output
-            logp_BS = vocab_parallel_logprobs(logits, b.mb.labels, self.tp_group)
-        logp_T = logp_BS.reshape(-1)
+        logp_T = self.token_logprobs(b, output, model)
         cp = self.cp_group if self.cp_size > 1 else None
         sums_N, counts_N = allreduce_segment_sums(*segment_sums(logp_T, b.mb.loss_mask.reshape(-1), b.seg_cu), cp)
         if not whole_sequence:
@@ -164,6 +177,25 @@ class Stepper:
             return None
         return [o["sums"] for o in outs]
 
+    def forward_only_token_logprobs(self, chunks, batches: list[DeviceBatch], temperature: float = 1.0
+                                    ) -> list[torch.Tensor] | None:
+        """Per-token label log-probs ``[T]`` of ``chunks`` for every micro-batch (last PP stage;
+        else None), at ``temperature``."""
+
+        def step(data_iterator, model):
+            b = next(data_iterator)
+            out = self._model_forward(model, b)
+
+            def loss_fn(output):
+                logp_T = self.token_logprobs(b, output, model, temperature)
+                return output.new_zeros(()), torch.tensor(0, dtype=torch.int), {"logp": logp_T.detach()}
+
+            return out, loss_fn
+
+        with torch.no_grad():
+            outs = self._run(chunks, batches, step, forward_only=True)
+        return [o["logp"] for o in outs] if outs else None
+
     def reference_sums(self, batches: list[DeviceBatch]) -> list[torch.Tensor] | None:
         """Reference log-prob sums of every sequence (last PP stage; else None)."""
         assert self.reference is not None, "objective needs a reference but none was built"
@@ -188,6 +220,12 @@ class Stepper:
             rewards = sequence_rewards(output, mb.position_ids, mb.seq_lengths, b.seg_cu,
                                        self.cp_group if self.cp_size > 1 else None)
             stats.rewards = rewards[scored.to(rewards.device)]
+        if "token_logps" in want:  # per-token: this rank's flat tokens, at the objective's temperature
+            stats.token_logps = self.token_logprobs(b, output, model, self.objective.logprob_temperature)
+            stats.token_mask = mb.loss_mask.reshape(-1).to(stats.token_logps.dtype)
+            for name in want & TOKEN_EXTRAS:
+                stats.__setattr__(name, mb.extras[name].reshape(-1))
+            return stats
         if "logps" in want or "num_tokens" in want:
             if output is None:
                 sums, cnts = b.policy_sums_nograd, mb.num_loss_tokens.to(b.policy_sums_nograd.device)
@@ -231,7 +269,7 @@ class Stepper:
         ``ref_cache``: precomputed reference sums of these micro-batches (a list, empty on
         non-last pipeline stages), or None to run the reference now."""
         batches = self.to_device(global_batch.micro_batches)
-        if self.objective.needs_reference:
+        if self.inputs & {"ref_logps", "ref_kl_logps"}:  # per-token reference inputs ride with the batch
             ref = ref_cache if ref_cache is not None else self.reference_sums(batches)
             for b, r in zip(batches, ref or []):
                 b.ref_sums = r

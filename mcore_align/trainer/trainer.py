@@ -21,6 +21,7 @@ from mcore_align.trainer.checkpointing import (Sidecar, last_stage_state, latest
 from mcore_align.trainer.reporting import Reporter
 from mcore_align.trainer.setup import (build_optimizer, build_policy, build_reference, check_device_support,
                                        wire_model_config)
+from mcore_align.trainer.rollout import RolloutPhase, check_online_support, prompt_data_config
 from mcore_align.trainer.step import Stepper
 
 log = logging.getLogger(__name__)
@@ -58,8 +59,12 @@ class Trainer:
         self.sidecar = Sidecar.read(source, keep=self.rt.rank == 0)
         self.tokenizer = AutoTokenizer.from_pretrained(str(source / "tokenizer"))
         self.objective = build_objective(cfg.algo.rlhf_type, **cfg.algo.params)
+        online = self.objective.data_kind == "prompt"  # prompts in, responses sampled by the policy
+        if online:
+            check_online_support(cfg, self.objective)
         self.data = build_data(
-            cfg.data, self.tokenizer, self.objective.data_kind,
+            prompt_data_config(cfg.data, self.objective) if online else cfg.data,
+            self.tokenizer, self.objective.data_kind,
             dp_rank=self.rt.dp_rank, dp_size=self.rt.dp_size, global_batch_size=t.global_batch_size,
             report_path=Path(t.save) / "data_report.json" if t.save else None, **layout_multiples(par),
         )
@@ -84,6 +89,11 @@ class Trainer:
             self.objective.load_state_dict(extra.get("objective", {}))
             log.warning("resumed from %s at step %d", self.resume_from, self.step)
         self.stepper = Stepper(self.rt, self.objective, self.policy, self.reference)
+        self.rollout = RolloutPhase(
+            self.rt, self.objective, self.stepper, self.tokenizer, vocab_size=self.spec.vocab_size,
+            pad_id=self.data.train.pad_id, pad_multiple=layout_multiples(par)["pad_multiple"],
+            max_tokens_per_micro_batch=cfg.data.max_tokens_per_micro_batch, packed=cfg.data.packing, seed=t.seed,
+        ) if online else None
         self._eval_ref_cache: list | None = None  # reference sums of eval batches (precompute)
         self._stop_signal = False
         for sig in (signal.SIGTERM, signal.SIGUSR1):
@@ -112,6 +122,10 @@ class Trainer:
         while self.step < self.train_iters:
             gb = next(self.data.train)
             t0 = time.time()
+            rollout_metrics = {}
+            if self.rollout is not None:  # online: sample, score and pack before the same step
+                gb, rollout_metrics = self.rollout.make_experience(gb, self.step)
+            t_train = time.time()
             res = self.stepper.train_step(gb, self.optimizer, self.scheduler,
                                           ref_cache=ref_cache.pop(self.step) if ref_cache is not None else None)
             dt = time.time() - t0
@@ -119,7 +133,9 @@ class Trainer:
             steps_this_launch += 1
             bad_in_row = bad_in_row + 1 if res.skipped else 0
             skipped_iters += int(res.skipped)
-            row = {**res.metrics, "lr": self.optimizer.param_groups[0]["lr"], "grad_norm": res.grad_norm,
+            if rollout_metrics:
+                rollout_metrics["time/training"] = dt - (t_train - t0)
+            row = {**rollout_metrics, **res.metrics, "lr": self.optimizer.param_groups[0]["lr"], "grad_norm": res.grad_norm,
                    "tokens_per_sec": gb.real_tokens / dt, "step_time": dt, "skipped": res.skipped,
                    "consumed_samples": self.step * t.global_batch_size, "global_batch_size": t.global_batch_size,
                    "loss_scale": float(self.optimizer.get_loss_scale()), "skipped_iters": skipped_iters,
