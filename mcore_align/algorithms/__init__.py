@@ -26,6 +26,7 @@ from mcore_align.algorithms.simpo import SimPO, SimPOConfig  # noqa: E402
 from mcore_align.algorithms.rm import RM, RMConfig  # noqa: E402
 from mcore_align.algorithms.sft import SFT, SFTConfig  # noqa: E402
 from mcore_align.algorithms.grpo import GRPO, RLOO, GRPOConfig  # noqa: E402
+from mcore_align.algorithms.ppo.objective import PPO  # noqa: E402
 
 __all__ = [
     "CPO", "CPOConfig", "GRPO", "GRPOConfig", "RLOO", "DPO", "DPOConfig", "DPO_LOSS_TYPES", "GlobalCounts", "KTO", "KTOConfig",

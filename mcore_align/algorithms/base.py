@@ -86,6 +86,14 @@ class SequenceStats:
     """[T] reference-model log-probs (no grad)."""
     token_advantages: Tensor | None = None
     """[T] advantage of each response token (the estimator's output)."""
+    token_values: Tensor | None = None
+    """[T] the critic's value at every position (value head; grad)."""
+    token_value_mask: Tensor | None = None
+    """[T] 1.0 at the positions the critic is trained on (response tokens and one more, TRL)."""
+    token_returns: Tensor | None = None
+    """[T] value targets (GAE returns)."""
+    token_old_values: Tensor | None = None
+    """[T] the critic's values at rollout time (for value clipping)."""
 
 
 @dataclass
@@ -102,6 +110,8 @@ class GlobalCounts:
     """Loss tokens of all sequences (SFT)."""
     num_chosen_seq_tokens: int = 0
     """Predicted tokens (prompt and response, L - 1 each) of chosen sequences (ORPO's NLL)."""
+    num_value_tokens: int = 0
+    """Positions a critic is trained on (PPO: response tokens and one more per response)."""
     num_desirable: int = 0
     """KTO: desirable sequences."""
     num_undesirable: int = 0
@@ -155,6 +165,18 @@ class Objective:
         """The statistic (`stats.kl_reference`) from the step's summed partial sums."""
         raise NotImplementedError(f"{self.name} declares no global statistic")
 
+    # ---- online objectives (data_kind "prompt") ------------------------------------------
+    def critic_objective(self) -> "Objective | None":
+        """The objective of a value model trained beside the policy (PPO's critic), or None.
+        The trainer builds the model, its optimizer and a step for it when one is declared."""
+        return None
+
+    @property
+    def updates_per_step(self) -> int:
+        """Optimizer steps per trainer iteration (PPO: num_ppo_epochs x num_mini_batches over
+        each rollout batch); the LR schedule counts these."""
+        return 1
+
     def check_data(self, labels: Any) -> None:
         """Called once on rank 0 with the training set's per-record labels (KTO
         desirability; None for other data kinds): warn about data the objective handles
@@ -189,22 +211,25 @@ STATS_FIELDS = frozenset(f.name for f in dataclasses.fields(SequenceStats))
 HEADS = ("lm", "value")
 DATA_KINDS = ("paired", "kto", "sft", "prompt")
 REFERENCE_INPUTS = frozenset({"ref_logps", "ref_kl_logps", "token_ref_logps"})
-TOKEN_EXTRAS = frozenset({"token_old_logps", "token_ref_logps", "token_advantages"})
+TOKEN_EXTRAS = frozenset({"token_old_logps", "token_ref_logps", "token_advantages", "token_value_mask",
+                          "token_returns", "token_old_values"})
 """Per-token inputs computed by the rollout phase and carried by the micro-batch (``extras``)."""
 
 
-def register_objective(cls: type[Objective]) -> type[Objective]:
-    """Class decorator: check the declarations and make `cls` buildable by name."""
+def check_declarations(cls: type[Objective]) -> type[Objective]:
+    """Check an objective's declarations and derive `paired` / `needs_reference` (also for
+    objectives that are built by another one and not registered, like PPO's critic)."""
     for attr in ("name", "config_cls", "data_kind", "inputs"):
         assert hasattr(cls, attr), f"{cls.__name__} must define class variable {attr!r}"
     inputs = frozenset(cls.inputs)
     assert inputs <= STATS_FIELDS, f"{cls.__name__}: unknown inputs {sorted(inputs - STATS_FIELDS)}"
     assert cls.head in HEADS, f"{cls.__name__}: head {cls.head!r} not in {HEADS}"
     assert cls.data_kind in DATA_KINDS, f"{cls.__name__}: data_kind {cls.data_kind!r} not in {DATA_KINDS}"
-    # The value head gives rewards, not log-probs; the LM head the reverse.
-    assert (cls.head == "value") == ("rewards" in inputs), f"{cls.__name__}: head and rewards input disagree"
-    assert not (cls.head == "value" and inputs & {"logps", "seq_logps", "ref_logps", "kl_logps", "ref_kl_logps"}), \
-        cls.__name__
+    # The value head gives rewards or per-token values, not log-probs; the LM head the reverse.
+    assert (cls.head == "value") == bool(inputs & {"rewards", "token_values"}), \
+        f"{cls.__name__}: head and rewards input disagree"
+    assert not (cls.head == "value" and inputs & {"logps", "seq_logps", "ref_logps", "kl_logps", "ref_kl_logps",
+                                                   "token_logps"}), cls.__name__
     # KTO-style inputs exist only for data with labelled, mismatched-KL sequences.
     kto_inputs = inputs & {"labels", "kl_logps", "ref_kl_logps", "kl_reference"}
     assert not kto_inputs or cls.data_kind == "kto", f"{cls.__name__}: {sorted(kto_inputs)} need data_kind 'kto'"
@@ -212,14 +237,21 @@ def register_objective(cls: type[Objective]) -> type[Objective]:
     token_inputs = {i for i in inputs if i.startswith("token_")}
     assert bool(token_inputs) == (cls.data_kind == "prompt"), \
         f"{cls.__name__}: per-token inputs and data_kind 'prompt' go together"
-    assert not token_inputs or {"token_logps", "token_mask"} <= token_inputs, cls.__name__
+    assert not token_inputs or {"token_logps", "token_mask"} <= token_inputs or "token_values" in token_inputs, \
+        cls.__name__
     overrides_global = cls.global_partial_sums is not Objective.global_partial_sums
     assert overrides_global == ("kl_reference" in inputs), \
         f"{cls.__name__}: kl_reference input and global_partial_sums/global_statistic go together"
-    assert cls.name not in _REGISTRY, f"objective {cls.name!r} registered twice"
     cls.inputs = inputs
     cls.paired = cls.data_kind == "paired"
     cls.needs_reference = bool(inputs & REFERENCE_INPUTS)
+    return cls
+
+
+def register_objective(cls: type[Objective]) -> type[Objective]:
+    """Class decorator: check the declarations and make `cls` buildable by name."""
+    check_declarations(cls)
+    assert cls.name not in _REGISTRY, f"objective {cls.name!r} registered twice"
     _REGISTRY[cls.name] = cls
     return cls
 

@@ -30,6 +30,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from mcore_align.algorithms.online import OnlineConfig
 from mcore_align.algorithms.base import (
     GlobalCounts,
     Metrics,
@@ -44,26 +45,14 @@ from mcore_align.algorithms.base import (
     scalar_metric,
 )
 
-ROLLOUT_BACKENDS = ("megatron", "vllm", "megatron_dynamic")
 
 
 @dataclass(kw_only=True)
-class GRPOConfig:
-    reward_funcs: str | list[str] | None = None
-    """``module:function`` or ``path/to/file.py:function`` (several: a list or comma-separated),
-    called as ``fn(prompts=..., completions=..., completion_ids=...) -> list of B numbers``."""
-    reward_weights: list[float] | None = None
-    """One weight per reward function (default 1 each); the score is the weighted sum."""
+class GRPOConfig(OnlineConfig):
     num_generations: int = 8
     """G: responses sampled per prompt (>= 2); ``global_batch_size`` counts prompts."""
-    response_length: int = 256
-    """Maximum new tokens per response (TRL's max_completion_length)."""
     temperature: float = 1.0
     """Sampling temperature; the training log-probs are taken at the same temperature."""
-    top_k: int = 0
-    """0: off."""
-    top_p: float = 1.0
-    """1.0: off."""
     beta: float = 0.04
     """KL coefficient (k3 estimator, in the loss); 0 builds no reference model."""
     epsilon: float = 0.2
@@ -74,30 +63,16 @@ class GRPOConfig:
     """"grpo" (group mean/std) or "rloo" (leave-one-out mean)."""
     scale_rewards: bool = True
     """GRPO: divide by the group std (False: Dr. GRPO, arXiv:2503.20783)."""
-    missing_eos_penalty: float | None = None
-    """Subtracted from the score of a response without a stop token (counted either way)."""
-    local_rollout_forward_batch_size: int = 64
-    """Prompts generated together (the KV cache holds this many sequences)."""
-    rollout_backend: str = "megatron"
-    """Generation engine (mcore_align.rollout); "megatron": the policy's own TP/PP chunks."""
 
     def __post_init__(self) -> None:
-        if self.reward_funcs is None or (isinstance(self.reward_funcs, (str, list)) and not self.reward_funcs):
-            raise ValueError("reward_funcs is required (e.g. reward_funcs=my_module:my_reward)")
+        super().__post_init__()
         if self.num_generations < 2:
             raise ValueError(f"num_generations must be >= 2 (responses to the same prompt are compared), "
                              f"got {self.num_generations}")
-        for name in ("response_length", "local_rollout_forward_batch_size"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        check_positive(self.temperature, "temperature")
         check_positive(self.epsilon, "epsilon")
         check_non_negative(self.epsilon_high, "epsilon_high", allow_none=True)
         check_non_negative(self.beta, "beta")
         check_choice(self.advantage_estimator, "advantage_estimator", ["grpo", "rloo"])
-        check_choice(self.rollout_backend, "rollout_backend", list(ROLLOUT_BACKENDS))
-        if not (0.0 < self.top_p <= 1.0) or self.top_k < 0:
-            raise ValueError(f"top_p must be in (0, 1] and top_k >= 0, got top_p={self.top_p}, top_k={self.top_k}")
 
 
 @register_objective

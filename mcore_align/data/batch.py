@@ -145,6 +145,7 @@ class GlobalBatch:
     num_desirable: int
     num_undesirable: int
     num_chosen_seq_tokens: int = 0
+    num_value_tokens: int = 0
     real_tokens: int = 0
     """Real (unpadded) tokens over the global batch, all ranks."""
     slot_tokens: int = 0
@@ -158,7 +159,7 @@ class GlobalBatch:
         """Keyword arguments of `mcore_align.algorithms.base.GlobalCounts`."""
         return {k: getattr(self, k) for k in ("num_pairs", "num_sequences", "num_chosen_tokens",
                                                "num_tokens", "num_desirable", "num_undesirable",
-                                               "num_chosen_seq_tokens")}
+                                               "num_chosen_seq_tokens", "num_value_tokens")}
 
 
 # ---- planning -----------------------------------------------------------------------
@@ -270,7 +271,9 @@ def collate_arrays(seqs: list[tuple[np.ndarray, np.ndarray]], refs: list[SeqRef]
     """A micro-batch from (tokens, targets) arrays, one per sequence (targets: 1 on tokens to
     score). ``extras``: per-token float arrays, one per sequence and aligned with its TOKENS
     (value i belongs to token i); they are shifted like the targets, so in the batch they sit
-    at the position that predicts the token, the position of its label and loss-mask entry."""
+    at the position that predicts the token, the position of its label and loss-mask entry.
+    An extras array may hold one value more than the sequence has tokens: index n (a token
+    past the end) lands on the last position (PPO's critic is trained one position further)."""
     lens = np.array([len(t) for t, _ in seqs], dtype=np.int64)
     if packed:
         widths = round_up(lens, pad_multiple)
@@ -289,7 +292,8 @@ def collate_arrays(seqs: list[tuple[np.ndarray, np.ndarray]], refs: list[SeqRef]
     shifted = {}
     for name, per_seq in (extras or {}).items():
         vals = []
-        for v, w in zip(per_seq, widths):
+        for v, w, n in zip(per_seq, widths, lens):
+            assert len(v) in (n, n + 1), (name, len(v), n)
             row = np.zeros(int(w), np.float32)
             row[: len(v) - 1] = v[1:]  # value of token t+1 at position t, like the labels
             vals.append(row)

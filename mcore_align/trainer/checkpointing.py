@@ -137,13 +137,24 @@ def _model_key(i: int, n: int) -> str:
     return "model" if n == 1 else f"model{i}"
 
 
-def _sharded_state(policy, optimizer, runtime, *, loading: bool) -> dict:
+def _sharded_state(policy, optimizer, runtime, *, loading: bool, companions: dict | None = None) -> dict:
     from megatron.core.dist_checkpointing.mapping import ShardedObject
+    from megatron.core.dist_checkpointing.utils import replace_prefix_for_sharding
 
     # Unwrapped modules: the DDP wrapper would prefix local names with "module." (the
     # ShardedTensor keys, i.e. the checkpoint format, are the same either way).
     sd = {_model_key(i, len(policy)): _model_sharded_state(m.module) for i, m in enumerate(policy)}
     sd["optimizer"] = optimizer.sharded_state_dict(sd, is_loading=loading)
+    # Models trained beside the policy (PPO's critic): the same architecture, so their tensor
+    # keys get a "<name>." prefix in the checkpoint.
+    for name, (chunks, opt, _) in (companions or {}).items():
+        msd = {}
+        for i, m in enumerate(chunks):
+            part = m.module.sharded_state_dict()
+            replace_prefix_for_sharding(part, "", f"{name}.")
+            msd[_model_key(i, len(chunks))] = part
+        sd[f"{name}_models"] = msd
+        sd[f"{name}_optimizer"] = opt.sharded_state_dict(msd, is_loading=loading)
     rng = {"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None}
     sd["rng_state"] = ShardedObject("rng_state", rng, (runtime.world_size,), (runtime.rank,), replica_id=0)
     return sd
@@ -157,7 +168,8 @@ def _model_sharded_state(module) -> dict:
 
 
 def save_checkpoint(save: str | Path, step: int, policy, optimizer, scheduler, runtime, *,
-                    extra: dict, sidecar: Sidecar, save_total_limit: int | None = None) -> Path:
+                    extra: dict, sidecar: Sidecar, save_total_limit: int | None = None,
+                    companions: dict | None = None) -> Path:
     """Write ``iter_{step}``, then (only when complete) move the ``latest`` marker.
 
     If the marker already names ``step`` (a finished run relaunched) that checkpoint is
@@ -174,8 +186,10 @@ def save_checkpoint(save: str | Path, step: int, policy, optimizer, scheduler, r
             shutil.rmtree(path)
         path.mkdir(parents=True)
     dist.barrier()
-    sd = _sharded_state(policy, optimizer, runtime, loading=False)
+    sd = _sharded_state(policy, optimizer, runtime, loading=False, companions=companions)
     sd["scheduler"] = scheduler.state_dict()
+    for name, (_, _, sched) in (companions or {}).items():
+        sd[f"{name}_scheduler"] = sched.state_dict()
     sd["world_size"] = runtime.world_size
     sd["extra"] = extra
     dist_checkpointing.save(sd, str(path))
@@ -200,12 +214,13 @@ def _prune(save: Path, keep: int | None, current: Path) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
-def load_checkpoint(path: str | Path, policy, optimizer, scheduler, runtime) -> dict:
-    """Restore model, optimizer, scheduler and RNG; returns the ``extra`` dict saved with it."""
+def load_checkpoint(path: str | Path, policy, optimizer, scheduler, runtime, companions: dict | None = None) -> dict:
+    """Restore model, optimizer, scheduler and RNG (and those of ``companions``: name ->
+    (chunks, optimizer, scheduler)); returns the ``extra`` dict saved with it."""
     from megatron.core import dist_checkpointing
 
     check_complete(path)  # a missing or truncated file: CheckpointError naming it
-    sd = _sharded_state(policy, optimizer, runtime, loading=True)
+    sd = _sharded_state(policy, optimizer, runtime, loading=True, companions=companions)
     common = dist_checkpointing.load_common_state_dict(str(path))
     same_world = common.get("world_size") == runtime.world_size
     if not same_world:  # per-rank RNG states only make sense on the same layout
@@ -224,6 +239,13 @@ def load_checkpoint(path: str | Path, policy, optimizer, scheduler, runtime) -> 
             m.module.load_state_dict(loaded[_model_key(i, len(policy))])
     optimizer.load_state_dict(loaded["optimizer"])
     _load_scheduler(scheduler, loaded["scheduler"], path, runtime)
+    for name, (chunks, opt, sched) in (companions or {}).items():
+        if f"{name}_scheduler" not in common:
+            raise CheckpointError(f"{path} holds no {name} (it was saved by a run without one)")
+        for i, m in enumerate(chunks):
+            m.module.load_state_dict(loaded[f"{name}_models"][_model_key(i, len(chunks))])
+        opt.load_state_dict(loaded[f"{name}_optimizer"])
+        _load_scheduler(sched, loaded[f"{name}_scheduler"], path, runtime)
     if same_world:
         rng = loaded["rng_state"]
         torch.set_rng_state(rng["torch"])

@@ -42,8 +42,10 @@ def check_device_support(cfg: RunConfig, runtime: Runtime) -> None:
                          "pipeline")
 
 
-def build_policy(spec: ModelSpec, runtime: Runtime, cfg: RunConfig, load_dir: str | None, head: str = "lm"):
-    """Policy chunks wrapped in megatron DDP, weights loaded from ``load_dir`` (if given)."""
+def build_policy(spec: ModelSpec, runtime: Runtime, cfg: RunConfig, load_dir: str | None, head: str = "lm",
+                 require_head: bool = False):
+    """Policy chunks wrapped in megatron DDP, weights loaded from ``load_dir`` (if given).
+    ``require_head``: a non-LM head must come from ``load_dir`` (not freshly initialised)."""
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
 
     from mcore_align.checkpoint import load_model_weights
@@ -52,7 +54,9 @@ def build_policy(spec: ModelSpec, runtime: Runtime, cfg: RunConfig, load_dir: st
     opts = model_options(cfg, head)
     chunks = build_model(spec, runtime, role="policy", opts=opts)
     if load_dir is not None and opts.head != "lm":  # a base/SFT checkpoint has no such head yet
-        load_weights_allowing_fresh_head(chunks, load_dir)
+        if not load_weights_allowing_fresh_head(chunks, load_dir) and require_head:
+            raise ValueError(f"{load_dir} has no value head: it is not a reward-model checkpoint "
+                             "(train one with rlhf_type=rm, or leave value_model unset)")
     elif load_dir is not None:
         load_model_weights(chunks, load_dir)
     if cfg.model.train_type == "lora":  # adapters on the loaded base, base frozen, before DDP
@@ -95,6 +99,36 @@ def build_reference(spec: ModelSpec, runtime: Runtime, cfg: RunConfig, policy, o
                          f"{ref_spec} vs {spec}")
     chunks = build_model(spec, runtime, role="reference", opts=model_options(cfg, objective.head))
     load_model_weights(chunks, load_dir)
+    return FrozenModel(chunks)
+
+
+def build_reward_model(spec: ModelSpec, runtime: Runtime, cfg: RunConfig, load_dir: str, tokenizer, tokenizer_dir):
+    """A frozen reward model (value head) of the policy's layout, as a reference provider
+    (trainer/reference.py). Refused when its vocabulary or tokenizer differs from the policy's
+    (its scores would read other tokens), or when the checkpoint has no value head."""
+    from transformers import AutoTokenizer
+
+    from mcore_align.checkpoint import load_model_weights, read_model_spec
+    from mcore_align.checkpoint.layout import resolve_checkpoint_dir, tokenizer_dir as tok_dir_of
+    from mcore_align.models.heads import VALUE_HEAD_KEY
+    from mcore_align.trainer.reference import FrozenModel
+
+    path = resolve_checkpoint_dir(load_dir)
+    rm_spec = read_model_spec(path)
+    rm_tok_dir = tok_dir_of(path)
+    rm_tok = AutoTokenizer.from_pretrained(str(rm_tok_dir)) if rm_tok_dir is not None else None
+    if rm_spec.vocab_size != spec.vocab_size or rm_tok is None or rm_tok.get_vocab() != tokenizer.get_vocab():
+        raise ValueError(f"reward model {path} (tokenizer {rm_tok_dir}, vocab {rm_spec.vocab_size}) and policy "
+                         f"(tokenizer {tokenizer_dir}, vocab {spec.vocab_size}) do not share a tokenizer; "
+                         "re-tokenisation is not implemented: train the reward model from the policy's base")
+    from torch.distributed.checkpoint import FileSystemReader
+
+    if VALUE_HEAD_KEY not in FileSystemReader(str(path)).read_metadata().state_dict_metadata:
+        raise ValueError(f"reward model {path} has no {VALUE_HEAD_KEY}: it is not a reward-model checkpoint "
+                         "(rlhf_type=rm)")
+    # Its own architecture (it may be smaller than the policy), the policy's parallel layout.
+    chunks = build_model(rm_spec, runtime, role="reference", opts=model_options(cfg, "value"))
+    load_model_weights(chunks, path)
     return FrozenModel(chunks)
 
 

@@ -196,6 +196,31 @@ class Stepper:
             outs = self._run(chunks, batches, step, forward_only=True)
         return [o["logp"] for o in outs] if outs else None
 
+    def forward_only_values(self, chunks, batches: list[DeviceBatch], last_token: bool
+                            ) -> list[torch.Tensor] | None:
+        """A value-head model's output for every micro-batch (last PP stage; else None): the
+        value at every position ``[T]``, or (``last_token``) at each sequence's last token
+        ``[N]`` (a reward model's score, as the RM objective reads it)."""
+        from mcore_align.models.heads import sequence_rewards
+
+        def step(data_iterator, model):
+            b = next(data_iterator)
+            out = self._model_forward(model, b)
+
+            def loss_fn(output):
+                if last_token:
+                    v = sequence_rewards(output, b.mb.position_ids, b.mb.seq_lengths, b.seg_cu,
+                                         self.cp_group if self.cp_size > 1 else None)
+                else:
+                    v = output.reshape(-1).float()
+                return output.new_zeros(()), torch.tensor(0, dtype=torch.int), {"v": v.detach()}
+
+            return out, loss_fn
+
+        with torch.no_grad():
+            outs = self._run(chunks, batches, step, forward_only=True)
+        return [o["v"] for o in outs] if outs else None
+
     def reference_sums(self, batches: list[DeviceBatch]) -> list[torch.Tensor] | None:
         """Reference log-prob sums of every sequence (last PP stage; else None)."""
         assert self.reference is not None, "objective needs a reference but none was built"
@@ -220,11 +245,14 @@ class Stepper:
             rewards = sequence_rewards(output, mb.position_ids, mb.seq_lengths, b.seg_cu,
                                        self.cp_group if self.cp_size > 1 else None)
             stats.rewards = rewards[scored.to(rewards.device)]
-        if "token_logps" in want:  # per-token: this rank's flat tokens, at the objective's temperature
-            stats.token_logps = self.token_logprobs(b, output, model, self.objective.logprob_temperature)
-            stats.token_mask = mb.loss_mask.reshape(-1).to(stats.token_logps.dtype)
+        if "token_logps" in want or "token_values" in want:  # per-token: this rank's flat positions
+            if "token_logps" in want:  # at the objective's temperature
+                stats.token_logps = self.token_logprobs(b, output, model, self.objective.logprob_temperature)
+                stats.token_mask = mb.loss_mask.reshape(-1).to(stats.token_logps.dtype)
+            if "token_values" in want:  # value head: values [B, S, 1] at every position
+                stats.token_values = output.reshape(-1).float()
             for name in want & TOKEN_EXTRAS:
-                stats.__setattr__(name, mb.extras[name].reshape(-1))
+                setattr(stats, name, mb.extras[name].reshape(-1))
             return stats
         if "logps" in want or "num_tokens" in want:
             if output is None:

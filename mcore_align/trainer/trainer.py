@@ -19,8 +19,8 @@ from mcore_align.parallel.runtime import initialize
 from mcore_align.trainer.checkpointing import (Sidecar, last_stage_state, latest_checkpoint, load_checkpoint,
                                                save_checkpoint)
 from mcore_align.trainer.reporting import Reporter
-from mcore_align.trainer.setup import (build_optimizer, build_policy, build_reference, check_device_support,
-                                       wire_model_config)
+from mcore_align.trainer.setup import (build_optimizer, build_policy, build_reference, build_reward_model,
+                                       check_device_support, wire_model_config)
 from mcore_align.trainer.rollout import RolloutPhase, check_online_support, prompt_data_config
 from mcore_align.trainer.step import Stepper
 
@@ -79,20 +79,30 @@ class Trainer:
         self.policy = build_policy(self.spec, self.rt, cfg, load_dir=cfg.model.load if base_from_load else None,
                                    head=self.objective.head)
         self.reference = build_reference(self.spec, self.rt, cfg, self.policy, self.objective)
-        self.optimizer, self.scheduler = build_optimizer(self.policy, self.rt, cfg, self.train_iters)
+        self.optimizer, self.scheduler = build_optimizer(self.policy, self.rt, cfg,
+                                                         self.train_iters * self.objective.updates_per_step)
         wire_model_config(self.policy, self.optimizer, self.rt)
+        self.critic = self.critic_stepper = self.reward_model = None
+        critic_objective = self.objective.critic_objective()
+        if critic_objective is not None:  # a value model trained beside the policy (PPO)
+            self._build_critic(critic_objective)
         self.step = 0
         if self.resume_from:
-            extra = load_checkpoint(self.resume_from, self.policy, self.optimizer, self.scheduler, self.rt)
+            extra = load_checkpoint(self.resume_from, self.policy, self.optimizer, self.scheduler, self.rt,
+                                    companions=self._companions())
             self.step = extra["step"]
             self.data.train.load_state_dict(extra["data"])
             self.objective.load_state_dict(extra.get("objective", {}))
             log.warning("resumed from %s at step %d", self.resume_from, self.step)
         self.stepper = Stepper(self.rt, self.objective, self.policy, self.reference)
+        if online and getattr(self.objective.cfg, "reward_model", None):
+            self.reward_model = build_reward_model(self.spec, self.rt, cfg, self.objective.cfg.reward_model,
+                                                   self.tokenizer, source / "tokenizer")
         self.rollout = RolloutPhase(
             self.rt, self.objective, self.stepper, self.tokenizer, vocab_size=self.spec.vocab_size,
             pad_id=self.data.train.pad_id, pad_multiple=layout_multiples(par)["pad_multiple"],
             max_tokens_per_micro_batch=cfg.data.max_tokens_per_micro_batch, packed=cfg.data.packing, seed=t.seed,
+            critic_stepper=self.critic_stepper, reward_model=self.reward_model,
         ) if online else None
         self._eval_ref_cache: list | None = None  # reference sums of eval batches (precompute)
         self._stop_signal = False
@@ -122,12 +132,11 @@ class Trainer:
         while self.step < self.train_iters:
             gb = next(self.data.train)
             t0 = time.time()
-            rollout_metrics = {}
-            if self.rollout is not None:  # online: sample, score and pack before the same step
-                gb, rollout_metrics = self.rollout.make_experience(gb, self.step)
+            rollout_metrics, updates = {}, [gb]
+            if self.rollout is not None:  # online: sample and score, then the same optimizer step(s)
+                updates, rollout_metrics = self.rollout.make_experience(gb, self.step)
             t_train = time.time()
-            res = self.stepper.train_step(gb, self.optimizer, self.scheduler,
-                                          ref_cache=ref_cache.pop(self.step) if ref_cache is not None else None)
+            res = self._optimizer_steps(updates, ref_cache.pop(self.step) if ref_cache is not None else None)
             dt = time.time() - t0
             self.step += 1
             steps_this_launch += 1
@@ -136,7 +145,7 @@ class Trainer:
             if rollout_metrics:
                 rollout_metrics["time/training"] = dt - (t_train - t0)
             row = {**rollout_metrics, **res.metrics, "lr": self.optimizer.param_groups[0]["lr"], "grad_norm": res.grad_norm,
-                   "tokens_per_sec": gb.real_tokens / dt, "step_time": dt, "skipped": res.skipped,
+                   "tokens_per_sec": sum(u.real_tokens for u in updates) / dt, "step_time": dt, "skipped": res.skipped,
                    "consumed_samples": self.step * t.global_batch_size, "global_batch_size": t.global_batch_size,
                    "loss_scale": float(self.optimizer.get_loss_scale()), "skipped_iters": skipped_iters,
                    "mem_gib": _memory_gib(self.rt)}
@@ -171,6 +180,49 @@ class Trainer:
                 "plot": str(plot) if plot else None}
 
     # -- pieces ---------------------------------------------------------------------
+    def _build_critic(self, critic_objective) -> None:
+        """The critic: a value-head model of the policy's architecture and layout, its own DDP,
+        optimizer and scheduler, and a step that runs its objective."""
+        import dataclasses
+
+        cfg = self.cfg
+        ocfg = self.objective.cfg
+        init = ocfg.value_model or ocfg.reward_model or cfg.model.load
+        full = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, train_type="full"))
+        self.critic = build_policy(self.spec, self.rt, full, load_dir=None if self.resume_from else init,
+                                   head=critic_objective.head, require_head=bool(ocfg.value_model))
+        steps = self.train_iters * self.objective.updates_per_step
+        self.critic_optimizer, self.critic_scheduler = build_optimizer(self.critic, self.rt, full, steps)
+        wire_model_config(self.critic, self.critic_optimizer, self.rt)
+        self.critic_stepper = Stepper(self.rt, critic_objective, self.critic, None)
+
+    def _companions(self) -> dict:
+        """Models trained beside the policy, checkpointed with it: name -> (chunks, optimizer, scheduler)."""
+        return {"critic": (self.critic, self.critic_optimizer, self.critic_scheduler)} if self.critic else {}
+
+    def _optimizer_steps(self, updates, ref_cache):
+        """One optimizer step of the policy (and of the critic, when the objective declares one)
+        per batch of ``updates`` (one, except for PPO's epochs x mini-batches); metrics are the
+        mean over the updates, the step is skipped if any update was."""
+        from mcore_align.trainer.step import StepResult
+
+        results = []
+        for u in updates:
+            r = self.stepper.train_step(u, self.optimizer, self.scheduler, ref_cache=ref_cache)
+            if self.critic is not None:
+                c = self.critic_stepper.train_step(u, self.critic_optimizer, self.critic_scheduler)
+                r.metrics.update({("critic/loss" if k == "loss" else k): v for k, v in c.metrics.items()})
+                r.metrics["critic/grad_norm"] = c.grad_norm if c.grad_norm is not None else float("nan")
+                r.skipped = r.skipped or c.skipped
+            results.append(r)
+        if len(results) == 1:
+            return results[0]
+        keys = results[0].metrics.keys()
+        metrics = {k: sum(r.metrics[k] for r in results) / len(results) for k in keys}
+        norms = [r.grad_norm for r in results if r.grad_norm is not None]
+        return StepResult(metrics, skipped=any(r.skipped for r in results),
+                          grad_norm=sum(norms) / len(norms) if norms else None)
+
     def evaluate(self) -> dict:
         """Metrics over ``eval_iters`` held-out batches taken as ONE global batch: the loss is
         normalised by the counts of all of them and metrics pool their sums and counts, so
@@ -191,7 +243,7 @@ class Trainer:
             t.save, self.step, self.policy, self.optimizer, self.scheduler, self.rt,
             extra={"step": self.step, "data": self.data.train.state_dict(), "config": self.cfg.to_dict(),
                    "objective": last_stage_state(self.objective.state_dict(), self.rt)},
-            sidecar=self.sidecar, save_total_limit=t.save_total_limit,
+            sidecar=self.sidecar, save_total_limit=t.save_total_limit, companions=self._companions(),
         )
 
     def _precompute_reference(self) -> dict[int, list]:

@@ -91,7 +91,7 @@ def test_declarations_and_rloo():
 
 
 @pytest.mark.parametrize("kw,msg", [
-    ({}, "reward_funcs is required"),
+    ({}, "reward_funcs or reward_model is required"),
     ({"reward_funcs": "m:f", "num_generations": 1}, "num_generations must be >= 2"),
     ({"reward_funcs": "m:f", "advantage_estimator": "gae"}, "advantage_estimator"),
     ({"reward_funcs": "m:f", "rollout_backend": "sglang"}, "rollout_backend"),

@@ -79,7 +79,7 @@ def _check_logprob_alignment(tr: Trainer):
         return captured["batch"]
 
     rp.engine.generate = keep
-    exp, _ = rp.make_experience(gb, step=0)
+    (exp,), _ = rp.make_experience(gb, step=0)
     rp.engine.generate = generate
     st = tr.stepper
     logp = st.forward_only_token_logprobs(st.policy, st.to_device(exp.micro_batches), tr.objective.logprob_temperature)
