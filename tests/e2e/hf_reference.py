@@ -23,26 +23,36 @@ def load_hf64(path):
 def sequence_stats(model, batch, value_head=None, grad: bool = False) -> list[dict]:
     """Per sequence of a dumped global batch (``micro_batches`` as dicts): role, pair index,
     KTO label, the float64 sum of target log-probs over loss tokens and their count (or, with
-    ``value_head`` [1, H], the reward: the head on the final hidden state of the last token)."""
+    ``value_head`` [1, H], the reward: the head on the final hidden state of the last token).
+
+    All sequences go through one forward pass, right-padded to the longest: the model is
+    causal, so a real token never attends to the padding after it."""
+    seqs = []  # (tokens [n], labels [n], loss mask [n], row metadata)
+    for mb in batch["micro_batches"]:
+        tok, lab, mask = (mb[k].reshape(-1) for k in ("tokens", "labels", "loss_mask"))
+        cu, lens = mb["cu_seqlens"].tolist(), mb["seq_lengths"].tolist()
+        for i, n in enumerate(lens):
+            a = cu[i]
+            seqs.append((tok[a:a + n], lab[a:a + n], mask[a:a + n].bool(),
+                         {"role": int(mb["seq_role"][i]), "pair": int(mb["pair_index"][i]),
+                          "label": bool(mb["kto_label"][i])}))
+    longest = max(len(t) for t, *_ in seqs)
+    ids_NS = torch.zeros(len(seqs), longest, dtype=torch.long)
+    for j, (t, *_) in enumerate(seqs):
+        ids_NS[j, :len(t)] = t
     rows = []
-    ctx = contextlib.nullcontext() if grad else torch.no_grad()
-    with ctx:
-        for mb in batch["micro_batches"]:
-            tok, lab, mask = (mb[k].reshape(-1) for k in ("tokens", "labels", "loss_mask"))
-            cu, lens = mb["cu_seqlens"].tolist(), mb["seq_lengths"].tolist()
-            for i, n in enumerate(lens):
-                a = cu[i]
-                ids = tok[a:a + n][None]
-                if value_head is not None:
-                    h_H = model.model(ids).last_hidden_state[0, n - 1]
-                    s, c = h_H @ value_head[0].to(h_H.dtype), 1.0
-                else:
-                    logp_SV = F.log_softmax(model(ids).logits[0].double(), -1)
-                    tgt, m = lab[a:a + n], mask[a:a + n].bool()
-                    lp_S = logp_SV.gather(-1, tgt[:, None])[:, 0]
-                    s, c = lp_S[m].sum(), float(m.sum())
-                rows.append({"role": int(mb["seq_role"][i]), "pair": int(mb["pair_index"][i]),
-                             "label": bool(mb["kto_label"][i]), "sum": s, "count": c})
+    with contextlib.nullcontext() if grad else torch.no_grad():
+        if value_head is not None:
+            h_NSH = model.model(ids_NS).last_hidden_state
+            out = [(h_NSH[j, len(t) - 1] @ value_head[0].to(h_NSH.dtype), 1.0) for j, (t, *_) in enumerate(seqs)]
+        else:
+            logp_NSV = F.log_softmax(model(ids_NS).logits.double(), -1)
+            out = []
+            for j, (t, lab, m, _) in enumerate(seqs):
+                lp_S = logp_NSV[j, :len(t)].gather(-1, lab[:, None])[:, 0]
+                out.append((lp_S[m].sum(), float(m.sum())))
+    for (s, c), (*_, meta) in zip(out, seqs):
+        rows.append({**meta, "sum": s, "count": c})
     return rows
 
 
