@@ -92,6 +92,19 @@ def test_first_step_loss_matches_transformers(results, work, algo):
     assert abs(logged - expected) <= 2e-5 * max(1.0, abs(expected)), (algo, logged, expected)
 
 
+@pytest.mark.parametrize("algo", ["sft", "dpo", "kto", "cpo", "orpo", "simpo", "rm"])
+def test_tp2_and_pp2_runs_agree(results, work, algo):
+    """The two layouts train on the same global batches with the same maths: every step's loss
+    and pre-clip grad norm agree up to fp32 summation order (tests/e2e/test_grad_norm_e2e.py
+    also compares every layout with an unsharded run)."""
+    results.check(f"case_{algo}_tp2")
+    results.check(f"case_{algo}_pp2")
+    runs = {lay: json.loads((work / f"{algo}_{lay}_history.json").read_text()) for lay in ("tp2", "pp2")}
+    for key in ("loss", "grad_norm"):
+        tp2, pp2 = (torch.tensor([x[key] for x in runs[lay]], dtype=torch.float64) for lay in ("tp2", "pp2"))
+        torch.testing.assert_close(pp2, tp2, rtol=1e-5, atol=1e-6, msg=lambda m: f"{algo} {key}: {m}")
+
+
 @pytest.mark.parametrize("algo", ["dpo", "kto"])
 def test_first_step_loss_with_another_reference_matches_transformers(results, work, algo):
     """model.ref_load: the reference is a different model, so the preference terms are live."""
