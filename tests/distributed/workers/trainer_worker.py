@@ -119,11 +119,11 @@ def case_layouts_give_same_losses():
         runs = {n: torch.tensor(json.loads((WORK / f"{n}_{key}.json").read_text()), dtype=torch.float64)
                 for n in ("tp2", "pp2", "dp2", "cp2")}
         for n in ("pp2", "dp2", "cp2"):
-            # rtol 1e-5 over the first 3 steps; over 10 steps the trajectories drift apart slowly
-            # through Adam (measured <= 1.5e-6 here, up to 8e-6 by step 6 in other runs): 1e-4.
+            # rtol 1e-5 over the first 3 steps (measured <= 3.4e-6); over 10 steps the trajectories
+            # drift apart slowly through Adam (measured <= 3.8e-5, CP on the shared data): 3e-4.
             torch.testing.assert_close(runs[n][:3], runs["tp2"][:3], rtol=1e-5, atol=1e-6,
                                        msg=lambda m: f"{n} {key}: {m}")
-            torch.testing.assert_close(runs[n], runs["tp2"], rtol=1e-4, atol=1e-6, msg=lambda m: f"{n} {key}: {m}")
+            torch.testing.assert_close(runs[n], runs["tp2"], rtol=3e-4, atol=1e-6, msg=lambda m: f"{n} {key}: {m}")
 
 
 def case_resume_is_exact():
