@@ -1,4 +1,6 @@
+import json
 import os
+import random
 from pathlib import Path
 
 import pytest
@@ -13,7 +15,43 @@ def shared_data_dir() -> Path:
 
 @pytest.fixture(scope="session")
 def shared_data() -> Path:
+    """The real data files themselves (tests of their parsing skip without them)."""
     d = shared_data_dir()
     if not (d / "dpo_en_demo.json").exists():
         pytest.skip(f"shared preference data not found at {d} (set MCORE_ALIGN_DATA)")
     return d
+
+
+# The file formats of the shared demo files, generated from the demo's learnable task when
+# they are absent, so that end-to-end tests always train (a user's clone has no ../shared).
+def _generated(name: str, n: int) -> list[dict]:
+    from mcore_align.demo import ASKS, BAD, GOOD, TOPICS
+
+    rng = random.Random(f"{name}:{n}")
+    out = []
+    for i in range(n):
+        t = rng.choice(TOPICS)
+        prompt, good, bad = rng.choice(ASKS).format(t=t), rng.choice(GOOD).format(t=t), rng.choice(BAD)
+        if name == "dpo_en_demo.json":  # sharegpt, paired
+            out.append({"conversations": [{"from": "human", "value": prompt}],
+                        "chosen": {"from": "gpt", "value": good}, "rejected": {"from": "gpt", "value": bad}})
+        elif name == "kto_en_demo.json":  # messages + label, desirable and undesirable alternating
+            label = i % 2 == 0
+            out.append({"messages": [{"role": "user", "content": prompt},
+                                     {"role": "assistant", "content": good if label else bad}], "label": label})
+        elif name == "alpaca_en_demo.json":  # alpaca, SFT
+            out.append({"instruction": prompt, "input": "", "output": good})
+        else:
+            raise ValueError(f"no generator for {name}")
+    return out
+
+
+def e2e_records(name: str, n: int) -> tuple[list[dict], str]:
+    """``n`` records for an end-to-end run and where they came from ("shared" or "generated"):
+    the ``n`` shortest records of the shared file ``name`` (so a few epochs fit in a few steps),
+    or, without the shared data, ``n`` records of the same format made from the demo's task."""
+    path = shared_data_dir() / name
+    if path.exists():
+        recs = sorted(json.loads(path.read_text()), key=lambda r: len(json.dumps(r)))
+        return recs[:n], "shared"
+    return _generated(name, n), "generated"

@@ -54,6 +54,21 @@ class DistResults:
     module: str
     per_case: dict
     log: str
+    returncode: int = 0
+    nproc: int = 1
+    missing_ranks: tuple = ()
+
+    def launch_error(self) -> str | None:
+        """Why the launch as a whole failed (a rank crashed, exited non-zero or wrote no
+        results), or None. A crashed rank fails every case, even those that passed."""
+        problems = []
+        if self.returncode != 0:
+            problems.append(f"torchrun exited with code {self.returncode}")
+        if self.missing_ranks:
+            problems.append(f"no result file from rank(s) {list(self.missing_ranks)}")
+        if not problems:
+            return None
+        return f"{self.module}: {'; '.join(problems)}\n{self.log[-6000:]}"
 
     def check(self, case: str) -> None:
         import pytest
@@ -61,10 +76,32 @@ class DistResults:
         if case not in self.per_case:
             raise AssertionError(f"{self.module}:{case} did not run (launch crashed?)\n{self.log[-6000:]}")
         res = self.per_case[case]
+        if res["status"] == "fail":
+            raise AssertionError(f"{self.module}:{case} failed:\n{res['message']}")
+        if len(res["ranks"]) != self.nproc:
+            missing = sorted(set(range(self.nproc)) - set(res["ranks"]))
+            raise AssertionError(f"{self.module}:{case} has no result from rank(s) {missing}\n{self.log[-6000:]}")
+        err = self.launch_error()
+        if err is not None:
+            raise AssertionError(f"{case}: {err}")
         if res["status"] == "skip":
             pytest.skip(res["message"])
-        if res["status"] != "ok":
-            raise AssertionError(f"{self.module}:{case} failed:\n{res['message']}")
+        assert res["status"] == "ok", res
+
+
+def merge_rank_results(per_rank: dict[int, dict]) -> dict:
+    """{rank: {case: {status, message}}} -> {case: {status, message, ranks}}. A failure on
+    any rank wins over ok/skip from another rank; `ranks` lists the ranks that reported."""
+    per_case: dict = {}
+    for rank in sorted(per_rank):
+        for name, res in per_rank[rank].items():
+            prev = per_case.get(name)
+            ranks = (prev["ranks"] if prev else []) + [rank]
+            if prev is None or (prev["status"] != "fail" and res["status"] == "fail"):
+                per_case[name] = {**res, "message": f"[rank {rank}] {res['message']}", "ranks": ranks}
+            else:
+                prev["ranks"] = ranks
+    return per_case
 
 
 def run_dist_module(module: str, nproc: int = 2, timeout: int = 900, env: dict | None = None) -> DistResults:
@@ -80,17 +117,15 @@ def run_dist_module(module: str, nproc: int = 2, timeout: int = 900, env: dict |
                     "MCORE_ALIGN_DIST_TIMEOUT": "180", **(env or {})}
         proc = subprocess.run(cmd, cwd=ROOT, env=full_env, capture_output=True, text=True, timeout=timeout)
         log = proc.stdout + proc.stderr
-        per_case: dict = {}
+        per_rank, missing = {}, []
         for rank in range(nproc):
             path = out.with_suffix(f".rank{rank}.json")
             if not path.exists():
+                missing.append(rank)
                 continue
-            for name, res in json.loads(path.read_text()).items():
-                prev = per_case.get(name)
-                # A failure on any rank wins over ok/skip from another rank.
-                if prev is None or (prev["status"] != "fail" and res["status"] == "fail"):
-                    per_case[name] = {**res, "message": f"[rank {rank}] {res['message']}"}
-        return DistResults(module, per_case, log)
+            per_rank[rank] = json.loads(path.read_text())
+        return DistResults(module, merge_rank_results(per_rank), log, returncode=proc.returncode, nproc=nproc,
+                           missing_ranks=tuple(missing))
 
 
 class SkipCase(Exception):
@@ -126,8 +161,10 @@ def _worker_main(module: str, out_prefix: str) -> None:
             if teardown is not None:
                 try:
                     teardown()
-                except Exception:  # noqa: BLE001
-                    pass
+                except Exception:  # noqa: BLE001 - a failed teardown fails the case
+                    prev = results.get(name, {}).get("message", "")
+                    results[name] = {"status": "fail",
+                                     "message": f"{prev}\nteardown_case failed:\n{traceback.format_exc()}"}
             # Written after every case, so a later hang or crash keeps what ran.
             Path(f"{out_prefix}.rank{rank}.json").write_text(json.dumps(results))
             dist.barrier()

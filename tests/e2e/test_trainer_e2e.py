@@ -12,12 +12,10 @@ import sys
 import pytest
 import torch
 
-from tests.conftest import ROOT, shared_data_dir
+from tests.conftest import ROOT, e2e_records
 from tests.dist_utils import dist_cases, run_dist_module
 
 WORKER = "tests.distributed.workers.trainer_worker"
-DATA = shared_data_dir() / "dpo_en_demo.json"
-pytestmark = pytest.mark.skipif(not DATA.exists(), reason=f"shared preference data not found at {DATA}")
 
 
 @pytest.fixture(scope="module")
@@ -30,10 +28,9 @@ def work(tmp_path_factory):
                    cwd=ROOT, check=True, capture_output=True)
     torch.manual_seed(0)
     torch.save(torch.randint(0, 512, (2, 24)), root / "tokens.pt")
-    # 16 real pairs, the shortest, so that a few epochs fit in a few steps (learning is visible).
-    recs = json.loads(DATA.read_text())
-    recs.sort(key=lambda r: len(json.dumps(r)))
-    (root / "subset.json").write_text(json.dumps(recs[:16]))
+    # 16 real pairs, the shortest, so that a few epochs fit in a few steps (learning is visible);
+    # generated pairs of the same format without the shared data.
+    (root / "subset.json").write_text(json.dumps(e2e_records("dpo_en_demo.json", 16)[0]))
     return root
 
 

@@ -64,6 +64,7 @@ def _train_and_check_learning(name: str, *layout: str, dump_logits: bool = True)
     assert all(math.isfinite(x["grad_norm"]) for x in h)
     if dist.get_rank() == 0:
         (WORK / f"{name}_losses.json").write_text(json.dumps(_losses(res)))
+        (WORK / f"{name}_grad_norms.json").write_text(json.dumps([x["grad_norm"] for x in h]))
     if not dump_logits:
         return
     # Logits of the trained model on fixed tokens, for the HF comparison on the pytest side.
@@ -110,11 +111,19 @@ def case_dpo_cp2_learns():
 
 
 def case_layouts_give_same_losses():
-    runs = {n: json.loads((WORK / f"{n}_losses.json").read_text()) for n in ("tp2", "pp2", "dp2", "cp2")}
-    for n in ("pp2", "dp2", "cp2"):
-        # Same global batches, same maths: only float summation order differs.
-        for a, b in zip(runs["tp2"], runs[n]):
-            assert abs(a - b) < 2e-3 * max(1.0, abs(a)), (n, runs["tp2"], runs[n])
+    """Same global batches, same maths: only fp32 summation order differs. The pre-clip grad
+    norm is compared too: with Adam and clipping a 2x gradient error from a DP or CP reduction
+    barely moves the losses, but it doubles the norm (tests/e2e/test_grad_norm_e2e.py checks
+    every objective against an unsharded run)."""
+    for key in ("losses", "grad_norms"):
+        runs = {n: torch.tensor(json.loads((WORK / f"{n}_{key}.json").read_text()), dtype=torch.float64)
+                for n in ("tp2", "pp2", "dp2", "cp2")}
+        for n in ("pp2", "dp2", "cp2"):
+            # rtol 1e-5 over the first 3 steps (measured <= 3.4e-6); over 10 steps the trajectories
+            # drift apart slowly through Adam (measured <= 3.8e-5, CP on the shared data): 3e-4.
+            torch.testing.assert_close(runs[n][:3], runs["tp2"][:3], rtol=1e-5, atol=1e-6,
+                                       msg=lambda m: f"{n} {key}: {m}")
+            torch.testing.assert_close(runs[n], runs["tp2"], rtol=3e-4, atol=1e-6, msg=lambda m: f"{n} {key}: {m}")
 
 
 def case_resume_is_exact():
