@@ -50,9 +50,13 @@ def sequence_stats(model, batch, value_head=None, grad: bool = False) -> list[di
             out = []
             for j, (t, lab, m, _) in enumerate(seqs):
                 lp_S = logp_NSV[j, :len(t)].gather(-1, lab[:, None])[:, 0]
-                out.append((lp_S[m].sum(), float(m.sum())))
-    for (s, c), (*_, meta) in zip(out, seqs):
-        rows.append({**meta, "sum": s, "count": c})
+                # Also every predicted token, prompt included (positions 0..n-2): TRL's ORPO NLL.
+                out.append((lp_S[m].sum(), float(m.sum()), lp_S[:len(t) - 1].sum(), float(len(t) - 1)))
+    for o, (*_, meta) in zip(out, seqs):
+        row = {**meta, "sum": o[0], "count": o[1]}
+        if len(o) == 4:
+            row.update(seq_sum=o[2], seq_count=o[3])
+        rows.append(row)
     return rows
 
 
@@ -79,7 +83,7 @@ def expected_loss(algo: str, rows, ref_rows=None) -> torch.Tensor:
     ref_rows = [{**r, "sum": torch.as_tensor(r["sum"]).detach()} for r in (ref_rows or rows)]
     if algo == "sft":
         return -torch.stack([torch.as_tensor(r["sum"]) for r in rows]).sum() / sum(r["count"] for r in rows)
-    if algo == "kto":  # beta 0.1, weights 1 (KTO paper Eq. 8, TRL's kto_loss)
+    if algo == "kto":  # beta 0.1, weights 1 (KTO paper Sec. 3.2, TRL's kto_loss)
         beta = 0.1
         pol, ref = _role_sums(rows, 2), _role_sums(ref_rows, 2)
         # The KL pass is a no-grad forward of the policy: detached.
@@ -100,9 +104,11 @@ def expected_loss(algo: str, rows, ref_rows=None) -> torch.Tensor:
     if algo == "cpo":  # beta 0.1, cpo_alpha 1.0
         return -ls(0.1 * (pc - pr)).mean() + 1.0 * nll
     ac, ar = pc / nc, pr / nr
-    if algo == "orpo":  # beta 0.1
+    if algo == "orpo":  # beta 0.1; TRL's ORPOTrainer: the NLL over the chosen prompt AND response
+        chosen = [r for r in rows if r["role"] == 0]
+        nll_seq = -torch.stack([torch.as_tensor(r["seq_sum"]) for r in chosen]).sum() / sum(r["seq_count"] for r in chosen)
         log_odds = (ac - ar) - (torch.log1p(-torch.exp(ac)) - torch.log1p(-torch.exp(ar)))
-        return nll - 0.1 * ls(log_odds).mean()
+        return nll_seq - 0.1 * ls(log_odds).mean()
     if algo == "simpo":  # beta 2.0, gamma 1.0, cpo_alpha 1.0
         return -ls(2.0 * (ac - ar) - 1.0).mean() + 1.0 * nll
     raise AssertionError(algo)
