@@ -1,4 +1,4 @@
-"""Online objectives (GRPO, RLOO) through the one trainer on 2 gloo ranks: TP=2 and PP=2.
+"""Online objectives (GRPO, RLOO, PPO) through the one trainer on 2 gloo ranks: TP=2 and PP=2.
 
 The pytest side (tests/e2e/test_grpo_e2e.py) makes the tiny model and the prompts, then
 exports the trained policy and generates with transformers. The reward is a rule a tiny
@@ -24,6 +24,15 @@ WORK = Path(os.environ.get("MA_TEST_WORK", "/tmp/ma_grpo_worker"))
 REWARD = "mcore_align.rewards:even_token_fraction"
 
 
+PARAMS = {
+    "grpo": {"reward_funcs": REWARD, "num_generations": 4, "response_length": 24, "beta": 0.04},
+    "rloo": {"reward_funcs": REWARD, "num_generations": 4, "response_length": 24, "beta": 0.04},
+    # PPO: 2 epochs x 2 mini-batches per rollout; a small KL coefficient lets the tiny model move.
+    "ppo": {"reward_funcs": REWARD, "response_length": 24, "kl_coef": 0.01, "num_ppo_epochs": 2,
+            "num_mini_batches": 2},
+}
+
+
 def _cfg(algo: str, save: str | None, *overrides: str):
     raw = {
         "model": {"load": CKPT},
@@ -32,8 +41,7 @@ def _cfg(algo: str, save: str | None, *overrides: str):
         "optim": {"learning_rate": 1e-2, "lr_decay_style": "constant"},
         "train": {"global_batch_size": 4, "train_iters": 14, "device": "cpu", "progress_bar": False,
                   "plot": False, "seed": 3, "save": save},
-        "algo": {"rlhf_type": algo, "params": {"reward_funcs": REWARD, "num_generations": 4,
-                                                "response_length": 24, "beta": 0.04}},
+        "algo": {"rlhf_type": algo, "params": dict(PARAMS[algo])},
     }
     return build_config(raw, overrides)
 
@@ -130,3 +138,81 @@ def case_bad_reward_function_is_named():
         assert "no_such_module:fn" in str(e), e
     else:
         raise AssertionError("an unimportable reward function was accepted")
+
+
+def _ppo(layout: list[str], name: str, *extra: str) -> list[dict]:
+    tr = Trainer(_cfg("ppo", None, *layout, "global_batch_size=8", "train_iters=16", "learning_rate=3e-3", *extra))
+    assert tr.critic is not None and tr.reference is not None  # kl_coef > 0: a reference; GAE: a critic
+    h = tr.train()["history"]
+    if dist.get_rank() == 0:
+        (WORK / f"{name}_history.json").write_text(json.dumps(h))
+    for x in h:
+        assert all(math.isfinite(x[k]) for k in ("loss", "grad_norm", "critic/grad_norm", "objective/kl",
+                                                 "loss/value_avg")), x
+    s0, s1 = _mean(h, "objective/scores", slice(0, 3)), _mean(h, "objective/scores", slice(-3, None))
+    assert s1 > s0 + 0.05, f"{name}: score did not rise: {[round(x['objective/scores'], 3) for x in h]}"
+    v0, v1 = _mean(h, "loss/value_avg", slice(0, 2)), _mean(h, "loss/value_avg", slice(-3, None))
+    assert v1 < 0.5 * v0, f"{name}: value loss did not fall: {[round(x['loss/value_avg'], 4) for x in h]}"
+    assert h[0]["objective/kl"] == 0.0  # step 1: policy = reference, bit for bit
+    return h
+
+
+def case_ppo_tp2_learns():
+    _ppo(["tensor_model_parallel_size=2"], "ppo_tp2")
+
+
+def case_ppo_pp2_learns():
+    _ppo(["pipeline_model_parallel_size=2"], "ppo_pp2")
+
+
+def _reward_model() -> str:
+    """A reward-model checkpoint (rlhf_type=rm, 2 steps on the task's preference pairs)."""
+    path = WORK / "rm"
+    if not (path / "latest_checkpointed_iteration.txt").exists():
+        raw = {"model": {"load": CKPT},
+               "data": {"dataset": [PROMPTS], "max_length": 96, "max_tokens_per_micro_batch": 1024,
+                        "cache_dir": str(WORK / "cache")},
+               "optim": {"learning_rate": 1e-3, "lr_decay_style": "constant"},
+               "train": {"global_batch_size": 8, "train_iters": 2, "device": "cpu", "progress_bar": False,
+                         "plot": False, "save": _save_dir("rm")},
+               "algo": {"rlhf_type": "rm"}}
+        Trainer(build_config(raw, ["tensor_model_parallel_size=2"])).train()
+    dist.barrier()
+    return str(path)
+
+
+def case_ppo_with_reward_model_resumes_exactly():
+    """Reward model scores (value model initialised from it), 2 steps, stop with a checkpoint,
+    relaunch: policy, critic, both optimizers and the sampling seed continue as if never stopped."""
+    rm = _reward_model()
+    common = ("tensor_model_parallel_size=2", "global_batch_size=4", "train_iters=4", f"reward_model={rm}",
+              "reward_funcs=null")
+    keys = ("loss", "grad_norm", "critic/grad_norm", "objective/scores", "objective/kl", "loss/value_avg")
+    tr = Trainer(_cfg("ppo", None, *common))
+    assert "rewards/reward_model" in (h := tr.train()["history"])[0] and "objective/rlhf_reward" in h[0]
+    save = _save_dir("ppo_resume")
+    first = Trainer(_cfg("ppo", save, *common, "exit_after_steps=2")).train()
+    assert first["stopped"] and first["step"] == 2
+    rest = Trainer(_cfg("ppo", save, *common)).train()["history"]
+    got = first["history"] + rest
+    for i, (a, b) in enumerate(zip(h, got)):
+        for k in keys:
+            assert math.isclose(a[k], b[k], rel_tol=1e-5, abs_tol=1e-7), (i, k, a[k], b[k])
+
+
+def case_ppo_bad_models_are_refused():
+    rm = _reward_model()
+    try:  # a value model without a value head
+        Trainer(_cfg("ppo", None, "tensor_model_parallel_size=2", f"value_model={CKPT}"))
+    except ValueError as e:
+        assert "not a reward-model checkpoint" in str(e) and CKPT in str(e), e
+    else:
+        raise AssertionError("a value model without a value head was accepted")
+    other = os.environ["MA_TEST_OTHER_TOKENIZER_CKPT"]
+    try:  # a reward model with another tokenizer: both named
+        Trainer(_cfg("ppo", None, "tensor_model_parallel_size=2", f"reward_model={other}"))
+    except ValueError as e:
+        assert "do not share a tokenizer" in str(e) and other in str(e) and CKPT in str(e), e
+    else:
+        raise AssertionError("a reward model with another tokenizer was accepted")
+    del rm

@@ -1,5 +1,5 @@
-"""GRPO / RLOO end to end on 2 ranks (see tests/distributed/workers/grpo_worker.py), then the
-trained policy's HF export loads in transformers and generates."""
+"""GRPO / RLOO / PPO end to end on 2 ranks (see tests/distributed/workers/online_worker.py), then
+the trained policy's HF export loads in transformers and generates."""
 from __future__ import annotations
 
 import subprocess
@@ -11,7 +11,7 @@ import torch
 from tests.conftest import ROOT
 from tests.dist_utils import dist_cases, run_dist_module
 
-WORKER = "tests.distributed.workers.grpo_worker"
+WORKER = "tests.distributed.workers.online_worker"
 
 
 @pytest.fixture(scope="module")
@@ -24,18 +24,22 @@ def work(tmp_path_factory):
     subprocess.run([sys.executable, "tools/convert_hf_to_mcore.py", "--hf", str(hf), "--out", str(root / "mcore")],
                    cwd=ROOT, check=True, capture_output=True)
     make_task(root / "prompts.jsonl", 64, seed=0)  # prompt / chosen / rejected: the prompts are used
+    # Another tokenizer (Llama-3 style): a reward model made from it must be refused.
+    other = make_tiny_model(root / "hf_llama", "llama", num_layers=2, hidden_size=64, vocab_size=512)
+    subprocess.run([sys.executable, "tools/convert_hf_to_mcore.py", "--hf", str(other), "--out", str(root / "mcore_llama")],
+                   cwd=ROOT, check=True, capture_output=True)
     return root
 
 
 @pytest.fixture(scope="module")
 def results(work):
     env = {"MA_TEST_CKPT": str(work / "mcore"), "MA_TEST_PROMPTS": str(work / "prompts.jsonl"),
-           "MA_TEST_WORK": str(work)}
+           "MA_TEST_WORK": str(work), "MA_TEST_OTHER_TOKENIZER_CKPT": str(work / "mcore_llama")}
     return run_dist_module(WORKER, nproc=2, env=env)
 
 
 @pytest.mark.parametrize("case", dist_cases(WORKER))
-def test_grpo_case(results, case):
+def test_online_case(results, case):
     results.check(case)
 
 
