@@ -50,6 +50,10 @@ class ModelOptions:
     lora: bool = False
     """LoRA adapters will wrap the linear layers: they wrap megatron's local
     ColumnParallelLinear/RowParallelLinear, so "auto" picks local and "transformer_engine" is refused."""
+    freeze_vit: bool = True
+    """Vision-language models: the vision tower gets ``requires_grad=False`` (not trained)."""
+    freeze_aligner: bool = True
+    """Vision-language models: the projector between vision tower and LM is not trained."""
 
 
 TRANSFORMER_IMPLS = ("auto", "local", "transformer_engine")
@@ -244,6 +248,10 @@ def build_model(spec: ModelSpec, runtime: Runtime, *, role: str = "policy", opts
             vp_stage=stage,
         )
         _apply_rope_scaling(model, spec)
+        if spec.vision is not None:  # first stage only: HF vision tower + projector as model.vision
+            from mcore_align.models.vision import attach_vision
+
+            attach_vision(model, spec, opts)
         if opts.head == "value":  # output_layer -> ValueHead (last stage only)
             attach_value_head(model, runtime)
         elif opts.fused_logprobs:  # hidden states out; log-probs fused in the loss

@@ -23,6 +23,19 @@ class RopeScaling:
 
 
 @dataclass(frozen=True, kw_only=True)
+class VisionSpec:
+    """The vision side of a vision-language checkpoint (read by ``models/vision.py`` only)."""
+
+    family: str
+    """Registered vision family (``llava``): selects the HF modules and the weight adapter."""
+    image_token_id: int
+    """Id of the image placeholder token; the processor repeats it once per image feature."""
+    hf_key_style: str = "transformers"
+    """How the HF safetensors name the tensors (transformers versions differ; see
+    ``models/llava.py``); detected at conversion, used again at export."""
+
+
+@dataclass(frozen=True, kw_only=True)
 class ModelSpec:
     family: str
     """Registered family name (``llama``, ``mistral``, ``qwen2``, ``qwen3``)."""
@@ -44,6 +57,9 @@ class ModelSpec:
     init_std: float = 0.02
     hf_config: dict = field(default_factory=dict, compare=False, repr=False)
     """The source ``config.json``, kept so export needs no other input."""
+    vision: VisionSpec | None = None
+    """Vision-language checkpoints (LLaVA): the image side; the fields above describe the
+    language model (``text_config``). None for text-only models. See ``models/vision.py``."""
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=1, sort_keys=True)
@@ -53,6 +69,8 @@ class ModelSpec:
         d = dict(d)
         if d.get("rope_scaling"):
             d["rope_scaling"] = RopeScaling(**d["rope_scaling"])
+        if d.get("vision"):
+            d["vision"] = VisionSpec(**d["vision"])
         return cls(**d)
 
 
