@@ -4,10 +4,12 @@ Checkpoints are made and converted once by ``tests/distributed/test_vision_dist.
 $MCA_VISION_ROOT/<family>/{hf,mc}; every case reshards on load. fp32; tolerance 1e-4
 relative to the logit scale (as for the text families).
 """
+import dataclasses
 import os
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 
 from mcore_align.checkpoint.verify import compare_logits
 from mcore_align.checkpoint.verify_vision import hf_vlm_logits, processor_inputs, verify_vision_checkpoint
@@ -52,3 +54,115 @@ def case_qwen2_tp2_two_images():
 
 def case_qwen2_pp2():
     _check("qwen2", pp=2)
+
+
+# -- a packed chosen/rejected pair with one image: log-probs and gradients vs transformers ------
+BETA = 0.5
+ATOL = 2e-5
+
+
+def _pair():
+    """One ms-swift record through the data side: expanded, templated, tokenized (chosen, rejected)."""
+    from mcore_align.data.formats import Example
+    from mcore_align.data.images import VisionProcessor, prepare_vision_example
+    from mcore_align.data.tokenization import RecordTokenizer
+
+    proc = VisionProcessor.from_pretrained(ROOT / "llama" / "hf")
+    ex = Example([{"role": "user", "content": "<image>Who is he?"}], "He is a football player.", "A small cat.",
+                 images=[str(IMAGES / "2.jpg")])
+    v = prepare_vision_example(ex, "pair", None, proc)
+    rt = RecordTokenizer(proc.proc.tokenizer, "paired", 4096, "delete", False)
+    rec = rt.tokenize([[rt.templater.render(v.example, r, "pair") for r in (ex.chosen, ex.rejected)]])[0]
+    return [torch.as_tensor(t, dtype=torch.long) for t in rec.tokens], [torch.as_tensor(g) for g in rec.targets], v
+
+
+def _hf_reference(seqs, tgts, pixel_values):
+    """transformers' LLaVA, each sequence alone: per-sequence sums, DPO-style loss, gradients of
+    the LM and the projector (vision tower frozen, as freeze_vit does)."""
+    from transformers import LlavaForConditionalGeneration
+
+    m = LlavaForConditionalGeneration.from_pretrained(str(ROOT / "llama" / "hf"), dtype=torch.float32)
+    m.model.vision_tower.requires_grad_(False)
+    sums = []
+    for tok, tgt in zip(seqs, tgts):
+        logits = m(input_ids=tok[None], pixel_values=pixel_values).logits[0].float()
+        lp = torch.log_softmax(logits[:-1], -1).gather(-1, tok[1:, None])[:, 0]
+        sums.append((lp * tgt[1:].float()).sum())
+    sums = torch.stack(sums)
+    loss = -torch.nn.functional.logsigmoid(BETA * (sums[0] - sums[1]))
+    loss.backward()
+    grads = {n: p.grad for n, p in m.named_parameters() if p.requires_grad}
+    return sums.detach(), grads
+
+
+def _packed_pair_case(tp: int, sp: bool = False):
+    from megatron.core import parallel_state
+
+    from mcore_align.checkpoint import load_model_weights, read_model_spec
+    from mcore_align.models.adapter import adapter_for
+    from mcore_align.models.provider import ModelOptions, build_model
+    from mcore_align.models.vision import multimodal_forward
+    from mcore_align.ops.context_parallel import packed_position_ids, packed_seq_params
+    from mcore_align.ops.logprobs import vocab_parallel_logprobs
+    from mcore_align.ops.segments import segment_sums
+    from tests.distributed.workers.attention_worker import _shard
+
+    seqs, tgts, v = _pair()
+    pixel_values = v.image_inputs["pixel_values"]
+    ref_sums, ref_grads = _hf_reference(seqs, tgts, pixel_values)
+
+    rt = initialize(ParallelConfig(tensor_model_parallel_size=tp, sequence_parallel=sp), device="cpu")
+    spec = read_model_spec(ROOT / "llama" / "mc")
+    (model,) = build_model(spec, rt, opts=ModelOptions(core_attention="packed", freeze_aligner=False))
+    load_model_weights([model], ROOT / "llama" / "mc")
+    # Pack [chosen | rejected | pad to a multiple of TP]; e.g. lengths 40, 37 at TP=2 ->
+    # cu_seqlens [0, 40, 77, 78] (a 1-token padding segment, masked).
+    lens = [len(s) for s in seqs]
+    total = sum(lens)
+    pad = (-total) % tp
+    tokens = torch.cat(seqs + [torch.zeros(pad, dtype=torch.long)])
+    cu = torch.tensor([0, lens[0], total] + ([total + pad] if pad else []), dtype=torch.int32)
+    labels = torch.roll(tokens, -1)  # position t predicts token t+1 of its own sequence
+    mask = torch.cat([torch.cat([g[1:], g.new_zeros(1)]) for g in tgts] + [torch.zeros(pad, dtype=torch.uint8)])
+    # every image placeholder run gets its image: the shared image once per sequence
+    images = {"pixel_values": pixel_values.repeat(2, 1, 1, 1)}
+    logits = multimodal_forward(model, tokens[None], packed_position_ids(cu)[None], None, image_inputs=images,
+                                packed_seq_params=packed_seq_params(cu))  # [1, T, V/TP]
+    lp_T = vocab_parallel_logprobs(logits[0], labels, rt.pgs.tp)
+    sums, _ = segment_sums(lp_T, mask, cu)
+    torch.testing.assert_close(sums[:2].detach(), ref_sums, atol=ATOL, rtol=1e-5)
+    loss = -torch.nn.functional.logsigmoid(BETA * (sums[0] - sums[1]))
+    loss.backward()
+
+    # HF gradients -> megatron layout (module-style names) -> this TP rank's shard.
+    canon = adapter_for(dataclasses.replace(spec, vision=dataclasses.replace(spec.vision, hf_key_style="transformers")))
+    want_full = {}
+    for n, p in model.named_parameters():
+        if p.requires_grad:
+            want_full[n] = canon.to_mcore(n, lambda h: ref_grads[h])
+    want = _shard(model, {n: want_full.get(n, p.detach()) for n, p in model.named_parameters()},
+                  parallel_state.get_tensor_model_parallel_rank(), tp)
+    checked = 0
+    for n, p in model.named_parameters():
+        if not p.requires_grad:
+            assert n.startswith("vision.vision_tower."), n
+            assert p.grad is None, n
+            continue
+        g = p.grad.detach().clone()
+        if sp and getattr(p, "sequence_parallel", False):  # replicated norms: partial sums over TP
+            dist.all_reduce(g, group=rt.pgs.tp)
+        torch.testing.assert_close(g, want[n], atol=ATOL, rtol=1e-4, msg=lambda m, n=n: f"{n}: {m}")
+        checked += 1
+    assert any(n.startswith("vision.multi_modal_projector.") for n in want_full) and checked == len(want_full)
+
+
+def case_packed_pair_logprobs_and_grads_tp1():
+    _packed_pair_case(1)
+
+
+def case_packed_pair_logprobs_and_grads_tp2():
+    _packed_pair_case(2)
+
+
+def case_packed_pair_logprobs_and_grads_tp2_sp():
+    _packed_pair_case(2, sp=True)
