@@ -95,41 +95,66 @@ def _hf_reference(seqs, tgts, pixel_values):
     return sums.detach(), grads
 
 
-def _packed_pair_case(tp: int, sp: bool = False):
+def _packed_pair_case(tp: int, sp: bool = False, cp: int = 1):
     from megatron.core import parallel_state
 
     from mcore_align.checkpoint import load_model_weights, read_model_spec
     from mcore_align.models.adapter import adapter_for
     from mcore_align.models.provider import ModelOptions, build_model
     from mcore_align.models.vision import multimodal_forward
-    from mcore_align.ops.context_parallel import packed_position_ids, packed_seq_params
+    from mcore_align.ops.context_parallel import (
+        cp_local_token_index,
+        packed_position_ids,
+        packed_seq_params,
+        split_packed_for_cp,
+    )
     from mcore_align.ops.logprobs import vocab_parallel_logprobs
-    from mcore_align.ops.segments import segment_sums
+    from mcore_align.ops.segments import allreduce_segment_sums, segment_sums
     from tests.distributed.workers.attention_worker import _shard
 
     seqs, tgts, v = _pair()
     pixel_values = v.image_inputs["pixel_values"]
     ref_sums, ref_grads = _hf_reference(seqs, tgts, pixel_values)
 
-    rt = initialize(ParallelConfig(tensor_model_parallel_size=tp, sequence_parallel=sp), device="cpu")
+    rt = initialize(ParallelConfig(tensor_model_parallel_size=tp, sequence_parallel=sp,
+                                   context_parallel_size=cp), device="cpu")
     spec = read_model_spec(ROOT / "llama" / "mc")
     (model,) = build_model(spec, rt, opts=ModelOptions(core_attention="packed", freeze_aligner=False))
     load_model_weights([model], ROOT / "llama" / "mc")
-    # Pack [chosen | rejected | pad to a multiple of TP]; e.g. lengths 40, 37 at TP=2 ->
-    # cu_seqlens [0, 40, 77, 78] (a 1-token padding segment, masked).
-    lens = [len(s) for s in seqs]
+    # Pack [chosen | rejected], each padded at its end to a multiple of m = 2*CP (CP's chunking)
+    # and the whole row to a multiple of TP (SP): e.g. lengths 40, 37, CP=1, TP=2 ->
+    # cu_seqlens [0, 40, 77, 78] (a 1-token padding segment); CP=2 -> [0, 40, 80] (3 pad tokens
+    # inside the rejected sequence, masked; causal attention keeps them out of earlier tokens).
+    m = 2 * cp if cp > 1 else 1
+    seg_tok, seg_mask = [], []
+    for tok, tgt in zip(seqs, tgts):
+        pad = (-len(tok)) % m
+        seg_tok.append(torch.cat([tok, torch.zeros(pad, dtype=torch.long)]))
+        seg_mask.append(torch.cat([tgt[1:], tgt.new_zeros(1 + pad)]))  # position t scores token t+1
+    lens = [len(t) for t in seg_tok]
     total = sum(lens)
-    pad = (-total) % tp
-    tokens = torch.cat(seqs + [torch.zeros(pad, dtype=torch.long)])
-    cu = torch.tensor([0, lens[0], total] + ([total + pad] if pad else []), dtype=torch.int32)
-    labels = torch.roll(tokens, -1)  # position t predicts token t+1 of its own sequence
-    mask = torch.cat([torch.cat([g[1:], g.new_zeros(1)]) for g in tgts] + [torch.zeros(pad, dtype=torch.uint8)])
+    row_pad = (-total) % tp
+    tokens = torch.cat(seg_tok + [torch.zeros(row_pad, dtype=torch.long)])
+    mask = torch.cat(seg_mask + [torch.zeros(row_pad, dtype=torch.uint8)])
+    cu = torch.tensor([0, lens[0], total] + ([total + row_pad] if row_pad else []), dtype=torch.int32)
+    labels = torch.roll(tokens, -1)
+    pos = packed_position_ids(cu)
     # every image placeholder run gets its image: the shared image once per sequence
     images = {"pixel_values": pixel_values.repeat(2, 1, 1, 1)}
-    logits = multimodal_forward(model, tokens[None], packed_position_ids(cu)[None], None, image_inputs=images,
-                                packed_seq_params=packed_seq_params(cu))  # [1, T, V/TP]
-    lp_T = vocab_parallel_logprobs(logits[0], labels, rt.pgs.tp)
-    sums, _ = segment_sums(lp_T, mask, cu)
+    cp_group = rt.pgs.cp if cp > 1 else None
+    if cp > 1:  # local tokens to the model, the whole row to the merge (split after it)
+        idx = cp_local_token_index(cu, rt.pgs.cp.rank(), cp)
+        tok_l, lab_l, mask_l, pos_l, cu_l = split_packed_for_cp(tokens, labels, mask, pos, cu_seqlens=cu,
+                                                                cp_rank=rt.pgs.cp.rank(), cp_size=cp)
+        logits = multimodal_forward(model, tok_l[None], pos_l[None], None, image_inputs=images,
+                                    full_input_ids_BS=tokens[None], cp_index_S=idx,
+                                    packed_seq_params=packed_seq_params(cu, cp_group=cp_group))
+    else:
+        lab_l, mask_l, cu_l = labels, mask, cu
+        logits = multimodal_forward(model, tokens[None], pos[None], None, image_inputs=images,
+                                    packed_seq_params=packed_seq_params(cu))  # [1, T, V/TP]
+    lp_T = vocab_parallel_logprobs(logits[0], lab_l, rt.pgs.tp)
+    sums, _ = allreduce_segment_sums(*segment_sums(lp_T, mask_l, cu_l), cp_group)
     torch.testing.assert_close(sums[:2].detach(), ref_sums, atol=ATOL, rtol=1e-5)
     loss = -torch.nn.functional.logsigmoid(BETA * (sums[0] - sums[1]))
     loss.backward()
@@ -151,6 +176,8 @@ def _packed_pair_case(tp: int, sp: bool = False):
         g = p.grad.detach().clone()
         if sp and getattr(p, "sequence_parallel", False):  # replicated norms: partial sums over TP
             dist.all_reduce(g, group=rt.pgs.tp)
+        if cp > 1:  # each CP rank back-propagates through its own tokens: dL/dparam is the sum
+            dist.all_reduce(g, group=rt.pgs.cp)
         torch.testing.assert_close(g, want[n], atol=ATOL, rtol=1e-4, msg=lambda m, n=n: f"{n}: {m}")
         checked += 1
     assert any(n.startswith("vision.multi_modal_projector.") for n in want_full) and checked == len(want_full)
@@ -166,3 +193,7 @@ def case_packed_pair_logprobs_and_grads_tp2():
 
 def case_packed_pair_logprobs_and_grads_tp2_sp():
     _packed_pair_case(2, sp=True)
+
+
+def case_packed_pair_logprobs_and_grads_cp2():
+    _packed_pair_case(1, cp=2)
