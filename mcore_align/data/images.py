@@ -192,3 +192,17 @@ def prepare_vision_example(ex: Example, loc: str, base_dir: str | Path | None,
     tensors, counts = processor.encode_images(images)
     return VisionExample(expand_placeholders(ex, counts, processor.image_token), tensors,
                          [r.describe() for r in refs], counts)
+
+
+def micro_batch_image_inputs(per_sequence: list[dict]) -> dict:
+    """The image tensors of a packed micro-batch: each sequence's tensors concatenated in
+    packing order (dim 0 = image), so the i-th image meets the i-th placeholder run of the row.
+
+    A chosen/rejected pair that shares one image lists it once per sequence: both sequences
+    hold its placeholder run, and each run needs its features.
+    Sequences without images contribute nothing; ``{}`` when no sequence has one.
+    """
+    keys = {k for d in per_sequence for k in d}
+    import torch
+
+    return {k: torch.cat([d[k] for d in per_sequence if k in d], dim=0) for k in sorted(keys)}

@@ -99,6 +99,7 @@ def _packed_pair_case(tp: int, sp: bool = False, cp: int = 1):
     from megatron.core import parallel_state
 
     from mcore_align.checkpoint import load_model_weights, read_model_spec
+    from mcore_align.data.images import micro_batch_image_inputs
     from mcore_align.models.adapter import adapter_for
     from mcore_align.models.provider import ModelOptions, build_model
     from mcore_align.models.vision import multimodal_forward
@@ -140,7 +141,7 @@ def _packed_pair_case(tp: int, sp: bool = False, cp: int = 1):
     labels = torch.roll(tokens, -1)
     pos = packed_position_ids(cu)
     # every image placeholder run gets its image: the shared image once per sequence
-    images = {"pixel_values": pixel_values.repeat(2, 1, 1, 1)}
+    images = micro_batch_image_inputs([v.image_inputs, v.image_inputs])
     cp_group = rt.pgs.cp if cp > 1 else None
     if cp > 1:  # local tokens to the model, the whole row to the merge (split after it)
         idx = cp_local_token_index(cu, rt.pgs.cp.rank(), cp)
