@@ -41,6 +41,7 @@ from mcore_align.checkpoint.layout import (
 from mcore_align.models.adapter import adapter_for
 from mcore_align.models.families import spec_from_hf_config
 from mcore_align.models.spec import ModelSpec, read_hf_config
+from mcore_align.models.vision import bind_checkpoint_names
 
 log = logging.getLogger(__name__)
 
@@ -257,8 +258,9 @@ def convert_hf_to_mcore(hf_dir: str | Path, out_dir: str | Path, dtype: str | to
     """
     hf_dir = Path(hf_dir)
     spec = spec_from_hf_config(read_hf_config(hf_dir))  # unknown families fail here
-    adapter = adapter_for(spec)
     src = HFSafetensors(hf_dir)
+    spec = bind_checkpoint_names(spec, src.names())  # vision-language: which HF naming the files use
+    adapter = adapter_for(spec)
     virtual = adapter.virtual_hf_tensors(src.shapes)  # e.g. fused MoE experts, read per expert
     if virtual:
         src = SlicedTensorsView(src, virtual)

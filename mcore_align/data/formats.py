@@ -252,6 +252,10 @@ def _messages(msgs: list, key: str, fmt: str, loc: str, sharegpt: bool = False) 
         if not isinstance(m, dict) or rk not in m or ck not in m:
             raise BadRecord("missing_field", f"{loc}: field '{where}' must be an object with '{rk}' and "
                             f"'{ck}' (detected format '{fmt}')")
+        if isinstance(m[ck], list):  # TRL/OpenAI content parts: image parts become <image> placeholders
+            from .images import content_parts_to_text
+
+            m = {**m, ck: content_parts_to_text(m[ck], f"{where}.{ck}", loc)}
         role = _SHAREGPT_ROLES.get(m[rk]) if sharegpt else m[rk]
         if role not in ("system", "user", "assistant"):
             raise BadRecord("mistyped_field", f"{loc}: field '{where}.{rk}' has unsupported role {m[rk]!r} "
@@ -321,6 +325,12 @@ def _normalize(rec: Any, fmt: str, loc: str) -> Example:
     if not isinstance(rec, dict):
         raise BadRecord("mistyped_field", f"{loc}: a record must be a JSON object, got {type(rec).__name__}")
     images = rec.get("images") or []
+    if not images and rec.get("image") is not None:  # one image per record (RLAIF-V style column)
+        images = [rec["image"]]
+    if isinstance(images, (str, dict)):  # a single image given without a list
+        images = [images]
+    if not isinstance(images, list):
+        raise BadRecord("mistyped_field", f"{loc}: field 'images' must be a list (detected format '{fmt}')")
     if fmt == "sharegpt":
         msgs = _messages(_field(rec, "conversations", list, fmt, loc), "conversations", fmt, loc, sharegpt=True)
         msgs = _system(rec, fmt, loc) + msgs

@@ -137,4 +137,9 @@ ADAPTERS = {"llama_style": LlamaStyleAdapter}
 def adapter_for(spec: ModelSpec) -> LlamaStyleAdapter:
     from mcore_align.models.families import FAMILIES
 
-    return ADAPTERS[FAMILIES[spec.family].adapter](spec)
+    adapter = ADAPTERS[FAMILIES[spec.family].adapter](spec)
+    if spec.vision is not None:  # vision-language: the vision family's adapter wraps the language model's
+        from mcore_align.models.vision import vision_adapter
+
+        adapter = vision_adapter(spec, adapter)
+    return adapter

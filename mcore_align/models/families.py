@@ -107,6 +107,11 @@ def _rope(c: dict) -> tuple[float, RopeScaling | None]:
 
 def spec_from_hf_config(c: dict) -> ModelSpec:
     """Map an HF ``config.json`` dict onto a :class:`ModelSpec` (strict about what we cannot run)."""
+    from mcore_align.models.vision import vision_family_of, vision_spec_from_hf_config
+
+    vision = vision_family_of(c)  # vision-language: the language model's spec + the vision side
+    if vision is not None:
+        return vision_spec_from_hf_config(c, vision)
     fam = family_of(c)
     if c.get("hidden_act", "silu") != "silu":
         raise ValueError(f"config.json: hidden_act={c['hidden_act']!r} not supported (only silu / SwiGLU)")

@@ -56,6 +56,10 @@ class ModelOptions:
     it off. Default 0 for preference objectives: with per-token loss normalisation megatron
     scales it by the local token count, so its gradient depends on the micro-batch split and
     the layout, and the policy should stay near the reference anyway (docs/moe.md)."""
+    freeze_vit: bool = True
+    """Vision-language models: the vision tower gets ``requires_grad=False`` (not trained)."""
+    freeze_aligner: bool = True
+    """Vision-language models: the projector between vision tower and LM is not trained."""
 
 
 TRANSFORMER_IMPLS = ("auto", "local", "transformer_engine")
@@ -254,6 +258,10 @@ def build_model(spec: ModelSpec, runtime: Runtime, *, role: str = "policy", opts
             vp_stage=stage,
         )
         _apply_rope_scaling(model, spec)
+        if spec.vision is not None:  # first stage only: HF vision tower + projector as model.vision
+            from mcore_align.models.vision import attach_vision
+
+            attach_vision(model, spec, opts)
         if opts.head == "value":  # output_layer -> ValueHead (last stage only)
             attach_value_head(model, runtime)
         elif opts.fused_logprobs:  # hidden states out; log-probs fused in the loss

@@ -23,6 +23,19 @@ class RopeScaling:
 
 
 @dataclass(frozen=True, kw_only=True)
+class VisionSpec:
+    """The vision side of a vision-language checkpoint (read by ``models/vision.py`` only)."""
+
+    family: str
+    """Registered vision family (``llava``): selects the HF modules and the weight adapter."""
+    image_token_id: int
+    """Id of the image placeholder token; the processor repeats it once per image feature."""
+    hf_key_style: str = "transformers"
+    """How the HF safetensors name the tensors (transformers versions differ; see
+    ``models/llava.py``); detected at conversion, used again at export."""
+
+
+@dataclass(frozen=True, kw_only=True)
 class ModelSpec:
     family: str
     """Registered family name (``llama``, ``mistral``, ``qwen2``, ``qwen3``, ``qwen3_moe``, ``mixtral``, ``qwen2_moe``)."""
@@ -61,6 +74,9 @@ class ModelSpec:
     """Hidden size of the always-on shared expert (Qwen2-MoE); None: no shared expert."""
     moe_shared_expert_gate: bool = False
     """The shared expert's output is scaled by sigmoid(hidden @ gate) (Qwen2-MoE)."""
+    vision: VisionSpec | None = None
+    """Vision-language checkpoints (LLaVA): the image side; the fields above describe the
+    language model (``text_config``). None for text-only models. See ``models/vision.py``."""
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=1, sort_keys=True)
@@ -72,6 +88,8 @@ class ModelSpec:
             d["rope_scaling"] = RopeScaling(**d["rope_scaling"])
         if "moe_layer_pattern" in d:  # JSON lists back to the tuple the dataclass holds
             d["moe_layer_pattern"] = tuple(d["moe_layer_pattern"])
+        if d.get("vision"):
+            d["vision"] = VisionSpec(**d["vision"])
         return cls(**d)
 
 

@@ -725,7 +725,7 @@ def test_micro_batch_and_dp_invariance(name, kw):
 
 # ---------------------------------------------------------------- registry and configs
 def test_registry():
-    assert available_objectives() == ["cpo", "dpo", "grpo", "kto", "orpo", "rloo", "rm", "sft", "simpo"]
+    assert available_objectives() == ["cpo", "dpo", "grpo", "kto", "orpo", "ppo", "rloo", "rm", "sft", "simpo"]
     expect = {"dpo": (True, True, "paired"), "kto": (False, True, "kto"), "cpo": (True, False, "paired"),
               "orpo": (True, False, "paired"), "simpo": (True, False, "paired"), "rm": (True, False, "paired"),
               "sft": (False, False, "sft")}

@@ -1,0 +1,208 @@
+"""Images of vision-language records: resolve, load, check placeholders, expand with the processor.
+
+Record formats (parsed by ``formats.py``; every format keeps ``images``, or a single
+``image``, in ``Example.images``):
+
+* ms-swift: ``query`` / ``response`` / ``rejected_response`` / ``images``, ``<image>`` in the query;
+* LLaMA-Factory sharegpt / messages: ``conversations`` or ``messages`` with ``<image>`` in the
+  turns, ``images`` paths relative to the dataset file (``mllm_demo.json``);
+* TRL: ``prompt`` / ``chosen`` / ``rejected`` / ``images``, where a message's content may be a
+  list of parts (``{"type": "image"}``, ``{"type": "text", "text": ...}``): each image part
+  becomes one ``<image>`` placeholder (:func:`content_parts_to_text`).
+
+An image entry is a path (absolute, or relative to the folder of the dataset file), a
+``{"path": ...}`` / ``{"bytes": ...}`` dict (HF datasets' Image feature) or a PIL image.
+
+Placeholders: the k-th ``<image>`` in the prompt (turns in order) is the k-th image. The
+number of placeholders must equal the number of images, else the record is a
+:class:`~mcore_align.data.formats.BadRecord` (``image_count_mismatch``). Missing and
+unreadable images are ``BadRecord``s too (``missing_image``, ``corrupt_image``); each message
+names the record (``file:line`` or ``file[record i]``) and the image path, so
+``data.on_bad_record`` decides between an error and a counted skip, as for text faults.
+
+Expansion (:func:`prepare_vision_example`): each placeholder is replaced by the model's
+image token repeated as many times as the checkpoint's own processor says for that image
+(LLaVA-1.5 at 336 px: 576), *before* the chat template and tokenization run, so token
+counts, ``max_length`` and packing see the image tokens, and response targets are found
+on the expanded text as for text records.
+"""
+from __future__ import annotations
+
+import copy
+import io
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .formats import BadRecord, Example
+
+PLACEHOLDER = "<image>"
+"""The image placeholder of dataset records (LLaMA-Factory, ms-swift and TRL conventions)."""
+
+
+def content_parts_to_text(parts: list, where: str, loc: str) -> str:
+    """TRL/OpenAI-style content parts -> text with one ``<image>`` per image part.
+
+    ``[{"type": "image"}, {"type": "text", "text": "What is it?"}]`` -> ``"<image>What is it?"``.
+    """
+    out = []
+    for j, p in enumerate(parts):
+        kind = p.get("type") if isinstance(p, dict) else None
+        if kind == "text" and isinstance(p.get("text"), str):
+            out.append(p["text"])
+        elif kind in ("image", "image_url"):
+            out.append(PLACEHOLDER)
+        else:
+            raise BadRecord("mistyped_field", f"{loc}: field '{where}[{j}]' must be a {{'type': 'text', 'text': ...}} "
+                            f"or {{'type': 'image'}} part, got {p!r}")
+    return "".join(out)
+
+
+@dataclass(frozen=True)
+class ImageRef:
+    """Where one image comes from: a file path or in-memory bytes (or a PIL image)."""
+
+    path: Path | None = None
+    data: Any = None
+    """Encoded bytes or a PIL image (HF datasets' Image feature)."""
+
+    def describe(self) -> str:
+        return str(self.path) if self.path is not None else "<in-memory image>"
+
+
+def resolve_images(images: list, base_dir: str | Path | None, loc: str) -> list[ImageRef]:
+    """The record's image entries as :class:`ImageRef`; relative paths are taken relative to
+    ``base_dir`` (the folder of the dataset file)."""
+    out = []
+    for i, im in enumerate(images):
+        if isinstance(im, dict):
+            if im.get("bytes") is not None:
+                out.append(ImageRef(data=im["bytes"]))
+                continue
+            im = im.get("path")
+        if isinstance(im, str) and im:
+            p = Path(im).expanduser()
+            if not p.is_absolute() and base_dir is not None:
+                p = Path(base_dir) / p
+            out.append(ImageRef(path=p))
+        elif hasattr(im, "convert"):  # a PIL image
+            out.append(ImageRef(data=im))
+        else:
+            raise BadRecord("mistyped_field", f"{loc}: field 'images[{i}]' must be a path, a {{'path'|'bytes': ...}} "
+                            f"dict or an image, got {type(im).__name__}")
+    return out
+
+
+def load_image(ref: ImageRef, loc: str):
+    """Open and fully decode one image as RGB (a lazy open would fail later, elsewhere)."""
+    from PIL import Image, UnidentifiedImageError
+
+    what = ref.describe()
+    try:
+        if ref.path is not None:
+            img = Image.open(ref.path)
+        elif isinstance(ref.data, (bytes, bytearray)):
+            img = Image.open(io.BytesIO(ref.data))
+        else:
+            img = ref.data
+        img.load()
+        return img.convert("RGB")
+    except FileNotFoundError:
+        raise BadRecord("missing_image", f"{loc}: image file {what} does not exist") from None
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
+        raise BadRecord("corrupt_image", f"{loc}: image {what} cannot be read as an image "
+                        f"({type(e).__name__}: {e})") from None
+
+
+def count_placeholders(ex: Example) -> int:
+    if isinstance(ex.prompt, str):
+        return ex.prompt.count(PLACEHOLDER)
+    return sum(m["content"].count(PLACEHOLDER) for m in ex.prompt)
+
+
+def check_placeholders(ex: Example, loc: str) -> None:
+    """``<image>`` placeholders in the prompt == images; none in the responses."""
+    n_ph, n_img = count_placeholders(ex), len(ex.images)
+    if n_ph != n_img:
+        raise BadRecord("image_count_mismatch", f"{loc}: {n_ph} {PLACEHOLDER} placeholder(s) in the prompt but "
+                        f"{n_img} image(s) in 'images'; each image needs exactly one placeholder")
+    for name, r in (("chosen", ex.chosen), ("rejected", ex.rejected)):
+        if r is not None and PLACEHOLDER in r:
+            raise BadRecord("image_count_mismatch", f"{loc}: the {name} response contains {PLACEHOLDER}; images "
+                            "can only be placed in the prompt")
+
+
+class VisionProcessor:
+    """The checkpoint's HF processor, asked how many image tokens each image becomes."""
+
+    def __init__(self, processor):
+        self.proc = processor
+        self.image_token: str = processor.image_token
+        self.image_token_id: int = processor.tokenizer.convert_tokens_to_ids(self.image_token)
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path) -> "VisionProcessor":
+        from transformers import AutoProcessor
+
+        return cls(AutoProcessor.from_pretrained(str(path)))
+
+    def encode_images(self, images: list) -> tuple[dict, list[int]]:
+        """``(image tensors, image tokens per image)``. The counts come from the processor itself:
+        each image is expanded alone (``<image>`` -> its tokens) and the image ids are counted."""
+        counts = []
+        for img in images:
+            ids = self.proc(text=[self.image_token], images=[img], return_tensors="np",
+                            add_special_tokens=False)["input_ids"][0]
+            counts.append(int((ids == self.image_token_id).sum()))
+        tensors = dict(self.proc.image_processor(images=images, return_tensors="pt")) if images else {}
+        return tensors, counts
+
+
+def expand_placeholders(ex: Example, counts: list[int], image_token: str) -> Example:
+    """A copy of ``ex`` whose k-th ``<image>`` is ``image_token * counts[k]``."""
+    it = iter(counts)
+
+    def expand(text: str) -> str:
+        parts = text.split(PLACEHOLDER)
+        return parts[0] + "".join(image_token * next(it) + p for p in parts[1:])
+
+    out = copy.copy(ex)
+    out.prompt = (expand(ex.prompt) if isinstance(ex.prompt, str)
+                  else [{**m, "content": expand(m["content"])} for m in ex.prompt])
+    assert next(it, None) is None, "placeholder count checked before expansion"
+    return out
+
+
+@dataclass
+class VisionExample:
+    example: Example
+    """The record with placeholders expanded into image tokens (ready for templating)."""
+    image_inputs: dict
+    """The processor's image tensors (``pixel_values`` ``[N_img, 3, H, W]``, ...)."""
+    image_paths: list[str]
+    tokens_per_image: list[int]
+
+
+def prepare_vision_example(ex: Example, loc: str, base_dir: str | Path | None,
+                           processor: VisionProcessor) -> VisionExample:
+    """Resolve, check, load and encode the images of ``ex``; expand its placeholders."""
+    refs = resolve_images(ex.images, base_dir, loc)
+    check_placeholders(ex, loc)
+    images = [load_image(r, loc) for r in refs]
+    tensors, counts = processor.encode_images(images)
+    return VisionExample(expand_placeholders(ex, counts, processor.image_token), tensors,
+                         [r.describe() for r in refs], counts)
+
+
+def micro_batch_image_inputs(per_sequence: list[dict]) -> dict:
+    """The image tensors of a packed micro-batch: each sequence's tensors concatenated in
+    packing order (dim 0 = image), so the i-th image meets the i-th placeholder run of the row.
+
+    A chosen/rejected pair that shares one image lists it once per sequence: both sequences
+    hold its placeholder run, and each run needs its features.
+    Sequences without images contribute nothing; ``{}`` when no sequence has one.
+    """
+    keys = {k for d in per_sequence for k in d}
+    import torch
+
+    return {k: torch.cat([d[k] for d in per_sequence if k in d], dim=0) for k in sorted(keys)}

@@ -1,0 +1,101 @@
+"""Tiny random-init LLaVA-1.5 checkpoints, written by transformers alone, offline.
+
+``make_tiny_llava`` writes what a hub LLaVA-1.5 directory holds: ``config.json``
+(``LlavaForConditionalGeneration``), safetensors, the tokenizer with an ``<image>``
+special token, ``preprocessor_config.json`` (a CLIP image processor) and
+``processor_config.json`` (``LlavaProcessor``: patch size, feature selection), so
+``AutoProcessor.from_pretrained(dir)`` expands ``<image>`` into image tokens.
+
+Sizes: CLIP vision tower 2 layers / hidden 32 / 32x32 images / patch 8 -> 16 patches
+(+1 class token, dropped by ``vision_feature_select_strategy="default"``), so every
+image is 16 ``<image>`` tokens; the text model is the project's tiny Llama or Qwen2.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from mcore_align.models.tiny import TINY_FAMILIES
+from mcore_align.models.tiny_tokenizer import build_tiny_tokenizer
+
+IMAGE_TOKEN = "<image>"
+
+
+def make_tiny_llava(
+    out_dir: str | Path,
+    text_family: str = "llama",
+    *,
+    num_layers: int = 2,
+    hidden_size: int = 64,
+    ffn_hidden_size: int = 160,
+    num_heads: int = 4,
+    num_kv_heads: int = 2,
+    vocab_size: int = 512,
+    vision_layers: int = 3,
+    vision_hidden: int = 32,
+    image_size: int = 32,
+    patch_size: int = 8,
+    seed: int = 0,
+) -> Path:
+    """Write a random-init LLaVA-1.5 checkpoint + processor to ``out_dir``; returns the path.
+
+    ``vocab_size`` counts the ``<image>`` token, which is the last id (``vocab_size - 1``).
+    ``vision_layers``: CLIP encoder layers; LLaVA reads the hidden states of the
+    second-to-last one (``vision_feature_layer=-2``), so the last layer is unused, as in
+    the real LLaVA-1.5.
+    """
+    from transformers import (
+        AutoConfig,
+        CLIPImageProcessorPil,
+        CLIPVisionConfig,
+        LlavaConfig,
+        LlavaForConditionalGeneration,
+        LlavaProcessor,
+    )
+
+    if text_family not in ("llama", "qwen2"):
+        raise ValueError(f"tiny LLaVA text family must be llama or qwen2, got {text_family!r}")
+    arch, model_type, tok_style, extra = TINY_FAMILIES[text_family]
+    out = Path(out_dir)
+    tok = build_tiny_tokenizer(out, style=tok_style, vocab_size=vocab_size - 1)
+    tok.add_special_tokens({"additional_special_tokens": [IMAGE_TOKEN]})
+    image_token_id = tok.convert_tokens_to_ids(IMAGE_TOKEN)
+    assert image_token_id == vocab_size - 1 and len(tok) == vocab_size, (image_token_id, len(tok))
+    text_cfg = AutoConfig.for_model(
+        model_type, architectures=[arch], vocab_size=vocab_size, hidden_size=hidden_size,
+        intermediate_size=ffn_hidden_size, num_hidden_layers=num_layers, num_attention_heads=num_heads,
+        num_key_value_heads=num_kv_heads, max_position_embeddings=4096, rms_norm_eps=1e-6,
+        tie_word_embeddings=False, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id, **extra,
+    )
+    vision_cfg = CLIPVisionConfig(
+        hidden_size=vision_hidden, intermediate_size=2 * vision_hidden, num_hidden_layers=vision_layers,
+        num_attention_heads=4, image_size=image_size, patch_size=patch_size, projection_dim=vision_hidden,
+    )
+    cfg = LlavaConfig(
+        vision_config=vision_cfg, text_config=text_cfg, image_token_index=image_token_id,
+        image_seq_length=(image_size // patch_size) ** 2, projector_hidden_act="gelu",
+        vision_feature_select_strategy="default", vision_feature_layer=-2,
+        architectures=["LlavaForConditionalGeneration"],
+    )
+    torch.manual_seed(seed)
+    model = LlavaForConditionalGeneration(cfg).float()
+    with torch.no_grad():  # norms at 1 +- noise and random biases, so every weight matters
+        for name, p in model.named_parameters():
+            if "norm" in name and name.endswith("weight"):
+                p.copy_(1.0 + 0.1 * torch.randn_like(p))
+            elif name.endswith("bias"):
+                p.normal_(0.0, 0.02)
+    model.save_pretrained(out)
+    model.generation_config.save_pretrained(out)
+    image_processor = CLIPImageProcessorPil(
+        size={"shortest_edge": image_size}, crop_size={"height": image_size, "width": image_size},
+    )
+    processor = LlavaProcessor(
+        image_processor=image_processor, tokenizer=tok, patch_size=patch_size,
+        vision_feature_select_strategy="default", num_additional_image_tokens=1,
+        chat_template=tok.chat_template,
+    )
+    processor.save_pretrained(out)
+    return out

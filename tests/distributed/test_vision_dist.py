@@ -1,0 +1,23 @@
+"""Tiny LLaVA-1.5 converted once, logits equal transformers' at (TP, PP) = (1,1), (2,1), (1,2)
+on real images (2 gloo ranks, one torchrun launch)."""
+import pytest
+
+from mcore_align.checkpoint import convert_hf_to_mcore
+from mcore_align.models.tiny_vision import make_tiny_llava
+from tests.dist_utils import dist_cases, run_dist_module
+
+WORKER = "tests.distributed.workers.vision_worker"
+
+
+@pytest.fixture(scope="module")
+def results(tmp_path_factory, shared_data):
+    root = tmp_path_factory.mktemp("vision_dist")
+    for fam in ("llama", "qwen2"):
+        make_tiny_llava(root / fam / "hf", fam)
+        convert_hf_to_mcore(root / fam / "hf", root / fam / "mc", dtype="fp32")
+    return run_dist_module(WORKER, nproc=2, env={"MCA_VISION_ROOT": str(root), "MCORE_ALIGN_DATA": str(shared_data)})
+
+
+@pytest.mark.parametrize("case", dist_cases(WORKER))
+def test_case(results, case):
+    results.check(case)
