@@ -171,6 +171,7 @@ class TrainConfig:
     max_consecutive_nan: int = 3
     """Skip steps whose loss is NaN/inf; stop after this many in a row."""
     progress_bar: bool = True
+    """tqdm bar on rank 0 when stderr is a terminal (with logs redirected, only the per-interval lines)."""
     tensorboard: bool = False
     wandb_project: str | None = None
     plot: bool = True

@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import sys
 import time
 from pathlib import Path
 
@@ -48,7 +49,7 @@ class Reporter:
             self.metrics_file = open(self.save / "metrics.jsonl", "a")
         else:
             self.metrics_file = None
-        if progress_bar:
+        if progress_bar and sys.stderr.isatty():  # logs (Slurm, CI, files) get the lines only
             from tqdm import tqdm
 
             self.bar = tqdm(total=total_steps, initial=start_step, dynamic_ncols=True, desc="train")

@@ -44,7 +44,7 @@ class Trainer:
     def __init__(self, cfg: RunConfig):
         from transformers import AutoTokenizer
 
-        from mcore_align.checkpoint import read_model_spec
+        from mcore_align.checkpoint import read_model_spec, resolve_checkpoint_dir
 
         self.cfg = cfg
         t = cfg.train
@@ -52,7 +52,8 @@ class Trainer:
         check_device_support(cfg, self.rt)
         par = cfg.parallel
         self.resume_from = latest_checkpoint(t.save)
-        source = Path(self.resume_from or cfg.model.load)  # model_spec.json + tokenizer/
+        # model.load may be a converted checkpoint or another run's save dir (its latest iter_*).
+        source = Path(self.resume_from or resolve_checkpoint_dir(cfg.model.load))  # model_spec.json + tokenizer/
         self.spec = read_model_spec(source)
         check_layout(cfg, self.spec, rank=self.rt.rank)  # PP vs layers, TP vs heads, max_length
         # Written into every checkpoint: held in memory, as pruning may delete `source`.
@@ -83,6 +84,9 @@ class Trainer:
                                                          self.train_iters * self.objective.updates_per_step)
         wire_model_config(self.policy, self.optimizer, self.rt)
         self.critic = self.critic_stepper = self.reward_model = None
+        if online and getattr(self.objective.cfg, "reward_model", None):  # checked before anything uses it
+            self.reward_model = build_reward_model(self.spec, self.rt, cfg, self.objective.cfg.reward_model,
+                                                   self.tokenizer, source / "tokenizer")
         critic_objective = self.objective.critic_objective()
         if critic_objective is not None:  # a value model trained beside the policy (PPO)
             self._build_critic(critic_objective)
@@ -95,9 +99,6 @@ class Trainer:
             self.objective.load_state_dict(extra.get("objective", {}))
             log.warning("resumed from %s at step %d", self.resume_from, self.step)
         self.stepper = Stepper(self.rt, self.objective, self.policy, self.reference)
-        if online and getattr(self.objective.cfg, "reward_model", None):
-            self.reward_model = build_reward_model(self.spec, self.rt, cfg, self.objective.cfg.reward_model,
-                                                   self.tokenizer, source / "tokenizer")
         self.rollout = RolloutPhase(
             self.rt, self.objective, self.stepper, self.tokenizer, vocab_size=self.spec.vocab_size,
             pad_id=self.data.train.pad_id, pad_multiple=layout_multiples(par)["pad_multiple"],
@@ -188,6 +189,12 @@ class Trainer:
         cfg = self.cfg
         ocfg = self.objective.cfg
         init = ocfg.value_model or ocfg.reward_model or cfg.model.load
+        from mcore_align.checkpoint import read_model_spec
+
+        init_spec = read_model_spec(init)
+        if dataclasses.replace(init_spec, init_std=self.spec.init_std) != self.spec:
+            raise ValueError(f"the critic starts from {init}, whose architecture differs from the policy's; "
+                             "set value_model to a (reward-model) checkpoint of the policy's architecture")
         full = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, train_type="full"))
         self.critic = build_policy(self.spec, self.rt, full, load_dir=None if self.resume_from else init,
                                    head=critic_objective.head, require_head=bool(ocfg.value_model))
