@@ -17,3 +17,7 @@ def shared_data() -> Path:
     if not (d / "dpo_en_demo.json").exists():
         pytest.skip(f"shared preference data not found at {d} (set MCORE_ALIGN_DATA)")
     return d
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "cuda: needs a CUDA device; run by tools/gpu_check.sh (skipped on CPU)")
