@@ -121,3 +121,12 @@ def test_step_metrics_reads_config(tiny):
     assert m["mfu"] == pytest.approx(m["tflops_per_gpu"] / 100) and m["hfu"] > m["mfu"]
     with pytest.raises(ValueError, match="train.peak_tflops"):
         build_config({"model": {"load": "x"}, "data": {"dataset": ["y"]}}, ["peak_tflops=0"])
+
+
+def test_console_line_shows_throughput_in_megatron_words():
+    from mcore_align.trainer.reporting import training_line
+
+    line = training_line(3, 10, {"loss": 0.5, "step_time": 1.0, "tflops_per_gpu": 412.345, "mfu": 0.4169, "hfu": 0.5})
+    assert "throughput per GPU (TFLOP/s/GPU): 412.3" in line and "MFU: 41.7%" in line
+    assert "tflops_per_gpu:" not in line and "hfu:" not in line  # not repeated as objective metrics
+    assert "throughput" not in training_line(3, 10, {"loss": 0.5})  # CPU rows without the columns
