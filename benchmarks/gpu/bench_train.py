@@ -135,7 +135,8 @@ def main() -> None:
     p.add_argument("--variants", default="bf16,bf16_recompute,bf16_precompute,bf16_distopt")
     p.add_argument("--steps", type=int, default=6)
     p.add_argument("--global-batch", type=int, default=16)
-    p.add_argument("--words", type=int, default=600, help="max words per response (sets sequence length)")
+    p.add_argument("--words", type=int, default=250,
+                   help="max words per response (~5 tiny-BPE tokens a word: 250 -> pairs of 900-1800 tokens)")
     p.add_argument("--max-length", type=int, default=2048)
     p.add_argument("--tokens-per-micro-batch", type=int, default=8192)
     p.add_argument("--peak-tflops", type=float, default=None)
