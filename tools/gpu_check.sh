@@ -11,6 +11,7 @@
 #   --install         install the wheels even with --dry-run (into a temp --target folder)
 #   --python PY       interpreter (default: python3 on the GPU machine, .venv/bin/python in dry runs)
 #   --quick           GPU: the training benchmark with one variant and 3 steps
+#   --only WHAT       tests | bench: one half only (to split the check over two calls)
 #
 # For the device machine of this workplace (one H200, Python 3.12, torch 2.11, no index):
 #   tools/prepare_gpu_wheels.sh     # here, once
@@ -19,7 +20,7 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 REPO=$PWD
-DRY=0; INSTALL=auto; WHEELS=.gpu_wheels; PY=""; QUICK=0
+DRY=0; INSTALL=auto; WHEELS=.gpu_wheels; PY=""; QUICK=0; ONLY=all
 while [ $# -gt 0 ]; do
   case "$1" in
     --dry-run) DRY=1 ;;
@@ -28,6 +29,7 @@ while [ $# -gt 0 ]; do
     --wheels) WHEELS=$2; shift ;;
     --python) PY=$2; shift ;;
     --quick) QUICK=1 ;;
+    --only) ONLY=$2; shift; case "$ONLY" in tests|bench) ;; *) echo "gpu_check: --only tests|bench" >&2; exit 2 ;; esac ;;
     -h|--help) sed -n 2,21p "$0"; exit 0 ;;
     *) echo "gpu_check: unknown option $1" >&2; exit 2 ;;
   esac
@@ -73,10 +75,15 @@ for m in ("megatron.core", "transformers", "huggingface_hub", "tokenizers", "saf
 PYEOF
 
 # 2. CUDA tests (on CPU: collected and skipped, which checks they import and are marked)
+TESTS_RC=0
+if [ $ONLY != bench ]; then
 say "== CUDA tests"
 "$PY" -m pytest -q -rA -m cuda tests/cuda -p no:cacheprovider --junitxml="$OUTDIR/cuda_tests.xml" 2>&1 \
   | tee "$OUTDIR/cuda_tests.log" | tail -25 | tee -a "$LOG"
 TESTS_RC=${PIPESTATUS[0]}
+else
+  echo "(not run: --only bench)" > "$OUTDIR/cuda_tests.log"
+fi
 
 # 3. benchmarks
 say "== benchmarks"
@@ -92,9 +99,14 @@ else
   TRAIN_ARGS=(--size 0.5b)
   HEAD_ARGS=(--device cuda)
 fi
-"$PY" benchmarks/gpu/bench_train.py "${TRAIN_ARGS[@]}" --work /tmp/gpu_check_work --out "$OUTDIR" \
-  > "$OUTDIR/bench_train.log" 2>&1; BENCH_RC[train]=$?
-"$PY" benchmarks/bench_logprobs.py "${HEAD_ARGS[@]}" > "$OUTDIR/bench_logprobs.log" 2>&1; BENCH_RC[logprobs]=$?
+if [ $ONLY != tests ]; then
+  "$PY" benchmarks/gpu/bench_train.py "${TRAIN_ARGS[@]}" --work /tmp/gpu_check_work --out "$OUTDIR" \
+    > "$OUTDIR/bench_train.log" 2>&1; BENCH_RC[train]=$?
+  "$PY" benchmarks/bench_logprobs.py "${HEAD_ARGS[@]}" > "$OUTDIR/bench_logprobs.log" 2>&1; BENCH_RC[logprobs]=$?
+else
+  BENCH_RC[train]="not run"; BENCH_RC[logprobs]="not run"
+  echo "(not run: --only tests)" | tee "$OUTDIR/bench_train.log" > "$OUTDIR/bench_logprobs.log"
+fi
 
 # 4. the table (also written as $OUTDIR/summary.md)
 {

@@ -7,11 +7,14 @@ Values are also checked against the unfused path (bf16 tolerance).
 """
 from __future__ import annotations
 
+import pytest
 import torch
 
 from mcore_align.ops import fused_linear_logprobs, vocab_parallel_logprobs
 
 V, H, T = 152064, 1024, 8192
+
+pytestmark = pytest.mark.cuda  # also set by tests/cuda/conftest.py, with the CPU skip
 
 
 def _peak(fn) -> tuple[float, torch.Tensor, torch.Tensor]:

@@ -18,6 +18,8 @@ import torch
 
 from tests.cuda.conftest import ROOT, history, raw_config, train
 
+pytestmark = pytest.mark.cuda  # also set by tests/cuda/conftest.py, with the CPU skip
+
 
 def _finite(xs):
     return all(math.isfinite(x) for x in xs)
@@ -39,7 +41,8 @@ def test_bf16_dpo_matches_fp32(work):
 
 def test_fp16_with_loss_scaling(work):
     fp32 = train(work)
-    fp16 = train(work, "fp16=true")
+    # Early steps may overflow at the initial 2^16 scale and be skipped while the scaler backs off.
+    fp16 = train(work, "fp16=true", "max_consecutive_nan=10")
     scales = history(fp16, "loss_scale")
     assert scales[0] > 1.0 and all(s >= 1.0 for s in scales), scales  # dynamic scaler active
     kept = [i for i, h in enumerate(fp16["history"]) if not h["skipped"]]
