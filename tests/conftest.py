@@ -55,3 +55,7 @@ def e2e_records(name: str, n: int) -> tuple[list[dict], str]:
         recs = sorted(json.loads(path.read_text()), key=lambda r: len(json.dumps(r)))
         return recs[:n], "shared"
     return _generated(name, n), "generated"
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "cuda: needs a CUDA device; run by tools/gpu_check.sh (skipped on CPU)")

@@ -178,6 +178,9 @@ class TrainConfig:
     """Write training_curves.png into `save` at the end."""
     exit_after_steps: int | None = None
     """Stop (with a checkpoint) after this many steps of this launch (testing preemption)."""
+    peak_tflops: float | None = None
+    """Peak dense TFLOP/s of one GPU for the MFU column (mcore_align/flops.py); None: by device
+    name (H100/H200 bf16 dense: 989), no MFU column when unknown (the CPU mode)."""
 
     def __post_init__(self) -> None:
         check_field_types(self, "train")
@@ -189,7 +192,7 @@ class TrainConfig:
         # (max_consecutive_nan) or train nothing; None means "derive it" / "off".
         check_positive(self, "train", "global_batch_size", "train_iters", "num_train_epochs", "save_interval",
                        "save_total_limit", "eval_interval", "eval_iters", "log_interval", "max_consecutive_nan",
-                       "exit_after_steps")
+                       "exit_after_steps", "peak_tflops")
 
 
 @dataclass(kw_only=True)

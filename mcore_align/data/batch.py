@@ -155,6 +155,16 @@ class GlobalBatch:
     record_ids: list[int] = field(default_factory=list)
     """Cached-record index of each unit (position = pair_index), for debugging and tests."""
 
+    @classmethod
+    def of(cls, batches: list["GlobalBatch"]) -> "GlobalBatch":
+        """One batch holding the micro-batches of several (their counts summed), e.g. the
+        updates of an online iteration, for accounting such as FLOPs; returned as is for one."""
+        if len(batches) == 1:
+            return batches[0]
+        total = {k: sum(getattr(b, k) for b in batches) for k in batches[0].counts_dict()}
+        return cls(micro_batches=[mb for b in batches for mb in b.micro_batches],
+                   real_tokens=sum(b.real_tokens for b in batches), **total)
+
     def counts_dict(self) -> dict[str, int]:
         """Keyword arguments of `mcore_align.algorithms.base.GlobalCounts`."""
         return {k: getattr(self, k) for k in ("num_pairs", "num_sequences", "num_chosen_tokens",

@@ -46,6 +46,9 @@ class BadRecord(ValueError):
         super().__init__(message)
         self.reason = reason
 
+    def __reduce__(self):  # picklable (tools/preprocess_data.py's worker processes send them)
+        return (type(self), (self.reason, str(self)))
+
 
 class DroppedRecord(BadRecord):
     """A well-formed record the pipeline drops by design whatever `on_bad_record` says

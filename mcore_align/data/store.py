@@ -138,11 +138,67 @@ def _length_stats(x: np.ndarray) -> dict:
             "p50": int(np.percentile(x, 50)), "p95": int(np.percentile(x, 95)), "max": int(x.max())}
 
 
-def build_store(cfg: DataConfig, tokenizer, objective_kind: str, out: Path) -> None:
-    """Tokenize every dataset of `cfg` into the cache folder `out` (atomically)."""
+def prepare_record(rt: RecordTokenizer, cfg: DataConfig, fmt: str, loc: str, raw) -> tuple:
+    """One raw record -> ``(rendered sequences, KTO label or -1, margin)``; raises BadRecord.
+
+    Everything per record before tokenization (normalise, validate, render the chat
+    template). Shared by :func:`build_store` and tools/preprocess_data.py's workers."""
+    ex = normalize(raw, fmt, loc)
+    rendered = [rt.templater.render(ex, r, loc) for r in rt.responses(ex, fmt, loc)]
+    if ex.images:  # parsed and validated, but this text pipeline has no vision model
+        rt.warnings["images_ignored"] += 1
+    return rendered, -1 if ex.label is None else int(ex.label), ex.margin
+
+
+def bad_record_error(e: BadRecord) -> BadRecord:
+    """The error raised for a bad record under ``data.on_bad_record=error``."""
+    return BadRecord(e.reason, f"{e} [data.on_bad_record=skip drops and counts such records]")
+
+
+def write_meta(tmp: Path, sizes: dict, objective_kind: str, *, formats: dict, read: Counter, dropped: Counter,
+               warnings: Counter, examples: list, first_of: dict) -> None:
+    """``meta.json`` of a cache folder whose arrays are written (lengths read back from them)."""
+    seq_off = np.fromfile(tmp / "seq_off.bin", dtype=np.int64)
+    plen = np.fromfile(tmp / "seq_plen.bin", dtype=np.int32)
+    rec_seq = np.fromfile(tmp / "rec_seq.bin", dtype=np.int64).reshape(-1, 2)
+    lens = np.diff(seq_off)
+    stats = {"prompt": _length_stats(plen[rec_seq[:, 0]]) if len(rec_seq) else {"count": 0},
+             "chosen_response": _length_stats(lens[rec_seq[:, 0]] - plen[rec_seq[:, 0]]) if len(rec_seq) else {"count": 0},
+             "sequence": _length_stats(lens)}
+    rej = rec_seq[:, 1][rec_seq[:, 1] >= 0]
+    if len(rej):
+        stats["rejected_response"] = _length_stats(lens[rej] - plen[rej])
+    meta = {
+        "cache_version": CACHE_VERSION, "objective_kind": objective_kind,
+        "formats": formats, "records_read": dict(read), "records_read_total": sum(read.values()),
+        "records_kept": int(len(rec_seq)), "dropped": dict(dropped), "dropped_total": sum(dropped.values()),
+        "warnings": dict(warnings), "skipped_examples": examples, "first_dropped": first_of,
+        "num_sequences": int(len(lens)), "num_tokens": int(seq_off[-1]),
+        "token_lengths": stats, "array_sizes": sizes,
+    }
+    (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
+
+
+def publish(tmp: Path, out: Path) -> None:
+    """Rename a finished cache folder into place (another process may have won the race)."""
+    try:
+        os.rename(tmp, out)
+    except OSError:
+        # Another process (another node on a shared filesystem) finished first.
+        assert (out / "meta.json").exists(), f"cannot rename {tmp} to {out}"
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def temp_dir_for(out: Path) -> Path:
     tmp = out.parent / f"{out.name}.tmp-{socket.gethostname()}-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
+    return tmp
+
+
+def build_store(cfg: DataConfig, tokenizer, objective_kind: str, out: Path) -> None:
+    """Tokenize every dataset of `cfg` into the cache folder `out` (atomically)."""
+    tmp = temp_dir_for(out)
     try:
         rt = RecordTokenizer(tokenizer, objective_kind, cfg.max_length, cfg.truncation_strategy,
                              cfg.train_on_all_assistant_turns)
@@ -167,52 +223,22 @@ def build_store(cfg: DataConfig, tokenizer, objective_kind: str, out: Path) -> N
                             raise raw
                         fmt = detect_format(raw, loc)
                         formats[spec] = fmt
-                    ex = normalize(raw, fmt, loc)
-                    rendered = [rt.templater.render(ex, r, loc) for r in rt.responses(ex, fmt, loc)]
+                    pending.append(prepare_record(rt, cfg, fmt, loc, raw))
                 except BadRecord as e:
                     if cfg.on_bad_record == "error" and not isinstance(e, DroppedRecord):
-                        raise BadRecord(e.reason, f"{e} [data.on_bad_record=skip drops and counts such "
-                                        "records]") from None
+                        raise bad_record_error(e) from None
                     skipped[e.reason] += 1
                     first_of.setdefault(e.reason, str(e))
                     if len(examples) < 10:
                         examples.append(str(e))
                     continue
-                if ex.images:  # parsed and validated, but this text pipeline has no vision model
-                    rt.warnings["images_ignored"] += 1
-                pending.append((rendered, -1 if ex.label is None else int(ex.label), ex.margin))
                 if len(pending) >= _CHUNK:
                     flush()
             formats.setdefault(spec, fmt)
         flush()
-        sizes = writer.close()
-
-        seq_off = np.fromfile(tmp / "seq_off.bin", dtype=np.int64)
-        plen = np.fromfile(tmp / "seq_plen.bin", dtype=np.int32)
-        rec_seq = np.fromfile(tmp / "rec_seq.bin", dtype=np.int64).reshape(-1, 2)
-        lens = np.diff(seq_off)
-        stats = {"prompt": _length_stats(plen[rec_seq[:, 0]]) if len(rec_seq) else {"count": 0},
-                 "chosen_response": _length_stats(lens[rec_seq[:, 0]] - plen[rec_seq[:, 0]]) if len(rec_seq) else {"count": 0},
-                 "sequence": _length_stats(lens)}
-        rej = rec_seq[:, 1][rec_seq[:, 1] >= 0]
-        if len(rej):
-            stats["rejected_response"] = _length_stats(lens[rej] - plen[rej])
-        dropped = Counter(skipped) + rt.dropped
-        meta = {
-            "cache_version": CACHE_VERSION, "objective_kind": objective_kind,
-            "formats": formats, "records_read": dict(read), "records_read_total": sum(read.values()),
-            "records_kept": int(len(rec_seq)), "dropped": dict(dropped), "dropped_total": sum(dropped.values()),
-            "warnings": dict(rt.warnings), "skipped_examples": examples, "first_dropped": first_of,
-            "num_sequences": int(len(lens)), "num_tokens": int(seq_off[-1]),
-            "token_lengths": stats, "array_sizes": sizes,
-        }
-        (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
-        try:
-            os.rename(tmp, out)
-        except OSError:
-            # Another process (another node on a shared filesystem) finished first.
-            assert (out / "meta.json").exists(), f"cannot rename {tmp} to {out}"
-            shutil.rmtree(tmp, ignore_errors=True)
+        write_meta(tmp, writer.close(), objective_kind, formats=formats, read=read,
+                   dropped=Counter(skipped) + rt.dropped, warnings=rt.warnings, examples=examples, first_of=first_of)
+        publish(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

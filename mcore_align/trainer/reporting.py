@@ -26,7 +26,7 @@ log = logging.getLogger(__name__)
 BAR_KEYS = ("loss", "rewards/accuracies", "rewards/margins")
 # Loop bookkeeping that the console line prints in its own words (not as objective metrics).
 _LOOP_KEYS = ("lr", "grad_norm", "tokens_per_sec", "step_time", "skipped", "consumed_samples", "loss_scale",
-              "skipped_iters", "mem_gib", "global_batch_size")
+              "skipped_iters", "mem_gib", "global_batch_size", "tflops_per_gpu", "mfu", "hfu")
 
 
 class Reporter:
@@ -124,6 +124,10 @@ def training_line(step: int, total: int, m: dict) -> str:
         parts.append(f"consumed samples: {m['consumed_samples']:12d}")
     if "step_time" in m:
         parts.append(f"elapsed time per iteration (ms): {1000 * m['step_time']:.1f}")
+    if "tflops_per_gpu" in m:  # mcore_align/flops.py step_metrics
+        parts.append(f"throughput per GPU (TFLOP/s/GPU): {m['tflops_per_gpu']:.1f}")
+    if m.get("mfu") is not None:
+        parts.append(f"MFU: {100 * m['mfu']:.1f}%")
     if "tokens_per_sec" in m:
         parts.append(f"tokens/s: {m['tokens_per_sec']:.0f}")
     if "lr" in m:

@@ -13,7 +13,8 @@ import torch.distributed as dist
 
 from mcore_align.algorithms import build_objective
 from mcore_align.config import RunConfig, check_layout
-from mcore_align.data.batch import layout_multiples
+from mcore_align.data.batch import GlobalBatch, layout_multiples
+from mcore_align.flops import step_metrics
 from mcore_align.data.loader import build_data
 from mcore_align.parallel.runtime import initialize
 from mcore_align.trainer.checkpointing import (Sidecar, last_stage_state, latest_checkpoint, load_checkpoint,
@@ -149,7 +150,10 @@ class Trainer:
                    "tokens_per_sec": sum(u.real_tokens for u in updates) / dt, "step_time": dt, "skipped": res.skipped,
                    "consumed_samples": self.step * t.global_batch_size, "global_batch_size": t.global_batch_size,
                    "loss_scale": float(self.optimizer.get_loss_scale()), "skipped_iters": skipped_iters,
-                   "mem_gib": _memory_gib(self.rt)}
+                   "mem_gib": _memory_gib(self.rt),
+                   # Model FLOPs of the training passes (online objectives: over the whole
+                   # iteration's time, rollouts included, so MFU there is a lower bound).
+                   **step_metrics(self, GlobalBatch.of(updates), dt)}
             history.append(row)
             if self.step % t.log_interval == 0 or res.skipped:
                 reporter.log(self.step, row)
