@@ -31,6 +31,7 @@ import torch
 from torch import Tensor
 
 from mcore_align.algorithms.online import OnlineConfig
+from mcore_align.algorithms.ppo.losses import clipped_surrogate_tokens
 from mcore_align.algorithms.base import (
     GlobalCounts,
     Metrics,
@@ -98,11 +99,8 @@ class GRPO(Objective):
         mask = require(stats, "token_mask", self.name)
         adv = require(stats, "token_advantages", self.name).to(logp.dtype)
         old = stats.token_old_logps.to(logp.dtype) if stats.token_old_logps is not None else logp.detach()
-        diff = (logp - old) * mask  # 0 off the response: exp(0) = 1, no contribution below
-        ratio = torch.exp(diff)
         hi = cfg.epsilon_high if cfg.epsilon_high is not None else cfg.epsilon
-        pg1, pg2 = -adv * ratio, -adv * torch.clamp(ratio, 1 - cfg.epsilon, 1 + hi)
-        pg = torch.max(pg1, pg2) * mask  # [T]
+        pg, parts = clipped_surrogate_tokens(logp, old, adv, mask, cfg.epsilon, hi)  # [T]
         per_token = pg
         metrics = {}
         if "token_ref_logps" in self.inputs:
@@ -113,8 +111,8 @@ class GRPO(Objective):
         loss = per_token.sum() / n_tokens
         n_local = mask.sum()
         metrics["loss/policy_avg"] = scalar_metric(pg.sum(), n_local)
-        metrics["policy/clipfrac_avg"] = scalar_metric(((pg2 > pg1).to(mask.dtype) * mask).sum(), n_local)
-        metrics["policy/approxkl_avg"] = scalar_metric((0.5 * diff ** 2).sum(), n_local)
+        metrics["policy/clipfrac_avg"] = scalar_metric(parts["clipped"], n_local)
+        metrics["policy/approxkl_avg"] = scalar_metric(parts["approxkl"], n_local)
         return loss, metrics
 
 

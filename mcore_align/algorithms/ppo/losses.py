@@ -87,3 +87,21 @@ def ppo_loss(logprobs_BT, old_logprobs_BT, advantages_BT, values_BT, old_values_
     if entropy_BT is not None:
         stats["entropy"] = entropy_BT.detach().mean()
     return pg + vf_coef * vf, stats
+
+
+def clipped_surrogate_tokens(logp_T: torch.Tensor, old_T: torch.Tensor, adv_T: torch.Tensor, mask_T: torch.Tensor,
+                             eps_low: float, eps_high: float) -> tuple[torch.Tensor, dict]:
+    """The clipped surrogate per token on flat ``[T]`` positions (the trainer's layout), for the
+    online objectives: ``pg_T = max(-A rho, -A clip(rho, 1 - eps_low, 1 + eps_high)) * mask``,
+    ``rho = exp(logp - logp_old)`` (1 off the mask). Returns ``(pg_T, parts)`` with the
+    (sum, count)-ready detached sums ``clipped`` (tokens where the clipped term is larger),
+    ``approxkl`` (``0.5 (logp - logp_old)^2``) and ``ratio`` over the masked tokens."""
+    diff_T = (logp_T - old_T) * mask_T
+    ratio_T = torch.exp(diff_T)
+    pg1_T = -adv_T * ratio_T
+    pg2_T = -adv_T * torch.clamp(ratio_T, 1 - eps_low, 1 + eps_high)
+    pg_T = torch.max(pg1_T, pg2_T) * mask_T
+    with torch.no_grad():
+        parts = {"clipped": ((pg2_T > pg1_T).to(mask_T.dtype) * mask_T).sum(),
+                 "approxkl": (0.5 * diff_T ** 2).sum(), "ratio": (ratio_T * mask_T).sum()}
+    return pg_T, parts

@@ -43,6 +43,7 @@ from mcore_align.algorithms.base import (
     scalar_metric,
 )
 from mcore_align.algorithms.online import OnlineConfig
+from mcore_align.algorithms.ppo.losses import clipped_surrogate_tokens
 
 
 @dataclass(kw_only=True)
@@ -146,16 +147,12 @@ class PPO(Objective):
         mask = require(stats, "token_mask", self.name).to(logp.dtype)
         adv = require(stats, "token_advantages", self.name).to(logp.dtype)
         old = require(stats, "token_old_logps", self.name).to(logp.dtype)
-        diff = (logp - old) * mask
-        ratio = torch.exp(diff)
-        pg1 = -adv * ratio
-        pg2 = -adv * torch.clamp(ratio, 1 - cfg.cliprange, 1 + cfg.cliprange)
-        pg = torch.max(pg1, pg2) * mask
+        pg, parts = clipped_surrogate_tokens(logp, old, adv, mask, cfg.cliprange, cfg.cliprange)  # [T]
         loss = pg.sum() / n
         n_local = mask.sum()
         return loss, {
             "loss/policy_avg": scalar_metric(pg.sum(), n_local),
-            "policy/approxkl_avg": scalar_metric((0.5 * diff ** 2).sum(), n_local),
-            "policy/clipfrac_avg": scalar_metric(((pg2 > pg1).to(logp.dtype) * mask).sum(), n_local),
-            "val/ratio": scalar_metric((ratio * mask).sum(), n_local),
+            "policy/approxkl_avg": scalar_metric(parts["approxkl"], n_local),
+            "policy/clipfrac_avg": scalar_metric(parts["clipped"], n_local),
+            "val/ratio": scalar_metric(parts["ratio"], n_local),
         }
