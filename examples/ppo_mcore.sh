@@ -27,7 +27,7 @@ if [ -z "${MODEL:-}" ]; then
   ALGO=rm CONFIG=examples/configs/rm.yaml MODEL=$TINY/sft DATASET=$TINY/prefs.jsonl SAVE=$TINY/rm \
     bash examples/dpo_mcore.sh "${SMALL[@]}" train_iters=${RM_STEPS:-12} learning_rate=2e-3
   MODEL=$TINY/sft REWARD_MODEL=${REWARD_MODEL:-$TINY/rm} DATASET=${DATASET:-$TINY/prompts.jsonl}
-  EXTRA=("${SMALL[@]}" response_length=24 train_iters=${PPO_STEPS:-12} learning_rate=3e-3 kl_coef=0.01
+  EXTRA=("${SMALL[@]}" response_length=24 train_iters=${PPO_STEPS:-16} learning_rate=1e-3
          num_ppo_epochs=2 num_mini_batches=2)
 fi
 : "${DATASET:?set DATASET to a prompt dataset}"
