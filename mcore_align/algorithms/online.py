@@ -36,6 +36,12 @@ class OnlineConfig:
     """Prompts generated (and scored) together; the KV cache holds this many sequences."""
     rollout_backend: str = "megatron"
     """Generation engine (mcore_align.rollout); "megatron": the policy's own TP/PP chunks."""
+    offload_ref_rm: bool = False
+    """Keep the reference and the reward model in host memory between rollouts (moved to the
+    GPU for their passes only); see trainer/reference.py for the cost."""
+    num_sample_generations: int = 10
+    """Write sample completions (prompt, completion, score) to ``save/samples.jsonl`` and the
+    console this many times over the run (0: never)."""
 
     def __post_init__(self) -> None:
         if not self.reward_funcs and not self.reward_model:
@@ -46,5 +52,7 @@ class OnlineConfig:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         check_positive(self.temperature, "temperature")
         check_choice(self.rollout_backend, "rollout_backend", list(ROLLOUT_BACKENDS))
+        if self.num_sample_generations < 0:
+            raise ValueError(f"num_sample_generations must be >= 0, got {self.num_sample_generations}")
         if not (0.0 < self.top_p <= 1.0) or self.top_k < 0:
             raise ValueError(f"top_p must be in (0, 1] and top_k >= 0, got top_p={self.top_p}, top_k={self.top_k}")

@@ -18,14 +18,34 @@ from typing import Iterator
 
 
 class FrozenModel:
-    """A separate frozen model (list of chunks, same layout as the policy)."""
+    """A separate frozen model (list of chunks, same layout as the policy).
 
-    def __init__(self, chunks: list) -> None:
-        self.chunks = chunks
+    ``offload``: keep the weights in host memory and move them to the GPU only for the pass
+    (``offload_ref_rm`` of online objectives: the reference and the reward model are used once
+    per rollout, so their GPU memory is freed for generation and training). The cost is two
+    host<->device copies of the weights per pass (~2 x params x bytes / PCIe bandwidth, e.g.
+    ~0.6 s for 7B bf16 at 50 GB/s). In the CPU execution mode there is nothing to move."""
+
+    def __init__(self, chunks: list, offload: bool = False, device=None) -> None:
+        self.chunks, self.offload, self.device = chunks, offload, device
+        if offload:
+            self._to("cpu")
+
+    def _to(self, device) -> None:
+        if self.device is None or getattr(self.device, "type", "cpu") == "cpu":
+            return
+        for c in self.chunks:
+            c.to(device)
 
     @contextlib.contextmanager
     def models(self) -> Iterator[list]:
-        yield self.chunks
+        if self.offload:
+            self._to(self.device)
+        try:
+            yield self.chunks
+        finally:
+            if self.offload:
+                self._to("cpu")
 
 
 class PolicyWithoutAdapters:

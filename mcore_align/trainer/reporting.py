@@ -161,7 +161,8 @@ def plot_curves(metrics_jsonl: Path, out_png: Path) -> Path | None:
     rows = [json.loads(line) for line in Path(metrics_jsonl).read_text().splitlines() if line.strip()]
     if not rows:
         return None
-    keys = [k for k in ("loss", "rewards/accuracies", "rewards/margins", "nll_loss", "kl", "lr") if any(k in r for r in rows)]
+    keys = [k for k in ("loss", "rewards/accuracies", "rewards/margins", "nll_loss", "kl", "objective/scores",
+                        "objective/kl", "loss/value_avg", "lr") if any(k in r for r in rows)]
     fig, axes = plt.subplots(1, len(keys), figsize=(4 * len(keys), 3.2), squeeze=False)
     for ax, k in zip(axes[0], keys):
         for prefix, style in (("", "-"), ("eval/", "o--")):

@@ -29,6 +29,7 @@ samples the same tokens as an uninterrupted one.
 """
 from __future__ import annotations
 
+import json
 import logging
 import time
 
@@ -89,7 +90,7 @@ class RolloutPhase:
 
     def __init__(self, runtime, objective, stepper, tokenizer, *, vocab_size: int, pad_id: int,
                  pad_multiple: int, max_tokens_per_micro_batch: int, packed: bool, seed: int,
-                 critic_stepper=None, reward_model=None):
+                 critic_stepper=None, reward_model=None, save: str | None = None, total_steps: int = 1):
         from mcore_align.algorithms.ppo.advantages import ADVANTAGE_ESTIMATORS
         from mcore_align.algorithms.ppo.reward_funcs import load_reward_funcs
         from mcore_align.rollout import build_rollout_engine
@@ -109,7 +110,8 @@ class RolloutPhase:
         if tokenizer.eos_token_id is None:
             raise ValueError("online objectives need the tokenizer's eos token to stop generation")
         self.stop_ids = (int(tokenizer.eos_token_id),)
-        self.last_batch = None  # the latest RolloutBatch (samples written to the run directory)
+        self.last_batch = None  # the latest RolloutBatch
+        self.save, self.total_steps = save, total_steps
 
     # -- the phase ---------------------------------------------------------------------
     def make_experience(self, gb: GlobalBatch, step: int) -> tuple[list[GlobalBatch], dict]:
@@ -146,6 +148,7 @@ class RolloutPhase:
         no_eos = ~batch.eos_B
         if cfg.missing_eos_penalty is not None:
             scores = scores - cfg.missing_eos_penalty * no_eos.to(scores.dtype)
+        self._write_samples(step, scores)
         extras, kl_BT, nsr_BT = self._advantages(scores, lengths, T, passes)
         t_score = time.perf_counter()
         updates = self._updates(repeated, responses, extras, step)
@@ -183,6 +186,25 @@ class RolloutPhase:
         return [self._global_batch(u, meta) for u in updates], metrics
 
     # -- pieces ------------------------------------------------------------------------
+    def _write_samples(self, step: int, scores, k: int = 4) -> None:
+        """``num_sample_generations`` times over the run (TRL's spacing: every
+        ``total_steps // num_sample_generations`` steps), the first ``k`` samples of this
+        iteration go to ``save/samples.jsonl`` (prompt, completion, score, step) and the log."""
+        n = getattr(self.cfg, "num_sample_generations", 0)
+        if not n or self.rt.rank != 0 or (step + 1) % max(1, self.total_steps // n):
+            return
+        prompts, completions = self.last_texts
+        rows = [{"step": step + 1, "prompt": p, "completion": c, "score": float(s)}
+                for p, c, s in list(zip(prompts, completions, scores.tolist()))[:k]]
+        log.warning("sample at step %d: %r -> %r (score %.4g)", step + 1, rows[0]["prompt"][-80:],
+                    rows[0]["completion"][:120], rows[0]["score"])
+        if self.save:
+            from pathlib import Path
+
+            Path(self.save).mkdir(parents=True, exist_ok=True)
+            with open(Path(self.save) / "samples.jsonl", "a") as f:
+                f.write("".join(json.dumps(r) + "\n" for r in rows))
+
     def _pack(self, prompts, responses) -> tuple[list[MicroBatch], list[tuple[int, int, int]]]:
         """Prompt + response sequences, in order, into micro-batches of at most ``capacity``
         padded token slots; targets on the response tokens. ``where[b]`` = (micro-batch, flat

@@ -99,10 +99,11 @@ def build_reference(spec: ModelSpec, runtime: Runtime, cfg: RunConfig, policy, o
                          f"{ref_spec} vs {spec}")
     chunks = build_model(spec, runtime, role="reference", opts=model_options(cfg, objective.head))
     load_model_weights(chunks, load_dir)
-    return FrozenModel(chunks)
+    return FrozenModel(chunks, offload=getattr(objective.cfg, "offload_ref_rm", False), device=runtime.device)
 
 
-def build_reward_model(spec: ModelSpec, runtime: Runtime, cfg: RunConfig, load_dir: str, tokenizer, tokenizer_dir):
+def build_reward_model(spec: ModelSpec, runtime: Runtime, cfg: RunConfig, load_dir: str, tokenizer, tokenizer_dir,
+                       cfg_online=None):
     """A frozen reward model (value head) of the policy's layout, as a reference provider
     (trainer/reference.py). Refused when its vocabulary or tokenizer differs from the policy's
     (its scores would read other tokens), or when the checkpoint has no value head."""
@@ -129,7 +130,7 @@ def build_reward_model(spec: ModelSpec, runtime: Runtime, cfg: RunConfig, load_d
     # Its own architecture (it may be smaller than the policy), the policy's parallel layout.
     chunks = build_model(rm_spec, runtime, role="reference", opts=model_options(cfg, "value"))
     load_model_weights(chunks, path)
-    return FrozenModel(chunks)
+    return FrozenModel(chunks, offload=getattr(cfg_online, "offload_ref_rm", False), device=runtime.device)
 
 
 def build_optimizer(policy, runtime: Runtime, cfg: RunConfig, train_iters: int):

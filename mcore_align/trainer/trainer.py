@@ -87,7 +87,7 @@ class Trainer:
         self.critic = self.critic_stepper = self.reward_model = None
         if online and getattr(self.objective.cfg, "reward_model", None):  # checked before anything uses it
             self.reward_model = build_reward_model(self.spec, self.rt, cfg, self.objective.cfg.reward_model,
-                                                   self.tokenizer, source / "tokenizer")
+                                                   self.tokenizer, source / "tokenizer", self.objective.cfg)
         critic_objective = self.objective.critic_objective()
         if critic_objective is not None:  # a value model trained beside the policy (PPO)
             self._build_critic(critic_objective)
@@ -104,7 +104,8 @@ class Trainer:
             self.rt, self.objective, self.stepper, self.tokenizer, vocab_size=self.spec.vocab_size,
             pad_id=self.data.train.pad_id, pad_multiple=layout_multiples(par)["pad_multiple"],
             max_tokens_per_micro_batch=cfg.data.max_tokens_per_micro_batch, packed=cfg.data.packing, seed=t.seed,
-            critic_stepper=self.critic_stepper, reward_model=self.reward_model,
+            critic_stepper=self.critic_stepper, reward_model=self.reward_model, save=t.save,
+            total_steps=self.train_iters,
         ) if online else None
         self._eval_ref_cache: list | None = None  # reference sums of eval batches (precompute)
         self._stop_signal = False

@@ -43,6 +43,16 @@ def test_online_case(results, case):
     results.check(case)
 
 
+def test_sample_generations_are_written(results, work):
+    """num_sample_generations (10 by default) over 14 steps: every step writes 4 samples."""
+    import json
+
+    results.check("case_grpo_tp2_learns")
+    rows = [json.loads(x) for x in (work / "grpo_tp2" / "samples.jsonl").read_text().splitlines()]
+    assert len(rows) == 14 * 4 and {r["step"] for r in rows} == set(range(1, 15))
+    assert all(isinstance(r["completion"], str) and 0.0 <= r["score"] <= 1.0 and r["prompt"] for r in rows)
+
+
 def test_policy_export_loads_in_transformers_and_generates(results, work):
     results.check("case_grpo_tp2_learns")
     out = work / "grpo_hf"

@@ -97,6 +97,7 @@ def test_declarations_and_rloo():
     ({"reward_funcs": "m:f", "rollout_backend": "sglang"}, "rollout_backend"),
     ({"reward_funcs": "m:f", "temperature": 0.0}, "temperature"),
     ({"reward_funcs": "m:f", "top_p": 1.5}, "top_p"),
+    ({"reward_funcs": "m:f", "num_sample_generations": -1}, "num_sample_generations"),
 ])
 def test_config_errors(kw, msg):
     with pytest.raises(ValueError, match=msg):

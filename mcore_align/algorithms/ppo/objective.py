@@ -68,8 +68,6 @@ class PPOConfig(OnlineConfig):
     """Passes over each rollout batch."""
     num_mini_batches: int = 1
     """Mini-batches per pass (each one optimizer step of the policy and of the critic)."""
-    num_sample_generations: int = 10
-    """Sample completions written to ``save/samples.jsonl`` this many times over the run (0: never)."""
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -83,8 +81,6 @@ class PPOConfig(OnlineConfig):
         for f in ("num_ppo_epochs", "num_mini_batches"):
             if getattr(self, f) < 1:
                 raise ValueError(f"{f} must be >= 1, got {getattr(self, f)}")
-        if self.num_sample_generations < 0:
-            raise ValueError(f"num_sample_generations must be >= 0, got {self.num_sample_generations}")
 
 
 class PPOCritic(Objective):
