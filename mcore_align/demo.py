@@ -86,10 +86,10 @@ def main() -> None:
     print(f"train loss: {tr[0]['loss']:.4f} (step 1) -> {tr[-1]['loss']:.4f} (step {tr[-1]['step']})")
     final_acc = ev[-1]["eval/rewards/accuracies"] if ev else float("nan")
     if ev:
-        # At step 0 the policy is the reference: every reward is 0, a tie, which (as in TRL)
-        # does not count as accurate; chance level for a trained-but-uninformed policy is 0.5.
+        # At step 0 the policy is the reference, bit for bit: every reward is exactly 0, a tie,
+        # which (as in TRL) does not count as accurate.
         print(f"held-out reward accuracy: {ev[0]['eval/rewards/accuracies']:.3f} (step {ev[0]['step']}, "
-              f"policy = reference, rewards ~0) -> {final_acc:.3f} (step {ev[-1]['step']})")
+              f"policy = reference, rewards 0) -> {final_acc:.3f} (step {ev[-1]['step']})")
         print(f"held-out reward margin:   {ev[0]['eval/rewards/margins']:.3f} -> {ev[-1]['eval/rewards/margins']:.3f}")
     print(f"plot: {save / 'training_curves.png'}")
     print(f"exported HF model: {out / 'hf_dpo'}")
