@@ -158,7 +158,9 @@ class RolloutPhase:
         local = [len(responses), float(scores.sum()), float((scores.double() ** 2).sum()), float(lengths.sum()),
                  float(batch.eos_B.sum()), float(no_eos.sum()), float(batch.stats.get("tokens", 0)),
                  float((kl_BT.double() * valid).sum()) if kl_BT is not None else 0.0,
-                 float((nsr_BT.double() * valid).sum()) if nsr_BT is not None else 0.0]
+                 float((nsr_BT.double() * valid).sum()) if nsr_BT is not None else 0.0,
+                 # TRL's objective/entropy: -sum of the sampled tokens' log-probs per response.
+                 float((-batch.logprobs_BT.double() * valid).sum())]
         local += [float(torch.as_tensor(v, dtype=torch.float64).sum()) for v in per_fn.values()]
         g = torch.tensor(local, dtype=torch.float64, device=self.rt.device)
         dist.all_reduce(g, group=self.rt.pgs.dp)
@@ -180,8 +182,9 @@ class RolloutPhase:
             metrics["objective/kl"] = g[7] / n_resp
             metrics["objective/non_score_reward"] = g[8] / n_resp
             metrics["objective/rlhf_reward"] = mean + g[8] / n_resp
+        metrics["objective/entropy"] = g[9] / n_resp
         for i, name in enumerate(per_fn):
-            metrics[f"rewards/{name}"] = g[9 + i] / n_resp
+            metrics[f"rewards/{name}"] = g[10 + i] / n_resp
         meta = dict(epoch=gb.epoch, step_in_epoch=gb.step_in_epoch, record_ids=gb.record_ids)
         return [self._global_batch(u, meta) for u in updates], metrics
 

@@ -69,6 +69,9 @@ def _learns(layout: list[str], name: str, save: bool = False):
     s0, s1 = _mean(h, "objective/scores", slice(0, 3)), _mean(h, "objective/scores", slice(-3, None))
     assert s1 > s0 + 0.1, f"{name}: score did not rise: {[round(x['objective/scores'], 3) for x in h]}"
     assert h[0]["objective/kl"] == 0.0 and h[-1]["objective/kl"] > 0  # policy = reference at step 1
+    # TRL's objective/entropy: -sum of sampled log-probs; a near-uniform 512-token model starts near
+    # 24 tokens x ln(512) = 150 nats per response.
+    assert 100 < h[0]["objective/entropy"] < 160, h[0]["objective/entropy"]
 
 
 def _check_logprob_alignment(tr: Trainer):
