@@ -133,9 +133,15 @@ def case_dpo_moe_ep2_matches_dp2():
     dp = json.loads((ROOT / "dpo_dp2.json").read_text())
     assert len(ep) == len(dp) == 6
     for a, b in zip(dp, ep):
-        for key in ("loss", "grad_norm"):
+        # moe/load_imbalance: the routers' tokens per expert summed over ranks; EP moves experts,
+        # not tokens, so it equals DP=2's (a count taken per rank and not summed would not).
+        for key in ("loss", "grad_norm", "moe/load_imbalance", "moe/load_imbalance_max"):
             assert math.isfinite(b[key]) and abs(a[key] - b[key]) <= 1e-4 * max(1.0, abs(a[key])), (key, dp, ep)
     assert ep[-1]["loss"] < ep[0]["loss"] - 0.1, [x["loss"] for x in ep]
+    # 4 experts, top-2: 1 (balanced) <= max load / mean load <= 2 (every token on the same 2).
+    assert all(1.0 <= x["moe/load_imbalance"] <= x["moe/load_imbalance_max"] <= 2.0 for x in ep), ep
+    rows = [json.loads(x) for x in (ROOT / "dpo_ep2_save" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["moe/load_imbalance"] for r in rows if "loss" in r] == [x["moe/load_imbalance"] for x in ep], rows
 
 
 # -- DPO and RM learn at EP=2 (the demo's learnable preference task, held-out topics) ----------
