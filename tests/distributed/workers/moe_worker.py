@@ -296,3 +296,20 @@ def case_moe_aux_loss_refused_with_sequence_parallelism():
         assert "moe_aux_loss_coeff=0.1 needs packed sequences" in str(e), e
     else:
         raise AssertionError("moe_aux_loss_coeff with sequence parallelism was not refused")
+
+
+def case_planner_parameters_per_rank_equal_the_built_models():
+    """mcore_align.plan's MoE accounting (experts / EP / ETP, the rest / TP) against the
+    parameters megatron builds on each rank."""
+    from mcore_align.plan import Layout, stage_params
+
+    layouts = {"ep2": (dict(expert_model_parallel_size=2), Layout(dp=2, ep=2)),
+               "tp2_sp": (dict(tensor_model_parallel_size=2, sequence_parallel=True),
+                          Layout(tp=2, sequence_parallel=True))}
+    for name in ("qwen3_moe", "qwen2_moe", "mixtral"):
+        spec = read_model_spec(ROOT / name / "mc")
+        for par, lay in layouts.values():
+            rt = initialize(ParallelConfig(**par), device="cpu")
+            (model,) = build_model(spec, rt, opts=ModelOptions(core_attention="megatron"))
+            built = sum(p.numel() for p in model.parameters())
+            assert built == stage_params(spec, lay, 0)[0], (name, par, built, stage_params(spec, lay, 0))
