@@ -17,6 +17,10 @@ and the most in-flight activations, the last the output layer and the logits):
   on the last; a tied embedding is a second copy on the last stage when PP > 1), sharded
   by TP, at the training dtype. LoRA: the frozen base + adapters (A/B laid out as
   ``models/lora.py``).
+* MoE (``--ep``, ``--etp``): per MoE layer the router [E, h] and a shared expert (by TP) are
+  counted with the dense part, the rank's E/EP experts are sharded by ETP; the distributed
+  optimizer shards expert state over the expert-data-parallel group (GPUs / (ETP x EP x PP))
+  and the rest over DP x CP. MoE activations assume a balanced load (docs/moe.md).
 * grads: megatron DDP's grad buffer, fp32 (``grad_reduce_in_fp32``), one value per
   TRAINED parameter; NOT sharded by the distributed optimizer (megatron keeps the full
   buffer and reduce-scatters into it).
@@ -69,6 +73,10 @@ class Layout:
     vpp: int | None = None
     cp: int = 1
     dp: int = 1
+    ep: int = 1
+    """MoE: expert parallelism (experts split over EP ranks, carved out of DP x CP x TP)."""
+    etp: int | None = None
+    """MoE: tensor parallelism inside each expert (None: TP, like ParallelConfig)."""
     sequence_parallel: bool = False
     distributed_optimizer: bool = False
     recompute: str | None = None
@@ -87,7 +95,7 @@ class Layout:
     logprob_chunk: int = 1024
 
     def __post_init__(self) -> None:
-        for name in ("tp", "pp", "cp", "dp", "tokens_per_micro_batch"):
+        for name in ("tp", "pp", "cp", "dp", "ep", "tokens_per_micro_batch"):
             if getattr(self, name) < 1:
                 raise ValueError(f"plan: {name} must be >= 1, got {getattr(self, name)}")
         if self.dtype not in DTYPE_BYTES:
@@ -105,6 +113,15 @@ class Layout:
     @property
     def gpus(self) -> int:
         return self.tp * self.pp * self.cp * self.dp
+
+    @property
+    def expert_tp(self) -> int:
+        return self.etp or self.tp
+
+    @property
+    def expert_dp(self) -> int:
+        """Ranks holding the same experts (megatron's expert-data-parallel group)."""
+        return self.gpus // (self.expert_tp * self.ep * self.pp)
 
 
 @dataclass
@@ -153,6 +170,18 @@ def check_divisible(spec: ModelSpec, lay: Layout) -> None:
         raise ValueError(f"PP*VPP={chunks} must divide num_layers {spec.num_layers}")
     if lay.sequence_parallel and lay.tp == 1:
         raise ValueError("sequence_parallel needs TP > 1")
+    if not spec.num_moe_experts:
+        if lay.ep > 1 or lay.etp not in (None, lay.tp):
+            raise ValueError(f"EP={lay.ep} / ETP={lay.etp} on a dense model ({spec.family})")
+        return
+    if spec.num_moe_experts % lay.ep:
+        raise ValueError(f"EP={lay.ep} must divide the number of experts {spec.num_moe_experts}")
+    if spec.moe_ffn_hidden_size % lay.expert_tp:
+        raise ValueError(f"ETP={lay.expert_tp} must divide the expert hidden size {spec.moe_ffn_hidden_size}")
+    if lay.gpus % (lay.expert_tp * lay.ep * lay.pp):
+        raise ValueError(f"ETP x EP x PP = {lay.expert_tp * lay.ep * lay.pp} must divide the {lay.gpus} GPUs")
+    if lay.tp > 1 and not lay.sequence_parallel:
+        raise ValueError(f"MoE at TP={lay.tp} needs sequence_parallel (megatron refuses MoE with TP and no SP)")
 
 
 def layer_params(spec: ModelSpec, tp: int) -> int:
@@ -162,6 +191,37 @@ def layer_params(spec: ModelSpec, tp: int) -> int:
     qkv = h * (a + 2 * g) * d // tp + ((a + 2 * g) * d // tp if spec.qkv_bias else 0)
     norms = 2 * h + (2 * d if spec.qk_norm else 0)  # input + pre-MLP RMSNorm (+ q/k norm), replicated
     return qkv + (a * d // tp) * h + h * 2 * f // tp + f * h // tp + norms
+
+
+def moe_mlp_params(spec: ModelSpec, lay: "Layout") -> tuple[int, int]:
+    """(non-expert, expert) parameters of one MoE layer's MLP on one rank: router [E, h]
+    (replicated), shared expert (fc1 [2Fs, h], fc2 [h, Fs], by TP) and its gate [1, h];
+    the rank's E / EP experts (fc1 [2F, h], fc2 [h, F], by ETP). The pre-MLP RMSNorm is
+    counted with the layer."""
+    h, E, F = spec.hidden_size, spec.num_moe_experts, spec.moe_ffn_hidden_size
+    dense = E * h
+    if spec.moe_shared_expert_intermediate_size:
+        dense += 3 * h * spec.moe_shared_expert_intermediate_size // lay.tp + (h if spec.moe_shared_expert_gate else 0)
+    return dense, E // lay.ep * 3 * h * F // lay.expert_tp
+
+
+def _is_moe(spec: ModelSpec, layer: int) -> bool:
+    return bool(spec.num_moe_experts) and bool(spec.moe_layer_pattern[layer])
+
+
+def stage_layer_params(spec: ModelSpec, lay: "Layout", stage: int) -> tuple[int, int]:
+    """(non-expert, expert) parameters of the transformer layers of ``stage`` on one rank."""
+    n = _stage_layers(spec, lay)
+    dense_layer = layer_params(spec, lay.tp)
+    dense_mlp = 3 * spec.hidden_size * spec.ffn_hidden_size // lay.tp
+    dense = experts = 0
+    for i in range(stage * n, (stage + 1) * n):
+        if _is_moe(spec, i):
+            d, e = moe_mlp_params(spec, lay)
+            dense, experts = dense + dense_layer - dense_mlp + d, experts + e
+        else:
+            dense += dense_layer
+    return dense, experts
 
 
 def lora_layer_params(spec: ModelSpec, tp: int, rank: int, targets: Sequence[str]) -> int:
@@ -181,7 +241,7 @@ def _stage_layers(spec: ModelSpec, lay: Layout) -> int:
 def stage_params(spec: ModelSpec, lay: Layout, stage: int) -> tuple[int, int]:
     """(base parameters, adapter parameters) on one rank of pipeline ``stage``."""
     h, V, tp = spec.hidden_size, spec.vocab_size, lay.tp
-    n = _stage_layers(spec, lay) * layer_params(spec, tp)
+    n = sum(stage_layer_params(spec, lay, stage))
     first, last = stage == 0, stage == lay.pp - 1
     if first:
         n += V // tp * h  # word embeddings
@@ -198,13 +258,24 @@ def stage_params(spec: ModelSpec, lay: Layout, stage: int) -> tuple[int, int]:
     return n, adapters
 
 
-def _activation_bytes_per_token_layer(spec: ModelSpec, lay: Layout) -> float:
+def _activation_bytes_per_token_layer(spec: ModelSpec, lay: Layout, moe: bool = False) -> float:
     h, a, g, d, f = (spec.hidden_size, spec.num_attention_heads, spec.num_query_groups, spec.head_dim,
                      spec.ffn_hidden_size)
     ab = DTYPE_BYTES[lay.dtype]
     h_share = lay.tp if lay.sequence_parallel else 1
-    sharded = ((a + 2 * g) * d + (a + g) * d + a * d + 3 * f) / lay.tp
-    return ab * (4 * h / h_share + sharded)
+    if not moe:
+        sharded = ((a + 2 * g) * d + (a + g) * d + a * d + 3 * f) / lay.tp
+        return ab * (4 * h / h_share + sharded)
+    # MoE layer: attention as above; per token, k routed copies reach expert ranks (balanced
+    # load assumed: each rank receives as many copies as it sends, times ETP, whose ranks all
+    # see the gathered tokens), each keeping the dispatched input h, fc1's 2F/ETP, the SiLU
+    # product F/ETP and fc2's output h before the weighted combine; the router's fp32 logits
+    # and probs (2E, over the rank's own tokens); a shared expert like a dense MLP.
+    F, k, E = spec.moe_ffn_hidden_size, spec.moe_router_topk, spec.num_moe_experts
+    attn = ((a + 2 * g) * d + (a + g) * d + a * d) / lay.tp
+    routed = k * lay.expert_tp / h_share * (2 * h + 3 * F / lay.expert_tp)
+    shared = 3 * (spec.moe_shared_expert_intermediate_size or 0) / lay.tp
+    return ab * (4 * h / h_share + attn + routed + shared) + 4 * 2 * E / h_share
 
 
 def _in_flight(lay: Layout, stage: int) -> float:
@@ -226,7 +297,7 @@ def plan(spec: ModelSpec, lay: Layout) -> Plan:
     mixed = lay.dtype != "fp32"
     shard = lay.dp * lay.cp if lay.distributed_optimizer else 1
     tokens = lay.tokens_per_micro_batch / lay.cp
-    per_tok_layer = _activation_bytes_per_token_layer(spec, lay)
+    per_tok_layer = max(_activation_bytes_per_token_layer(spec, lay, moe) for moe in (False, bool(spec.num_moe_experts)))
     layers = _stage_layers(spec, lay)
     V_tp, h = spec.vocab_size // lay.tp, spec.hidden_size
     stages = []
@@ -238,13 +309,18 @@ def plan(spec: ModelSpec, lay: Layout) -> Plan:
         if lay.head == "value" and s == lay.pp - 1 and wb != 4:
             weights += h * (4 - wb)
         grads = 4.0 * trained
-        optimizer = (12.0 if mixed else 8.0) * trained / shard
+        # Expert parameters: megatron's distributed optimizer shards them over the
+        # expert-data-parallel group (GPUs / (ETP x EP x PP)), the rest over DP x CP.
+        experts = 0 if lora else stage_layer_params(spec, lay, s)[1]
+        eshard = lay.expert_dp if lay.distributed_optimizer else 1
+        optimizer = (12.0 if mixed else 8.0) * ((trained - experts) / shard + experts / eshard)
         reference = base * wb if lay.reference == "co_resident" and not lora else 0.0
         if lay.recompute == "full":
             act = tokens * h * DTYPE_BYTES[lay.dtype] / (lay.tp if lay.sequence_parallel else 1) * layers
             act = act * _in_flight(lay, s) + tokens * per_tok_layer  # + one layer being recomputed
         else:
-            act = tokens * per_tok_layer * layers * _in_flight(lay, s)
+            act = tokens * sum(_activation_bytes_per_token_layer(spec, lay, _is_moe(spec, i))
+                               for i in range(s * layers, (s + 1) * layers)) * _in_flight(lay, s)
         logits = 0.0
         if s == lay.pp - 1 and lay.head == "lm":
             if lay.fused_logprobs:
@@ -300,9 +376,12 @@ def search(spec: ModelSpec, gpus: int, gpu_memory_gib: float, base: Layout, *, r
                 if tp * pp * cp > gpus:
                     continue
                 dp = gpus // (tp * pp * cp)
-                for recompute in (None, "full"):
+                # MoE: expert parallelism within a node (all-to-all), experts not tensor-parallel.
+                eps = [e for e in (1, 2, 4, 8) if e <= gpus_per_node] if spec.num_moe_experts else [1]
+                for ep, recompute in [(e, r) for e in eps for r in (None, "full")]:
                     lay = replace(base, tp=tp, pp=pp, cp=cp, dp=dp, vpp=None, recompute=recompute,
-                                  sequence_parallel=tp > 1, distributed_optimizer=dp * cp > 1)
+                                  sequence_parallel=tp > 1, distributed_optimizer=dp * cp > 1,
+                                  ep=ep, etp=1 if spec.num_moe_experts else None)
                     try:
                         p = plan(spec, lay)
                     except ValueError:
@@ -313,13 +392,14 @@ def search(spec: ModelSpec, gpus: int, gpu_memory_gib: float, base: Layout, *, r
                                            f"evenly over a pipeline that would use them all")
                         found.append(p)
     found.sort(key=lambda p: (p.layout.gpus < gpus, p.layout.tp * p.layout.pp * p.layout.cp,
-                              p.layout.recompute is not None, p.layout.pp, p.layout.cp, p.peak))
+                              p.layout.recompute is not None, p.layout.pp, p.layout.cp, p.layout.ep, p.peak))
     return found[:top]
 
 
 def format_plan(p: Plan) -> str:
     lay = p.layout
-    head = (f"TP={lay.tp} PP={lay.pp}{f' VPP={lay.vpp}' if lay.vpp else ''} CP={lay.cp} DP={lay.dp} "
+    moe = f"EP={lay.ep} ETP={lay.expert_tp} " if lay.ep > 1 or lay.etp else ""
+    head = (f"TP={lay.tp} PP={lay.pp}{f' VPP={lay.vpp}' if lay.vpp else ''} CP={lay.cp} DP={lay.dp} {moe}"
             f"({lay.gpus} GPUs) {lay.dtype} recompute={lay.recompute or 'none'} "
             f"distributed_optimizer={lay.distributed_optimizer} sequence_parallel={lay.sequence_parallel} "
             f"tokens/micro-batch={lay.tokens_per_micro_batch} "
@@ -347,7 +427,8 @@ def _layout_from_args(a, spec: ModelSpec) -> Layout:
         from mcore_align.models.lora import resolve_target_modules
 
         targets = resolve_target_modules(a.lora_targets)
-    return Layout(tp=a.tp, pp=a.pp, vpp=a.vpp, cp=a.cp, dp=a.dp, sequence_parallel=a.sequence_parallel,
+    return Layout(tp=a.tp, pp=a.pp, vpp=a.vpp, cp=a.cp, dp=a.dp, ep=a.ep, etp=a.etp,
+                  sequence_parallel=a.sequence_parallel,
                   distributed_optimizer=a.distributed_optimizer, recompute=None if a.recompute == "none" else a.recompute,
                   dtype=a.dtype, tokens_per_micro_batch=a.tokens_per_micro_batch, micro_batches=a.micro_batches,
                   head=obj.head, reference=reference, lora_rank=a.lora_rank, lora_targets=targets or ("linear_qkv",),
@@ -364,6 +445,8 @@ def main(argv: list[str] | None = None) -> int:
     for name, default in (("tp", 1), ("pp", 1), ("cp", 1), ("dp", 1)):
         p.add_argument(f"--{name}", type=int, default=default)
     p.add_argument("--vpp", type=int, default=None)
+    p.add_argument("--ep", type=int, default=1, help="MoE: expert parallelism (within TP x DP x CP)")
+    p.add_argument("--etp", type=int, default=None, help="MoE: tensor parallelism inside experts (default TP)")
     p.add_argument("--sequence-parallel", action="store_true")
     p.add_argument("--distributed-optimizer", action="store_true")
     p.add_argument("--recompute", choices=("none", "selective", "full"), default="none")

@@ -277,3 +277,57 @@ def check_moe_layout(spec: ModelSpec, parallel) -> None:
     if spec.moe_ffn_hidden_size % etp:
         raise ValueError(f"expert_tensor_parallel_size={etp} must divide the expert hidden size "
                          f"{spec.moe_ffn_hidden_size} (config.json moe_intermediate_size)")
+
+
+class RouterLoad:
+    """Tokens each expert receives in the training forwards, per MoE layer, read from
+    megatron's routers (forward hooks on ``TopKRouter``: its output is ``(probs,
+    routing_map)``, routing_map ``[T, E]`` bool, T the tokens this rank routes).
+
+    ``metrics()`` (a collective: every rank calls it once per step) sums the counts of all
+    ranks and returns the load imbalance ``max_e load_e / mean_e load_e`` (1 = balanced, E/k =
+    every token on the same k experts) averaged over the MoE layers and its worst layer. The
+    world sum is right for every layout: DP/EP/SP/CP ranks route different tokens; TP ranks
+    without SP route the same ones (a uniform factor, which the ratio ignores); PP stages fill
+    their own layers' rows. Only passes with gradients on a module in training mode count
+    (not the reference, not no-grad policy passes, not evaluation). Empty for dense models.
+    """
+
+    def __init__(self, model_chunks):
+        import torch
+        from megatron.core.transformer.moe.router import TopKRouter
+        from megatron.core.utils import get_model_config
+
+        cfg = get_model_config(model_chunks[0])
+        self.num_experts = getattr(cfg, "num_moe_experts", None) or 0
+        self.num_layers = cfg.num_layers
+        self.counts = None  # [num_layers, E] float64, rows of this rank's MoE layers
+        if not self.num_experts:
+            return
+        self.counts = torch.zeros(self.num_layers, self.num_experts, dtype=torch.float64)
+        for chunk in model_chunks:
+            for module in chunk.modules():
+                if isinstance(module, TopKRouter):
+                    module.register_forward_hook(self._hook)
+
+    def _hook(self, router, args, output) -> None:
+        import torch
+
+        if router.training and torch.is_grad_enabled():
+            routing_map_TE = output[1]
+            # layer_number is 1-based and global (PP offset included)
+            self.counts[router.layer_number - 1] += routing_map_TE.sum(0).to("cpu", torch.float64)
+
+    def metrics(self, device) -> dict[str, float]:
+        import torch
+
+        if self.counts is None:
+            return {}
+        total = self.counts.to(device, copy=True)  # a copy: counts are zeroed below
+        torch.distributed.all_reduce(total)  # [L, E]: tokens per expert, all ranks
+        self.counts.zero_()
+        total = total[total.sum(1) > 0]  # MoE layers that routed tokens this step
+        if total.numel() == 0:
+            return {}
+        imbalance_L = total.max(1).values / total.mean(1)
+        return {"moe/load_imbalance": float(imbalance_L.mean()), "moe/load_imbalance_max": float(imbalance_L.max())}

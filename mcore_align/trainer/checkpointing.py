@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -229,6 +230,9 @@ def load_checkpoint(path: str | Path, policy, optimizer, scheduler, runtime, com
             log.warning("%s was saved by %s ranks, this run has %d: per-rank RNG states are not restored "
                         "(dropout and other random draws differ from an uninterrupted run)",
                         path, common.get("world_size"), runtime.world_size)
+    keep_optimizer = _optimizer_layout_matches(sd["optimizer"], path, runtime)
+    if not keep_optimizer:
+        sd.pop("optimizer")
     loaded = dist_checkpointing.load(sd, str(path))
     from mcore_align.models.lora import has_adapters, load_adapter_state
 
@@ -237,7 +241,11 @@ def load_checkpoint(path: str | Path, policy, optimizer, scheduler, runtime, com
             load_adapter_state(m.module, loaded[_model_key(i, len(policy))])
         else:
             m.module.load_state_dict(loaded[_model_key(i, len(policy))])
-    optimizer.load_state_dict(loaded["optimizer"])
+    if keep_optimizer:
+        optimizer.load_state_dict(loaded["optimizer"])
+    else:  # sharded_state_dict(is_loading=True) pre-filled moments without "step": a fresh Adam
+        for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
+            opt.optimizer.state.clear()
     _load_scheduler(scheduler, loaded["scheduler"], path, runtime)
     for name, (chunks, opt, sched) in (companions or {}).items():
         if f"{name}_scheduler" not in common:
@@ -252,6 +260,42 @@ def load_checkpoint(path: str | Path, policy, optimizer, scheduler, runtime, com
         if rng.get("cuda") is not None and torch.cuda.is_available():
             torch.cuda.set_rng_state(rng["cuda"])
     return loaded["extra"]
+
+
+def _optimizer_layout_matches(opt_sd: dict, path, runtime) -> bool:
+    """Whether every optimizer tensor this run asks for is in the checkpoint.
+
+    megatron's (non-distributed) optimizer of a MoE model is a ChainedOptimizer at EP > 1
+    (dense params, then expert params: tensor keys ``chained_0.optimizer.state.exp_avg.<param>``,
+    ``chained_1...``) and a single optimizer at EP = 1 (``optimizer.state.exp_avg.<param>``), and
+    the two state dicts also differ in their param-group structure. A checkpoint saved at one
+    of these layouts therefore cannot fill the other's optimizer: the weights (experts stored
+    by global index), LR-schedule step, data position and objective state are restored, and
+    Adam's moments and step counts restart from zero (logged). Layouts whose optimizer is
+    built the same way (EP=2 <-> EP=4, any TP/DP with the same chaining) restore everything.
+    """
+    from megatron.core import dist_checkpointing
+    from megatron.core.dist_checkpointing.dict_utils import nested_values
+    from megatron.core.dist_checkpointing.mapping import ShardedBase
+
+    saved = set(dist_checkpointing.load_tensors_metadata(str(path)).keys())
+    wanted = {v.key for v in nested_values(opt_sd) if isinstance(v, ShardedBase)}
+    missing = sorted(k for k in wanted if k not in saved)
+    if not missing:
+        return True
+
+    def unchained(key: str) -> str:  # "chained_1.optimizer.state.exp_avg.x" -> "optimizer.state.exp_avg.x"
+        return re.sub(r"^chained_\d+\.", "", key)
+
+    if not {unchained(k) for k in missing} <= {unchained(k) for k in saved}:
+        return True  # not a chaining difference: let dist_checkpointing.load name the missing tensor
+    if runtime.rank == 0:
+        log.warning("%s: its optimizer state was saved at another expert layout (this run asks for %s, "
+                    "the checkpoint has %s): the optimizer state is NOT restored -- Adam moments and step "
+                    "counts restart from zero; weights, LR-schedule step, data position and objective "
+                    "state are restored", path, missing[0],
+                    next((k for k in sorted(saved) if "optimizer.state" in k), "no optimizer tensors"))
+    return False
 
 
 def _load_scheduler(scheduler, saved: dict, path, runtime) -> None:

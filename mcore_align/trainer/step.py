@@ -331,6 +331,7 @@ class Stepper:
             out = self._model_forward(model, b)
             return out, partial(self._loss_fn, b, counts, global_stat, model)
 
+        scale_moe_aux_loss(self.policy, global_batch.micro_batches, self.rt)
         outs = self._run(self.policy, batches, step, forward_only=False)
         metrics = self.reduce_metrics(outs)
         self._update_objective_state()
@@ -459,3 +460,53 @@ def _pair_margins(mb, device) -> torch.Tensor | None:
     if not torch.isfinite(m).any():
         return None
     return torch.nan_to_num(m, nan=0.0).to(device)
+
+
+def scale_moe_aux_loss(policy, micro_batches, runtime) -> None:
+    """Make megatron's MoE load-balancing loss a token-weighted mean over the global batch.
+
+    megatron (``calculate_per_token_loss=True``) attaches ``coeff * aux_mb * T_mb`` to every
+    micro-batch's router (``T_mb``: tokens this rank routes, ``aux_mb``: the Switch loss of
+    that micro-batch) and expects ``finalize_model_grads`` to divide by the global token count.
+    Here losses arrive already normalised and nothing is divided, so the aux gradient grew with
+    the batch size. Setting the coefficient to
+    ``coeff / T`` for this step, ``T = sum of T_mb over micro-batches and DP ranks``, gives
+    ``coeff * sum_mb (T_mb / T) * aux_mb``: independent of the batch size, the number of
+    micro-batches and the layout (EP, DP). ``aux_mb`` itself is megatron's micro-batch
+    statistic (expert load f_i of that micro-batch), so its value is that of the micro-batch.
+    The coefficient is used in the forward pass, so it is set here, before the schedule
+    (megatron's own ``MoEAuxLossAutoScaler.set_loss_scale`` is overwritten in every forward).
+    Padding: megatron counts padded positions as routed tokens unless it gets a padding mask,
+    so layouts that pad sequences (sequence/context parallelism, padded mode) are refused.
+    """
+    from megatron.core.utils import get_model_config
+
+    cfg = get_model_config(policy[0])
+    if not getattr(cfg, "num_moe_experts", None):
+        return
+    if not hasattr(cfg, "mca_moe_aux_loss_coeff"):  # the user's coefficient, kept once
+        cfg.mca_moe_aux_loss_coeff = cfg.moe_aux_loss_coeff
+        if cfg.moe_aux_loss_coeff and dist.get_rank() == 0:
+            import logging
+
+            logging.getLogger(__name__).warning(
+                "moe_aux_loss_coeff=%s: megatron's load-balancing loss uses each micro-batch's own expert "
+                "loads, so its value (not its weight) changes with how the global batch is split into "
+                "micro-batches and DP ranks (docs/moe.md)", cfg.moe_aux_loss_coeff)
+    coeff = cfg.mca_moe_aux_loss_coeff
+    if not coeff:
+        return
+    sp_cp = (runtime.pgs.tp.size() if cfg.sequence_parallel else 1) * runtime.pgs.cp.size()
+    if sp_cp > 1 or not all(mb.packed for mb in micro_batches):
+        raise ValueError(
+            f"model.moe_aux_loss_coeff={coeff} needs packed sequences without sequence or context parallelism: "
+            "sequences are then padded (to a multiple of TP x CP, or to the longest in padded mode) and "
+            "megatron's router counts padding tokens in the load-balancing loss. Use moe_aux_loss_coeff=0, "
+            "or a layout with TP=1 and CP=1 (EP and DP are fine)")
+    # Packed, no SP/CP: every position is a real token and this rank routes all of them.
+    assert all(mb.tokens.numel() == int(mb.seq_lengths.sum()) for mb in micro_batches)
+    routed = torch.tensor([float(sum(mb.tokens.numel() for mb in micro_batches))], dtype=torch.float64,
+                          device=runtime.device)
+    dist.all_reduce(routed, group=runtime.pgs.dp)  # [1]: tokens routed over the global batch
+    cfg.moe_aux_loss_coeff = coeff / max(float(routed.item()), 1.0)
+

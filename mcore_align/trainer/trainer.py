@@ -17,6 +17,7 @@ from mcore_align.data.batch import GlobalBatch, layout_multiples
 from mcore_align.flops import step_metrics
 from mcore_align.data.loader import build_data
 from mcore_align.parallel.runtime import initialize
+from mcore_align.models.moe import RouterLoad
 from mcore_align.trainer.checkpointing import (Sidecar, last_stage_state, latest_checkpoint, load_checkpoint,
                                                save_checkpoint)
 from mcore_align.trainer.reporting import Reporter
@@ -84,6 +85,7 @@ class Trainer:
         self.optimizer, self.scheduler = build_optimizer(self.policy, self.rt, cfg,
                                                          self.train_iters * self.objective.updates_per_step)
         wire_model_config(self.policy, self.optimizer, self.rt)
+        self.router_load = RouterLoad(self.policy)  # MoE: per-layer expert loads -> metrics row
         self.critic = self.critic_stepper = self.reward_model = None
         if online and getattr(self.objective.cfg, "reward_model", None):  # checked before anything uses it
             self.reward_model = build_reward_model(self.spec, self.rt, cfg, self.objective.cfg.reward_model,
@@ -151,7 +153,7 @@ class Trainer:
                    "tokens_per_sec": sum(u.real_tokens for u in updates) / dt, "step_time": dt, "skipped": res.skipped,
                    "consumed_samples": self.step * t.global_batch_size, "global_batch_size": t.global_batch_size,
                    "loss_scale": float(self.optimizer.get_loss_scale()), "skipped_iters": skipped_iters,
-                   "mem_gib": _memory_gib(self.rt),
+                   "mem_gib": _memory_gib(self.rt), **self.router_load.metrics(self.rt.device),
                    # Model FLOPs of the training passes (online objectives: over the whole
                    # iteration's time, rollouts included, so MFU there is a lower bound).
                    **step_metrics(self, GlobalBatch.of(updates), dt)}

@@ -6,6 +6,7 @@ import json
 import pytest
 
 from mcore_align.checkpoint import convert_hf_to_mcore
+from mcore_align.demo import HELDOUT_TOPICS, make_task
 from mcore_align.models.tiny import make_tiny_model
 from tests.conftest import shared_data_dir
 from tests.dist_utils import dist_cases, run_dist_module
@@ -25,6 +26,9 @@ def root(tmp_path_factory):
     if data.exists():  # 16 real pairs, the shortest (the DPO cases skip without them)
         recs = sorted(json.loads(data.read_text()), key=lambda r: len(json.dumps(r)))
         (root / "dpo_subset.json").write_text(json.dumps(recs[:16]))
+    # The demo's learnable preference task; held-out pairs on topics never trained on.
+    make_task(root / "task.jsonl", 160, seed=0)
+    make_task(root / "heldout.jsonl", 24, seed=99, topics=HELDOUT_TOPICS)
     return root
 
 

@@ -313,3 +313,43 @@ def test_aux_loss_runs_on_cpu_and_reaches_the_router(converted):
     assert not torch.allclose(grads[0][router], grads[1][router])
     expert = "decoder.layers.1.mlp.experts.local_experts.0.linear_fc1.weight"
     torch.testing.assert_close(grads[0][expert], grads[1][expert])
+
+
+def test_router_load_metrics_count_the_routers_top_k(converted):
+    """RouterLoad (the moe/load_imbalance metrics of metrics.jsonl) against an independent
+    recount: top-k of the router logits (input @ W^T in float64) from each router's input;
+    forward passes without gradients or in eval mode are not counted."""
+    from mcore_align.checkpoint import load_model_weights
+    from mcore_align.checkpoint.layout import init_single_process
+    from mcore_align.models.moe import RouterLoad
+    from mcore_align.models.provider import ModelOptions, build_model
+
+    mc = converted / "qwen3_moe" / "mc"
+    spec, rt = read_model_spec(mc), init_single_process()
+    (model,) = build_model(spec, rt, opts=ModelOptions(core_attention="megatron"))
+    load_model_weights([model], mc)
+    load = RouterLoad([model])
+    ref = {}
+
+    def recount(router, args):
+        logits = args[0].reshape(-1, args[0].shape[-1]).double() @ router.weight.double().T  # [T, E]
+        top = logits.topk(spec.moe_router_topk, dim=-1).indices.flatten()
+        ref[router.layer_number] = ref.get(router.layer_number, 0) + torch.bincount(top, minlength=4).double()
+
+    for layer in model.decoder.layers:
+        layer.mlp.router.register_forward_pre_hook(recount)
+    tokens = torch.randint(0, spec.vocab_size, (1, 48), generator=torch.Generator().manual_seed(0))
+    model.train()
+    for _ in range(2):  # counts add up over the micro-batches of a step
+        model(tokens, torch.arange(48)[None], attention_mask=None).sum().backward()
+    counted = dict(ref)
+    with torch.no_grad():
+        model(tokens, torch.arange(48)[None], attention_mask=None)
+    model.eval()
+    model(tokens, torch.arange(48)[None], attention_mask=None)
+    got = load.metrics(torch.device("cpu"))
+    imb = [float(c.max() / c.mean()) for c in counted.values()]
+    assert got["moe/load_imbalance"] == pytest.approx(sum(imb) / len(imb), rel=1e-12)
+    assert got["moe/load_imbalance_max"] == pytest.approx(max(imb), rel=1e-12)
+    assert 1.0 <= got["moe/load_imbalance"] <= 2.0
+    assert load.metrics(torch.device("cpu")) == {}  # reset after each read

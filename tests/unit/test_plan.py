@@ -70,3 +70,50 @@ def test_cli(tmp_path, capsys):
     assert main(["--model", "examples/model_configs/qwen2.5-7b.json", "--gpus", "8", "--json"]) == 0
     rows = json.loads(capsys.readouterr().out)
     assert rows and rows[0]["layout"]["tp"] * rows[0]["layout"]["dp"] * rows[0]["layout"]["pp"] == 8
+
+
+@pytest.mark.parametrize("name", ["qwen3_moe", "qwen3_moe_nonorm", "mixtral", "qwen2_moe"])
+def test_moe_parameter_count_matches_hf_model(tmp_path, name):
+    """MoE families (router, experts, shared expert + gate, dense layers of a mixed stack)
+    against transformers' count; at EP=2 each rank holds the non-expert parameters and
+    half of the experts."""
+    from transformers import AutoModelForCausalLM
+
+    from mcore_align.models.tiny import make_tiny_model
+    from mcore_align.plan import stage_layer_params
+    from tests.unit.test_moe import MODELS
+
+    family, overrides = MODELS[name]
+    d = make_tiny_model(tmp_path / name, family, hf_overrides=overrides)
+    hf = sum(p.numel() for p in AutoModelForCausalLM.from_pretrained(str(d)).parameters())
+    spec = read_spec(d)
+    assert sum(stage_params(spec, Layout(), 0)) == hf
+    dense, experts = stage_layer_params(spec, Layout(), 0)
+    assert experts > 0
+    ep2 = Layout(ep=2, dp=2)
+    assert stage_params(spec, ep2, 0)[0] == hf - experts // 2
+    # Optimizer state, fp32 + distributed optimizer: dense part over DP=2, experts over
+    # expert-DP = 2 / (ETP 1 x EP 2 x PP 1) = 1.
+    p = plan(spec, Layout(ep=2, dp=2, dtype="fp32", distributed_optimizer=True)).stages[0]
+    assert p.optimizer == 8 * ((hf - experts) / 2 + experts // 2)
+
+
+def test_moe_layout_errors_and_search():
+    spec = read_spec("benchmarks/configs/qwen3-30b-a3b.json")
+    assert spec.num_moe_experts == 128 and spec.moe_router_topk == 8
+    with pytest.raises(ValueError, match="EP=3 must divide the number of experts 128"):
+        plan(spec, Layout(ep=3, dp=3))
+    with pytest.raises(ValueError, match="needs sequence_parallel"):
+        plan(spec, Layout(tp=2, dp=4, ep=8, etp=1))
+    with pytest.raises(ValueError, match="on a dense model"):
+        plan(read_spec("examples/model_configs/qwen2.5-7b.json"), Layout(ep=2, dp=2))
+    # ~30.5B parameters in all, ~29B of them in experts (Qwen3-30B-A3B's model card: 30.5B).
+    total = sum(stage_params(spec, Layout(), 0))
+    assert 30.0e9 < total < 31.0e9, total
+    # Full DPO (bf16, co-resident reference) on 8 GPUs: ETP x EP x PP = 8 leaves an expert-DP of 1,
+    # so each rank keeps Adam state for 1/8 of the ~29B expert parameters (~43 GiB): nothing fits
+    # 80 GiB; 141 GiB (H200) fits with EP; LoRA on attention fits 80 GiB.
+    assert not search(spec, 8, 80.0, Layout(dtype="bf16"))
+    found = search(spec, 8, 141.0, Layout(dtype="bf16"))
+    assert found and all(p.layout.ep > 1 and p.peak <= (141 * 0.9 - 2) * GiB for p in found), found
+    assert search(spec, 8, 80.0, Layout(dtype="bf16", lora_rank=16, reference="co_resident"))

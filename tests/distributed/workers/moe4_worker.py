@@ -34,7 +34,7 @@ def case_dpo_moe_ep2_dp4_matches_dp2():
     ep = _train_dpo("ep2_dp4", "expert_model_parallel_size=2")
     dp = json.loads((ROOT / "dpo_dp2.json").read_text())
     for a, b in zip(dp, ep, strict=True):
-        for key in ("loss", "grad_norm"):
+        for key in ("loss", "grad_norm", "moe/load_imbalance"):
             assert math.isfinite(b[key]) and abs(a[key] - b[key]) <= 1e-4 * max(1.0, abs(a[key])), (key, dp, ep)
 
 
@@ -57,3 +57,6 @@ def case_dpo_moe_tp2_etp2_ep2_matches_dp2():
     for a, b in zip(dp, ep, strict=True):
         for key in ("loss", "grad_norm"):
             assert math.isfinite(b[key]) and abs(a[key] - b[key]) <= 1e-4 * max(1.0, abs(a[key])), (key, dp, ep)
+        # SP pads each sequence to a multiple of TP and the experts process (and the metric
+        # counts) those few padding positions too: close, not equal.
+        assert abs(a["moe/load_imbalance"] - b["moe/load_imbalance"]) <= 1e-2, (dp, ep)
