@@ -66,3 +66,23 @@ def test_policy_export_loads_in_transformers_and_generates(results, work):
                                   return_tensors="pt", return_dict=True)["input_ids"]
     gen = model.generate(ids, max_new_tokens=8, do_sample=False)
     assert gen.shape[1] > ids.shape[1]
+
+
+def test_critic_exports_as_a_reward_style_checkpoint(results, work, tmp_path):
+    """tools/export_critic.py: the PPO run's critic becomes a checkpoint like rlhf_type=rm writes;
+    its HF export has value_head.safetensors holding the TRAINED critic's head (not the reward
+    model's it started from)."""
+    results.check("case_ppo_with_reward_model_resumes_exactly")
+    from safetensors.torch import load_file
+
+    run = lambda *a: subprocess.run([sys.executable, *a], cwd=ROOT, check=True, capture_output=True)  # noqa: E731
+    run("tools/export_critic.py", "--ckpt", str(work / "ppo_resume"), "--out", str(tmp_path / "critic"))
+    run("tools/convert_mcore_to_hf.py", "--ckpt", str(tmp_path / "critic"), "--out", str(tmp_path / "critic_hf"))
+    run("tools/convert_mcore_to_hf.py", "--ckpt", str(work / "rm"), "--out", str(tmp_path / "rm_hf"))
+    critic = load_file(tmp_path / "critic_hf" / "value_head.safetensors")["value_head.weight"]
+    rm = load_file(tmp_path / "rm_hf" / "value_head.safetensors")["value_head.weight"]
+    assert critic.shape == rm.shape and not torch.equal(critic, rm)  # trained for 4 steps from the RM
+    # Not a PPO checkpoint: refused with the path.
+    bad = subprocess.run([sys.executable, "tools/export_critic.py", "--ckpt", str(work / "rm"), "--out",
+                          str(tmp_path / "x")], cwd=ROOT, capture_output=True, text=True)
+    assert bad.returncode != 0 and "holds no critic" in bad.stderr

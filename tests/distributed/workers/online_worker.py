@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import signal
 import shutil
 from pathlib import Path
 
@@ -186,8 +187,8 @@ def _reward_model() -> str:
 
 
 def case_ppo_with_reward_model_resumes_exactly():
-    """Reward model scores (value model initialised from it), 2 steps, stop with a checkpoint,
-    relaunch: policy, critic, both optimizers and the sampling seed continue as if never stopped."""
+    """Reward model scores (value model initialised from it); SIGTERM after step 1 checkpoints,
+    the relaunch continues: policy, critic, both optimizers and the sampling seed as if never stopped."""
     rm = _reward_model()
     common = ("tensor_model_parallel_size=2", "global_batch_size=4", "train_iters=4", f"reward_model={rm}",
               "reward_funcs=null")
@@ -195,8 +196,11 @@ def case_ppo_with_reward_model_resumes_exactly():
     tr = Trainer(_cfg("ppo", None, *common))
     assert "rewards/reward_model" in (h := tr.train()["history"])[0] and "objective/rlhf_reward" in h[0]
     save = _save_dir("ppo_resume")
-    first = Trainer(_cfg("ppo", save, *common, "exit_after_steps=2")).train()
-    assert first["stopped"] and first["step"] == 2
+    first = Trainer(_cfg("ppo", save, *common))
+    if dist.get_rank() == 1:  # SIGTERM on one rank (a preemption): every rank checkpoints after step 1
+        os.kill(os.getpid(), signal.SIGTERM)
+    first = first.train()
+    assert first["stopped"] and first["step"] == 1
     rest = Trainer(_cfg("ppo", save, *common)).train()["history"]
     got = first["history"] + rest
     for i, (a, b) in enumerate(zip(h, got)):
