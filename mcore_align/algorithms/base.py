@@ -80,6 +80,8 @@ class SequenceStats:
     """[T] policy log-prob of each position's label at the objective's temperature (grad)."""
     token_mask: Tensor | None = None
     """[T] 1.0 where the label is a response token (the loss mask), else 0."""
+    token_entropy: Tensor | None = None
+    """[T] entropy of the policy's distribution at each position (detached; a metric)."""
     token_old_logps: Tensor | None = None
     """[T] log-probs of the policy that sampled the responses (no grad)."""
     token_ref_logps: Tensor | None = None

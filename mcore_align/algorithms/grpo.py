@@ -82,7 +82,7 @@ class GRPO(Objective):
 
     name = "grpo"
     config_cls = GRPOConfig
-    inputs = frozenset({"token_logps", "token_mask", "token_advantages", "token_ref_logps"})
+    inputs = frozenset({"token_logps", "token_mask", "token_entropy", "token_advantages", "token_ref_logps"})
     data_kind = "prompt"
 
     def __init__(self, cfg: GRPOConfig) -> None:
@@ -113,6 +113,8 @@ class GRPO(Objective):
         metrics["loss/policy_avg"] = scalar_metric(pg.sum(), n_local)
         metrics["policy/clipfrac_avg"] = scalar_metric(parts["clipped"], n_local)
         metrics["policy/approxkl_avg"] = scalar_metric(parts["approxkl"], n_local)
+        if stats.token_entropy is not None:
+            metrics["policy/entropy_avg"] = scalar_metric((stats.token_entropy * mask).sum(), n_local)
         return loss, metrics
 
 

@@ -166,17 +166,21 @@ def lm_output_weight(model) -> torch.Tensor:
     return m.shared_embedding_or_output_weight() if m.share_embeddings_and_output_weights else m.output_layer.weight
 
 
-def lm_logprobs(model, hidden_BSH: torch.Tensor, labels_BS: torch.Tensor) -> torch.Tensor:
+def lm_logprobs(model, hidden_BSH: torch.Tensor, labels_BS: torch.Tensor, return_entropy: bool = False):
     """Fused head: target log-probs ``[B, S]`` from the hidden states ``model`` returned, with
-    the output layer's own weight, TP group and sequence-parallel setting."""
+    the output layer's own weight, TP group and sequence-parallel setting; with
+    ``return_entropy`` also the (detached) entropy ``[B, S]`` of each position's distribution."""
     from megatron.core.utils import unwrap_model
 
     from mcore_align.ops.logprobs import fused_linear_logprobs
 
     layer = unwrap_model(model).output_layer
-    logp_SB = fused_linear_logprobs(hidden_BSH.transpose(0, 1), lm_output_weight(model), labels_BS.t(),
-                                    layer.tp_group, sequence_parallel=layer.sequence_parallel)
-    return logp_SB.t()
+    out = fused_linear_logprobs(hidden_BSH.transpose(0, 1), lm_output_weight(model), labels_BS.t(),
+                                layer.tp_group, sequence_parallel=layer.sequence_parallel,
+                                return_entropy=return_entropy)
+    if return_entropy:
+        return out[0].t(), out[1].t()
+    return out.t()
 
 
 def lm_logits(model, output_BSX: torch.Tensor) -> torch.Tensor:

@@ -235,22 +235,29 @@ def vocab_parallel_logprobs(
 
 class _FusedLinearLogprobs(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden, weight, target, tp_group, chunk_size, allreduce_grad_hidden):
+    def forward(ctx, hidden, weight, target, tp_group, chunk_size, allreduce_grad_hidden, with_entropy=False):
         hidden_TH = hidden.reshape(-1, hidden.shape[-1])
         vocab_p = weight.shape[0]
         local_T, owned_T = VocabParallelLogprobs.local_target(target.reshape(-1), vocab_p, tp_group)
-        stats_KT = hidden_TH.new_empty((3, hidden_TH.shape[0]), dtype=_compute_dtype(hidden.dtype))
+        rows = 4 if with_entropy else 3
+        stats_KT = hidden_TH.new_empty((rows, hidden_TH.shape[0]), dtype=_compute_dtype(hidden.dtype))
         for sl in _chunks(hidden_TH.shape[0], chunk_size):
             logits_CV = hidden_TH[sl] @ weight.t()  # only this chunk's logits exist
-            stats_KT[:, sl] = VocabParallelLogprobs.chunk_partial_stats(logits_CV, local_T[sl], owned_T[sl], False)
+            stats_KT[:, sl] = VocabParallelLogprobs.chunk_partial_stats(logits_CV, local_T[sl], owned_T[sl],
+                                                                        with_entropy)
             del logits_CV
-        logprob_T, lse_T, _ = VocabParallelLogprobs.combine_across_tp(stats_KT, tp_group)
+        logprob_T, lse_T, entropy_T = VocabParallelLogprobs.combine_across_tp(stats_KT, tp_group)
         ctx.save_for_backward(hidden, weight, target, lse_T)
         ctx.tp_group, ctx.chunk_size, ctx.allreduce_grad_hidden = tp_group, chunk_size, allreduce_grad_hidden
-        return logprob_T.view(target.shape)
+        if not with_entropy:
+            return logprob_T.view(target.shape)
+        # The entropy is a metric here: no gradient flows through it (backward ignores it).
+        entropy = entropy_T.view(target.shape)
+        ctx.mark_non_differentiable(entropy)
+        return logprob_T.view(target.shape), entropy
 
     @staticmethod
-    def backward(ctx, grad_logprob):
+    def backward(ctx, grad_logprob, grad_entropy=None):
         hidden, weight, target, lse_T = ctx.saved_tensors
         hidden_TH = hidden.reshape(-1, hidden.shape[-1])
         local_T, owned_T = VocabParallelLogprobs.local_target(target.reshape(-1), weight.shape[0], ctx.tp_group)
@@ -274,7 +281,7 @@ class _FusedLinearLogprobs(torch.autograd.Function):
             # hidden is replicated over TP; each rank has the part from its vocab shard.
             dist.all_reduce(grad_hidden_TH, group=ctx.tp_group)
         grad_weight = grad_weight_VH.to(weight.dtype) if need_grad_weight else None
-        return grad_hidden_TH.view(hidden.shape), grad_weight, None, None, None, None
+        return grad_hidden_TH.view(hidden.shape), grad_weight, None, None, None, None, None
 
 
 def fused_linear_logprobs(
@@ -284,7 +291,8 @@ def fused_linear_logprobs(
     tp_group: dist.ProcessGroup | None,
     chunk_size: int = 1024,
     sequence_parallel: bool = False,
-) -> torch.Tensor:
+    return_entropy: bool = False,
+):
     """Target log-probs straight from final hidden states; the logits are never materialised.
 
     Equivalent to ``vocab_parallel_logprobs(hidden @ weight.T, target, tp_group)`` but per
@@ -305,8 +313,13 @@ def fused_linear_logprobs(
             ``grad_hidden``. Without it, backward all-reduces ``grad_hidden`` over TP (megatron's
             ``copy_to_tensor_model_parallel_region``).
 
+        return_entropy: also return the per-token entropy of the full distribution (same
+            shape), computed in the same pass (one more row of statistics per chunk) and
+            detached: a metric (PPO/GRPO's ``policy/entropy_avg``), not a loss term.
+
     Returns:
-        ``logprobs`` with ``target``'s shape, fp32 (fp64 for fp64 inputs).
+        ``logprobs`` with ``target``'s shape, fp32 (fp64 for fp64 inputs); or
+        ``(logprobs, entropy)``.
     """
     if weight.shape[-1] != hidden.shape[-1]:
         raise ValueError(f"weight {tuple(weight.shape)} and hidden {tuple(hidden.shape)} disagree on H")
@@ -314,4 +327,5 @@ def fused_linear_logprobs(
         hidden = all_gather_dim0(hidden, tp_group)  # backward: reduce-scatter of grad_hidden
     if hidden.shape[:-1] != target.shape:
         raise ValueError(f"target shape {tuple(target.shape)} must be (gathered) hidden shape {tuple(hidden.shape)} without H")
-    return _FusedLinearLogprobs.apply(hidden, weight, target, tp_group, chunk_size, not sequence_parallel)
+    return _FusedLinearLogprobs.apply(hidden, weight, target, tp_group, chunk_size, not sequence_parallel,
+                                      return_entropy)

@@ -106,20 +106,23 @@ class Stepper:
             packed_seq_params=b.psp,
         )
 
-    def token_logprobs(self, b: "DeviceBatch", output, model, temperature: float = 1.0) -> torch.Tensor:
-        """``[T]`` log-prob of every position's label (this rank's tokens, flattened).
+    def token_logprobs(self, b: "DeviceBatch", output, model, temperature: float = 1.0, entropy: bool = False):
+        """``[T]`` log-prob of every position's label (this rank's tokens, flattened); with
+        ``entropy`` also ``[T]`` the (detached) entropy of each position's distribution.
 
         ``temperature``: log-probs of ``softmax(logits / temperature)`` (online objectives score
         their samples at the sampling temperature). With the fused head the hidden states are
         divided instead: ``(h / t) W^T = (h W^T) / t``, so the logits still never exist whole."""
         if emits_hidden_states(model):
             hidden = output / temperature if temperature != 1.0 else output
-            logp_BS = lm_logprobs(model, hidden, b.mb.labels)
+            out = lm_logprobs(model, hidden, b.mb.labels, return_entropy=entropy)
         else:
             logits = output.float() if output.dtype == torch.float16 else output
             logits = logits / temperature if temperature != 1.0 else logits
-            logp_BS = vocab_parallel_logprobs(logits, b.mb.labels, self.tp_group)
-        return logp_BS.reshape(-1)
+            out = vocab_parallel_logprobs(logits, b.mb.labels, self.tp_group, return_entropy=entropy)
+        if entropy:
+            return out[0].reshape(-1), out[1].detach().reshape(-1)
+        return out.reshape(-1)
 
     def sequence_sums(self, b: "DeviceBatch", output, model, whole_sequence: bool = False):
         """Per-sequence sums of target log-probs over loss tokens: ([N], [N]), whole sequences.
@@ -247,7 +250,9 @@ class Stepper:
             stats.rewards = rewards[scored.to(rewards.device)]
         if "token_logps" in want or "token_values" in want:  # per-token: this rank's flat positions
             if "token_logps" in want:  # at the objective's temperature
-                stats.token_logps = self.token_logprobs(b, output, model, self.objective.logprob_temperature)
+                out = self.token_logprobs(b, output, model, self.objective.logprob_temperature,
+                                          entropy="token_entropy" in want)
+                stats.token_logps, stats.token_entropy = out if "token_entropy" in want else (out, None)
                 stats.token_mask = mb.loss_mask.reshape(-1).to(stats.token_logps.dtype)
             if "token_values" in want:  # value head: values [B, S, 1] at every position
                 stats.token_values = output.reshape(-1).float()

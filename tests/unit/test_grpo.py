@@ -84,7 +84,7 @@ def test_split_invariance():
 def test_declarations_and_rloo():
     g = objective_class("grpo")
     assert g.data_kind == "prompt" and g.head == "lm" and g.needs_reference
-    assert {"token_logps", "token_mask", "token_advantages", "token_ref_logps"} == g.inputs
+    assert {"token_logps", "token_mask", "token_entropy", "token_advantages", "token_ref_logps"} == g.inputs
     assert build_objective("rloo", reward_funcs="m:f").cfg.advantage_estimator == "rloo"
     obj = build_objective("grpo", reward_funcs="m:f", temperature=0.7)
     assert obj.logprob_temperature == 0.7

@@ -277,3 +277,24 @@ def test_fused_path_never_builds_full_logits_in_any_dtype():
         fused_linear_logprobs(hidden, weight, target, None, chunk_size=chunk).sum().backward()
     assert rec.max_numel({torch.float32, torch.bfloat16, torch.float64}) == chunk * V
     assert hidden.grad.shape == (T, H) and weight.grad.shape == (V, H)
+
+
+def test_fused_entropy_equals_float64_softmax_entropy_and_leaves_gradients_alone():
+    """return_entropy: the entropy of softmax(h W^T) per token (float64 reference) in the same
+    chunked pass; the log-probs and their gradients are those of the plain call."""
+    from mcore_align.ops.logprobs import fused_linear_logprobs
+
+    g = torch.Generator().manual_seed(5)
+    h = torch.randn(37, 16, generator=g, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(50, 16, generator=g, dtype=torch.float64, requires_grad=True)
+    tgt = torch.randint(0, 50, (37,), generator=g)
+    lp, ent = fused_linear_logprobs(h, w, tgt, None, chunk_size=8, return_entropy=True)
+    p = torch.softmax(h.detach() @ w.detach().t(), -1)
+    torch.testing.assert_close(ent, -(p * p.log()).sum(-1), rtol=1e-10, atol=1e-12)
+    assert not ent.requires_grad
+    lp.sum().backward()
+    gh, gw = h.grad.clone(), w.grad.clone()
+    h.grad = w.grad = None
+    fused_linear_logprobs(h, w, tgt, None, chunk_size=8).sum().backward()
+    torch.testing.assert_close(gh, h.grad, rtol=0, atol=0)
+    torch.testing.assert_close(gw, w.grad, rtol=0, atol=0)

@@ -118,7 +118,7 @@ class PPO(Objective):
 
     name = "ppo"
     config_cls = PPOConfig
-    inputs = frozenset({"token_logps", "token_mask", "token_old_logps", "token_advantages"})
+    inputs = frozenset({"token_logps", "token_mask", "token_entropy", "token_old_logps", "token_advantages"})
     data_kind = "prompt"
 
     def __init__(self, cfg: PPOConfig) -> None:
@@ -151,4 +151,6 @@ class PPO(Objective):
             "policy/approxkl_avg": scalar_metric(parts["approxkl"], n_local),
             "policy/clipfrac_avg": scalar_metric(parts["clipped"], n_local),
             "val/ratio": scalar_metric(parts["ratio"], n_local),
+            **({"policy/entropy_avg": scalar_metric((stats.token_entropy * mask).sum(), n_local)}
+               if stats.token_entropy is not None else {}),
         }

@@ -73,6 +73,8 @@ def _learns(layout: list[str], name: str, save: bool = False):
     # TRL's objective/entropy: -sum of sampled log-probs; a near-uniform 512-token model starts near
     # 24 tokens x ln(512) = 150 nats per response.
     assert 100 < h[0]["objective/entropy"] < 160, h[0]["objective/entropy"]
+    # policy/entropy_avg: the full distribution's entropy per response token, about ln(512) = 6.24.
+    assert 5.5 < h[0]["policy/entropy_avg"] <= 6.24, h[0]["policy/entropy_avg"]
 
 
 def _check_logprob_alignment(tr: Trainer):
@@ -153,7 +155,7 @@ def _ppo(layout: list[str], name: str, *extra: str) -> list[dict]:
         (WORK / f"{name}_history.json").write_text(json.dumps(h))
     for x in h:
         assert all(math.isfinite(x[k]) for k in ("loss", "grad_norm", "critic/grad_norm", "objective/kl",
-                                                 "loss/value_avg")), x
+                                                 "loss/value_avg", "policy/entropy_avg")), x
     s0, s1 = _mean(h, "objective/scores", slice(0, 3)), _mean(h, "objective/scores", slice(-3, None))
     assert s1 > s0 + 0.05, f"{name}: score did not rise: {[round(x['objective/scores'], 3) for x in h]}"
     v0, v1 = _mean(h, "loss/value_avg", slice(0, 2)), _mean(h, "loss/value_avg", slice(-3, None))
