@@ -8,6 +8,7 @@ is rejected, so the text alone cannot tell them apart: the policy has to read th
 from __future__ import annotations
 
 import json
+import math
 import os
 from pathlib import Path
 
@@ -107,3 +108,43 @@ def case_rm_tp2_learns_image_task():
 def case_rm_pp2_learns_image_task():
     tr, _ = _train("rm_pp2", "rm", "pipeline_model_parallel_size=2", *RM)
     _dump_scores(tr, "rm_pp2")
+
+
+def case_trainable_projector_with_text_only_micro_batches():
+    """freeze_aligner=false, DP=2, one pair per micro-batch, half the records without image: the
+    projector trains (its weights move), the tower stays frozen, every step is finite. Text-only
+    micro-batches give the projector a zero gradient (models/vision.py::multimodal_forward)."""
+    from mcore_align.models.vision import unwrap
+
+    mixed = WORK / "mixed.jsonl"
+    if dist.get_rank() == 0:
+        recs = [json.loads(x) for x in Path(DATA).read_text().splitlines()]
+        base = Path(DATA).parent
+        for i, r in enumerate(recs):
+            if i % 2:  # text only
+                r["query"], r["images"] = r["query"].replace("<image>", "") + " (no picture)", []
+            else:
+                r["images"] = [str(base / p) for p in r["images"]]
+        mixed.write_text("".join(json.dumps(r) + "\n" for r in recs))
+    dist.barrier()
+    tr = Trainer(_cfg("dpo", _save_dir("projector"), f"dataset=[{mixed}]", "freeze_aligner=false", "max_tokens_per_micro_batch=192", "train_iters=4", "beta=0.1",
+                      "rpo_alpha=null", "learning_rate=1e-3", "save=null"))
+    vision = unwrap(tr.policy[0]).vision
+    gb = tr.data.train.make_global_batch(tr.data.train.record_ids[:8])
+    n_text = torch.tensor([sum(not mb.images for mb in gb.micro_batches), sum(bool(mb.images) for mb in gb.micro_batches)])
+    dist.all_reduce(n_text)
+    assert n_text[0] > 0 and n_text[1] > 0, n_text  # both kinds of micro-batch occur
+    proj0 = [p.detach().clone() for p in vision.multi_modal_projector.parameters()]
+    tower0 = [p.detach().clone() for p in vision.vision_tower.parameters()]
+    assert all(p.requires_grad for p in vision.multi_modal_projector.parameters())
+    assert not any(p.requires_grad for p in vision.vision_tower.parameters())
+    res = tr.train()
+    assert all(math.isfinite(h["loss"]) and math.isfinite(h["grad_norm"]) for h in res["history"])
+    assert all(not h.get("skipped") for h in res["history"])
+    assert any(not torch.equal(a, b) for a, b in zip(proj0, vision.multi_modal_projector.parameters()))
+    assert all(torch.equal(a, b) for a, b in zip(tower0, vision.vision_tower.parameters()))
+    # DP ranks hold the same (replicated) projector after the reduced updates
+    w = torch.cat([p.detach().reshape(-1) for p in vision.multi_modal_projector.parameters()])
+    other = w.clone()
+    dist.broadcast(other, src=0)
+    torch.testing.assert_close(w, other, rtol=0, atol=0)
