@@ -98,3 +98,30 @@ def test_rm_export_loads_in_transformers_and_scores_like_megatron(results, work,
         by_pair.setdefault(r["pair"], {})[r["chosen"]] = g
     acc = sum(p[True] > p[False] for p in by_pair.values()) / len(by_pair)
     assert acc > 0.9, acc
+
+
+def test_rm_step1_loss_matches_transformers_float64(results, work):
+    """The logged loss of the RM's first step (TP=2) equals the Bradley-Terry loss computed by
+    transformers' LLaVA (the converted HF weights, float64) with the same initial value head
+    on the same first global batch, images included."""
+    import torch.nn.functional as F
+    from transformers import LlavaForConditionalGeneration
+
+    results.check("case_rm_tp2_learns_image_task")
+    first = torch.load(work / "rm_tp2_first_batch.pt")
+    head = first["head"].double()[0]
+    model = LlavaForConditionalGeneration.from_pretrained(work / "hf", dtype=torch.float64).eval()
+    rewards = {}
+    with torch.no_grad():
+        for r in first["rows"]:
+            h = model.model(input_ids=r["tokens"][None], pixel_values=r["pixel_values"].double()).last_hidden_state
+            rewards[(r["pair"], r["role"])] = h[0, -1] @ head
+    pairs = sorted({p for p, _ in rewards})
+    assert len(pairs) == first["num_pairs"] == 8
+    expected = float(sum(-F.logsigmoid(rewards[(p, 0)] - rewards[(p, 1)]) for p in pairs) / len(pairs))
+    step1 = json.loads((work / "rm_tp2_history.json").read_text())["history"][0]
+    assert abs(step1["loss"] - expected) <= 2e-5 * max(1.0, abs(expected)), (step1["loss"], expected)
+    # the mean rewards themselves (not only their differences), image features included
+    for role, key in ((0, "rewards/chosen"), (1, "rewards/rejected")):
+        want = float(sum(rewards[(p, role)] for p in pairs) / len(pairs))
+        assert abs(step1[key] - want) <= 1e-5 * max(1.0, abs(want)), (key, step1[key], want)

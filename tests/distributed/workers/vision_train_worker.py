@@ -16,6 +16,7 @@ import torch
 import torch.distributed as dist
 
 from mcore_align.config import build_config
+from mcore_align.data.batch import ROLE_CHOSEN
 from mcore_align.trainer.trainer import Trainer
 
 CKPT = os.environ.get("MA_TEST_CKPT", "")
@@ -46,8 +47,10 @@ def _save_dir(name: str) -> str:
     return str(path)
 
 
-def _train(name: str, algo: str, *overrides: str) -> tuple[Trainer, dict]:
+def _train(name: str, algo: str, *overrides: str, before=None) -> tuple[Trainer, dict]:
     tr = Trainer(_cfg(algo, _save_dir(name), *overrides))
+    if before is not None:
+        before(tr, name)
     assert tr.data.train.image_encoder is not None, "the loader did not find the vision checkpoint"
     first = tr.evaluate()
     res = tr.train()
@@ -70,10 +73,37 @@ def case_dpo_lora_pp2_learns_image_task():
            "lora_alpha=16", "lora_dropout=0.0", "lora_target_modules=DEFAULT", "beta=0.1", "rpo_alpha=null")
 
 
+def _sequences(mb, image_token_id: int) -> list[dict]:
+    """Each sequence of a packed micro-batch: its tokens and the pixels of its images."""
+    idx, run, out = mb.images["image_index"], 0, []
+    for i in range(mb.num_sequences):
+        a, n = int(mb.cu_seqlens[i]), int(mb.seq_lengths[i])
+        tok = mb.tokens.reshape(-1)[a:a + n]
+        k = int((tok == image_token_id).sum()) // 16  # 16 tokens per tiny image
+        out.append({"tokens": tok.clone(), "pixel_values": mb.images["pixel_values"][idx[run:run + k]].clone(),
+                    "role": int(mb.seq_role[i]), "pair": int(mb.pair_index[i])})
+        run += k
+    return out
+
+
+def _dump_first_batch(tr: Trainer, name: str) -> None:
+    """The sequences of the first training batch and the freshly initialised value head, for
+    the step-1 loss check against transformers in float64 (TP=2: DP=1, every micro-batch here)."""
+    from mcore_align.models.heads import value_head_weight
+    from mcore_align.models.vision import unwrap
+
+    state = tr.data.train.state_dict()
+    gb = next(tr.data.train)
+    tr.data.train.load_state_dict(state)  # training starts from this same batch
+    rows = [r for mb in gb.micro_batches for r in _sequences(mb, tr.spec.vision.image_token_id)]
+    head = value_head_weight([unwrap(m) for m in tr.policy])
+    if dist.get_rank() == 0:
+        torch.save({"rows": rows, "head": head.detach().clone(), "num_pairs": gb.num_pairs},
+                   WORK / f"{name}_first_batch.pt")
+
+
 def _dump_scores(tr: Trainer, name: str) -> None:
     """Held-out sequences (tokens, pixels) and the Megatron RM's score of each, for the export check."""
-    from mcore_align.data.batch import ROLE_CHOSEN
-
     rows = []
     for bi, gb in enumerate(tr.data.eval):
         batches = tr.stepper.to_device(gb.micro_batches)
@@ -81,16 +111,8 @@ def _dump_scores(tr: Trainer, name: str) -> None:
         if scores is None:  # not the last pipeline stage (which still needs this stage's forward)
             continue
         for mb, s in zip(gb.micro_batches, scores):
-            idx = mb.images["image_index"]
-            run = 0
-            for i in range(mb.num_sequences):
-                a, n = int(mb.cu_seqlens[i]), int(mb.seq_lengths[i])
-                tok = mb.tokens.reshape(-1)[a:a + n]
-                k = int((tok == tr.spec.vision.image_token_id).sum()) // 16  # 16 tokens per tiny image
-                pix = mb.images["pixel_values"][idx[run:run + k]]
-                run += k
-                rows.append({"tokens": tok.clone(), "pixel_values": pix.clone(), "score": float(s[i]),
-                             "chosen": bool(mb.seq_role[i] == ROLE_CHOSEN), "pair": (bi, int(mb.pair_index[i]))})
+            for i, r in enumerate(_sequences(mb, tr.spec.vision.image_token_id)):
+                rows.append({**r, "score": float(s[i]), "chosen": r["role"] == ROLE_CHOSEN, "pair": (bi, r["pair"])})
     if rows and tr.rt.pgs.tp.rank() == 0 and tr.rt.dp_rank == 0:
         torch.save(rows, WORK / f"{name}_scores.pt")
 
@@ -101,7 +123,7 @@ RM = ("learning_rate=3e-4", "train_iters=40")
 
 
 def case_rm_tp2_learns_image_task():
-    tr, _ = _train("rm_tp2", "rm", "tensor_model_parallel_size=2", *RM)
+    tr, _ = _train("rm_tp2", "rm", "tensor_model_parallel_size=2", *RM, before=_dump_first_batch)
     _dump_scores(tr, "rm_tp2")
 
 
