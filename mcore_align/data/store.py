@@ -318,8 +318,6 @@ def load_or_build_store(cfg: DataConfig, tokenizer, objective_kind: str, *, visi
     import torch.distributed as dist
 
     out = Path(cfg.cache_dir) / cache_key(cfg, tokenizer, objective_kind, vision)
-    if model_kind == "text_model" and vision is None:  # image records become errors: another cache
-        out = out.with_name(out.name + "-text")
     distributed = dist.is_available() and dist.is_initialized()
     local_rank = int(os.environ.get("LOCAL_RANK", "0")) if distributed else 0
     failed = None
@@ -345,7 +343,15 @@ def load_or_build_store(cfg: DataConfig, tokenizer, objective_kind: str, *, visi
             _wait_for_cache(out, failed)
     if not (out / "meta.json").exists():
         raise RuntimeError(f"tokenized cache {out} missing after local rank 0 built it; see its log")
-    return TokenizedStore.open(out)
+    store = TokenizedStore.open(out)
+    ignored = store.meta.get("warnings", {}).get("images_ignored", 0)
+    if model_kind == "text_model" and ignored and cfg.on_bad_record == "error":
+        # Text caches share one key; this one was built without knowing the model (e.g. by
+        # tools/preprocess_data.py) and kept image records as text.
+        raise BadRecord("images_on_text_model", f"{cfg.dataset}: {ignored} record(s) have images but the model is "
+                        f"text-only (tokenized cache {out}); train a vision-language checkpoint or drop the images "
+                        "[data.on_bad_record=skip trains their text]")
+    return store
 
 
 _NOTE_MAX_AGE_S = 3600  # a note is read within seconds; one this old was left by a killed launch
