@@ -91,7 +91,8 @@ def test_rm_export_loads_in_transformers_and_scores_like_megatron(results, work,
             h = model.model(input_ids=r["tokens"][None], pixel_values=r["pixel_values"].double()).last_hidden_state
             got.append(float(h[0, -1] @ head[0]))
             want.append(r["score"])
-    torch.testing.assert_close(torch.tensor(got, dtype=torch.float64), torch.tensor(want, dtype=torch.float64), rtol=0, atol=1e-4)
+    torch.testing.assert_close(torch.tensor(got, dtype=torch.float64), torch.tensor(want, dtype=torch.float64),
+                               rtol=0, atol=1e-4)
     # the held-out pairs are separated by the exported model too
     by_pair = {}
     for r, g in zip(rows, got):

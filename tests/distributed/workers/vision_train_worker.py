@@ -163,11 +163,12 @@ def case_trainable_projector_with_text_only_micro_batches():
                 r["images"] = [str(base / p) for p in r["images"]]
         mixed.write_text("".join(json.dumps(r) + "\n" for r in recs))
     dist.barrier()
-    tr = Trainer(_cfg("dpo", _save_dir("projector"), f"dataset=[{mixed}]", "freeze_aligner=false", "max_tokens_per_micro_batch=192", "train_iters=4", "beta=0.1",
-                      "rpo_alpha=null", "learning_rate=1e-3", "save=null"))
+    tr = Trainer(_cfg("dpo", None, f"dataset=[{mixed}]", "freeze_aligner=false", "max_tokens_per_micro_batch=192",
+                      "train_iters=4", "beta=0.1", "rpo_alpha=null", "learning_rate=1e-3"))
     vision = unwrap(tr.policy[0]).vision
     gb = tr.data.train.make_global_batch(tr.data.train.record_ids[:8])
-    n_text = torch.tensor([sum(not mb.images for mb in gb.micro_batches), sum(bool(mb.images) for mb in gb.micro_batches)])
+    n_text = torch.tensor([sum(not mb.images for mb in gb.micro_batches),
+                           sum(bool(mb.images) for mb in gb.micro_batches)])
     dist.all_reduce(n_text)
     assert n_text[0] > 0 and n_text[1] > 0, n_text  # both kinds of micro-batch occur
     proj0 = [p.detach().clone() for p in vision.multi_modal_projector.parameters()]
