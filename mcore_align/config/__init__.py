@@ -72,9 +72,22 @@ class ModelConfig:
     moe_aux_loss_coeff: float = 0.0
     """MoE models: megatron's load-balancing auxiliary loss coefficient; 0 (default) turns it
     off for preference objectives (see docs/moe.md for why)."""
+    # -- vision-language models (issue 13; ignored by text models) --
+    freeze_vit: bool = True
+    """Keep the vision tower (e.g. CLIP) frozen (ms-swift's ``freeze_vit``)."""
+    freeze_aligner: bool = True
+    """Keep the projector between the tower and the language model frozen (ms-swift's
+    ``freeze_aligner``)."""
+    vit_lr: float | None = None
+    """A separate learning rate for the vision tower: not supported yet (an error when set);
+    with ``freeze_vit=False`` the tower trains at ``optim.learning_rate``."""
 
     def __post_init__(self) -> None:
         check_field_types(self, "model")
+        if self.vit_lr is not None:
+            raise ValueError("model.vit_lr is not supported yet (megatron's optimizer would need a param-group "
+                             "override for the vision tower); leave it unset: with freeze_vit=False the tower "
+                             "trains at optim.learning_rate")
         if self.moe_aux_loss_coeff < 0:
             raise ValueError(f"model.moe_aux_loss_coeff must be >= 0, got {self.moe_aux_loss_coeff}")
         if self.transformer_impl not in TRANSFORMER_IMPLS:

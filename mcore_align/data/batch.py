@@ -107,6 +107,12 @@ class MicroBatch:
     extras: dict = field(default_factory=dict)
     """Per-token float tensors laid out like ``labels`` (online objectives: the advantage,
     old and reference log-prob of the token each position predicts; 0 elsewhere)."""
+    images: dict = field(default_factory=dict)
+    """Vision models: the processor's image tensors of this micro-batch (``pixel_values``
+    ``[N_unique, 3, H, W]``) plus ``image_index`` (int64 ``[N_runs]``): the image of each
+    image-token run of the flattened tokens, in order. A pair's chosen and rejected share
+    their prompt's images, so each image is stored (and run through the vision tower) once
+    and ``image_index`` repeats it. ``{}``: no image in the micro-batch."""
 
     def packed_seq_params(self):
         """`PackedSeqParams` (THD) for megatron's attention; None in padded mode."""
@@ -272,8 +278,30 @@ def _shift(tok: np.ndarray, tgt: np.ndarray, width: int) -> tuple[np.ndarray, ..
 
 
 def collate(store, refs: list[SeqRef], packed: bool, pad_multiple: int, pad_id: int,
-            max_length: int) -> MicroBatch:
-    return collate_arrays([_materialize(store, r, max_length) for r in refs], refs, packed, pad_multiple, pad_id)
+            max_length: int, image_encoder=None) -> MicroBatch:
+    """``image_encoder`` (``images.ImageEncoder``): attach the sequences' images (vision stores)."""
+    mb = collate_arrays([_materialize(store, r, max_length) for r in refs], refs, packed, pad_multiple, pad_id)
+    if image_encoder is not None:
+        mb.images = micro_batch_images([store.seq_images(r.seq) for r in refs], image_encoder)
+    return mb
+
+
+def micro_batch_images(paths_per_seq: list[list[str]], image_encoder) -> dict:
+    """``MicroBatch.images`` for sequences with these image paths (in row order, which is
+    placeholder-run order: packed rows are concatenated, padded rows are read row-major).
+
+    Example: a pair sharing image a, then a pair with images b, c:
+    paths [[a], [a], [b, c], [b, c]] -> pixel_values of [a, b, c], image_index [0, 0, 1, 2, 1, 2].
+    """
+    unique: dict[str, int] = {}
+    index = [unique.setdefault(p, len(unique)) for paths in paths_per_seq for p in paths]
+    if not index:
+        return {}
+    from .images import micro_batch_image_inputs
+
+    out = micro_batch_image_inputs([image_encoder.encode(p) for p in unique])
+    out["image_index"] = torch.tensor(index, dtype=torch.int64)
+    return out
 
 
 def collate_arrays(seqs: list[tuple[np.ndarray, np.ndarray]], refs: list[SeqRef], packed: bool,

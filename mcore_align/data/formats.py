@@ -150,11 +150,18 @@ def _iter_hub(name: str) -> Iterator[tuple[str, Any]]:
         yield f"{name}[row {i}]", rec
 
 
-def iter_dataset(spec: str, seed: int) -> Iterator[tuple[str, Any]]:
-    """Records of one `dataset` entry (file, folder or hub name, with optional `#N`)."""
+def iter_dataset(spec: str, seed: int, with_base_dir: bool = False) -> Iterator[tuple]:
+    """Records of one `dataset` entry (file, folder or hub name, with optional `#N`) as
+    ``(loc, record)``; ``with_base_dir``: ``(loc, record, folder of its file)`` (relative image
+    paths are taken relative to it; None for hub datasets)."""
     name, n = split_sampling_suffix(spec)
     path = Path(os.path.expanduser(name))
-    it = (rec for f in _files_of(path) for rec in _iter_file(f)) if path.exists() else _iter_hub(name)
+    if path.exists():
+        it = ((*rec, f.parent) for f in _files_of(path) for rec in _iter_file(f))
+    else:
+        it = ((*rec, None) for rec in _iter_hub(name))
+    if not with_base_dir:
+        it = (rec[:2] for rec in it)
     if n is None:
         yield from it
         return

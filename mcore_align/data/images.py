@@ -206,3 +206,71 @@ def micro_batch_image_inputs(per_sequence: list[dict]) -> dict:
     import torch
 
     return {k: torch.cat([d[k] for d in per_sequence if k in d], dim=0) for k in sorted(keys)}
+
+
+# ---- the trainer's side: which model the data is for, images of cached records -------------
+VISION_TEXT_MODEL = "text_model"
+"""``model_kind_of_tokenizer`` result: a text-only checkpoint (image records are errors)."""
+
+
+def model_kind_of_tokenizer(tokenizer) -> tuple[str, "VisionProcessor | None"]:
+    """What the data is tokenized for, read from where the tokenizer was loaded.
+
+    * ``("vision", processor)``: the tokenizer is a checkpoint's ``tokenizer/`` folder whose
+      ``model_spec.json`` declares a vision model (conversion copies the HF processor files
+      there): image placeholders are expanded with that processor;
+    * ``("text_model", None)``: a text-only checkpoint: records with images are
+      ``BadRecord("images_on_text_model")`` (an error, or dropped and counted);
+    * ``("unknown", None)``: a bare tokenizer (data-only use, tools): images are counted as
+      ``images_ignored`` and the text is kept, as before vision support.
+    """
+    src = Path(str(getattr(tokenizer, "name_or_path", "") or ""))
+    spec_file = src.parent / "model_spec.json"
+    if not src.is_dir() or not spec_file.is_file():
+        return "unknown", None
+    import json
+
+    spec = json.loads(spec_file.read_text()).get("model_spec", {})
+    if not spec.get("vision"):
+        return VISION_TEXT_MODEL, None
+    return "vision", VisionProcessor.from_pretrained(src)
+
+
+def processor_fingerprint(processor: "VisionProcessor") -> str:
+    """Identity of the image processing for the tokenized-cache key (token counts per image)."""
+    import hashlib
+    import json
+
+    ip = processor.proc.image_processor
+    doc = {"image_token": processor.image_token, "image_token_id": processor.image_token_id,
+           "image_processor": ip.to_dict() if hasattr(ip, "to_dict") else repr(ip),
+           "patch_size": getattr(processor.proc, "patch_size", None),
+           "strategy": getattr(processor.proc, "vision_feature_select_strategy", None),
+           "extra": getattr(processor.proc, "num_additional_image_tokens", None)}
+    return hashlib.sha256(json.dumps(doc, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+class ImageEncoder:
+    """Cached records' image paths -> the processor's tensors, for the loader.
+
+    Images are decoded when a micro-batch is collated (the cache holds paths, not pixels);
+    the last few encoded images are kept, so the two sequences of a pair (and repeated
+    images) are decoded and preprocessed once."""
+
+    def __init__(self, processor: VisionProcessor, keep: int = 64):
+        self.processor, self.keep = processor, keep
+        self._memo: dict[str, dict] = {}
+
+    def encode(self, path: str) -> dict:
+        hit = self._memo.pop(path, None)
+        if hit is None:
+            img = load_image(ImageRef(path=Path(path)), f"cached record image {path}")
+            hit = {k: v for k, v in self.processor.proc.image_processor(images=[img], return_tensors="pt").items()}
+        self._memo[path] = hit  # most recent last
+        while len(self._memo) > self.keep:
+            self._memo.pop(next(iter(self._memo)))
+        return hit
+
+    def sequence_inputs(self, paths: list[str]) -> dict:
+        """Tensors of one sequence's images, in placeholder order (``{}`` without images)."""
+        return micro_batch_image_inputs([self.encode(p) for p in paths])

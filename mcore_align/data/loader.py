@@ -78,8 +78,10 @@ class BatchLoader:
 
     def __init__(self, store: TokenizedStore, record_ids: np.ndarray, *, kind: str, cfg: DataConfig,
                  dp_rank: int, dp_size: int, global_batch_size: int, pad_multiple: int, pad_id: int,
-                 train: bool, microbatch_multiple: int = 1):
+                 train: bool, microbatch_multiple: int = 1, image_encoder=None):
         self.store, self.kind, self.cfg = store, kind, cfg
+        # Vision stores: micro-batches carry their images (decoded when collated).
+        self.image_encoder = image_encoder if store.has_images else None
         self.dp_rank, self.dp_size, self.gbs = dp_rank, dp_size, global_batch_size
         self.pad_multiple, self.pad_id, self.train = pad_multiple, pad_id, train
         self.microbatch_multiple = microbatch_multiple  # PP with the interleaved schedule, else 1
@@ -180,7 +182,7 @@ class BatchLoader:
                 seqs = [s for u in b for s in units[u]]
                 slot += len(seqs) * round_up(max(s.length for s in seqs), self.pad_multiple)
         mbs_out = [collate(self.store, [s for u in b for s in units[u]], packed, self.pad_multiple,
-                           self.pad_id, self.cfg.max_length)
+                           self.pad_id, self.cfg.max_length, self.image_encoder)
                    for b in plan[self.dp_rank] if b]
         return GlobalBatch(micro_batches=mbs_out, record_ids=[int(r) for r in recs], epoch=epoch, step_in_epoch=step, slot_tokens=int(slot),
                            real_tokens=int(sum(s.length for u in units for s in u)),
@@ -228,7 +230,7 @@ def _is_rank0() -> bool:
 
 def build_data(cfg: DataConfig, tokenizer, objective_kind: str, *, dp_rank: int = 0, dp_size: int = 1,
                global_batch_size: int, pad_multiple: int = 1, report_path: str | Path | None = None,
-               report_batches: int = 50, microbatch_multiple: int = 1) -> DataBundle:
+               report_batches: int = 50, microbatch_multiple: int = 1, vision="auto") -> DataBundle:
     """Tokenize (cached), split, and return the training and eval loaders for one DP rank.
 
     objective_kind: "paired" (DPO, CPO, ORPO, SimPO, RM), "kto", "sft" or "prompt".
@@ -236,6 +238,11 @@ def build_data(cfg: DataConfig, tokenizer, objective_kind: str, *, dp_rank: int 
     pad_multiple: see `required_pad_multiple(tp, cp, sequence_parallel)`.
     microbatch_multiple: each rank's micro-batch count is a multiple of it (PP when the
     interleaved pipeline schedule runs, which needs that).
+    vision: "auto" reads the model from the tokenizer's checkpoint folder
+    (``images.model_kind_of_tokenizer``): a vision checkpoint's processor expands image
+    placeholders and micro-batches carry the images (``MicroBatch.images``); a text-only
+    checkpoint makes image records bad records; a bare tokenizer counts them as
+    ``images_ignored``. Or pass a ``images.VisionProcessor``, or None (bare-tokenizer rule).
     The data report (counts by reason, length statistics, packing efficiency estimated
     on the first `report_batches` global batches) is logged on rank 0 and written to
     `report_path` when given.
@@ -254,7 +261,18 @@ def build_data(cfg: DataConfig, tokenizer, objective_kind: str, *, dp_rank: int 
         raise ValueError(f"max_tokens_per_micro_batch={cfg.max_tokens_per_micro_batch} cannot hold one "
                          f"{objective_kind} unit of up to {need} tokens ({per_unit} x max_length rounded to "
                          f"pad_multiple={pad_multiple})")
-    store = load_or_build_store(cfg, tokenizer, objective_kind)
+    from .images import ImageEncoder, VisionProcessor, model_kind_of_tokenizer
+
+    if isinstance(vision, VisionProcessor):
+        model_kind, processor = "vision", vision
+    elif vision == "auto":
+        model_kind, processor = model_kind_of_tokenizer(tokenizer)
+    elif vision is None:
+        model_kind, processor = "unknown", None
+    else:
+        raise ValueError(f"vision must be 'auto', None or a VisionProcessor, got {vision!r}")
+    store_kw = dict(vision=processor, model_kind=model_kind)
+    store = load_or_build_store(cfg, tokenizer, objective_kind, **store_kw)
     n = store.num_records
     if n == 0:
         raise ValueError(f"no usable records in {cfg.dataset}:\n{format_summary(store.meta, 'train')}")
@@ -264,14 +282,15 @@ def build_data(cfg: DataConfig, tokenizer, objective_kind: str, *, dp_rank: int 
     val_ids, train_ids = np.sort(perm[:n_val]), np.sort(perm[n_val:])
     common = dict(kind=objective_kind, cfg=cfg, dp_rank=dp_rank, dp_size=dp_size,
                   global_batch_size=global_batch_size, pad_multiple=pad_multiple, pad_id=padding_id(tokenizer),
-                  microbatch_multiple=microbatch_multiple)
+                  microbatch_multiple=microbatch_multiple,
+                  image_encoder=ImageEncoder(processor) if processor is not None else None)
     train = BatchLoader(store, train_ids, train=True, **common)
     evl = BatchLoader(store, val_ids, train=False, **common) if n_val else None
     summary = [format_summary(store.meta, "train")]
     vstore = None
     if cfg.val_dataset:  # a separate eval dataset: its own (cached) store, every record
         vstore = load_or_build_store(dataclasses.replace(cfg, dataset=cfg.val_dataset, val_dataset=None),
-                                     tokenizer, objective_kind)
+                                     tokenizer, objective_kind, **store_kw)
         summary.append(format_summary(vstore.meta, "val_dataset"))
         if vstore.num_records == 0:
             raise ValueError(f"no usable records in val_dataset {cfg.val_dataset}:\n{summary[-1]}")
@@ -297,6 +316,7 @@ def make_report(store: TokenizedStore, train: BatchLoader, evl: BatchLoader | No
     probe = BatchLoader(store, train.record_ids, kind=train.kind, cfg=train.cfg, dp_rank=0,
                         dp_size=train.dp_size, global_batch_size=train.gbs, pad_multiple=train.pad_multiple,
                         pad_id=train.pad_id, train=True, microbatch_multiple=train.microbatch_multiple)
+    probe.image_encoder = None  # the report counts tokens; no need to decode images
     real = slot = mbs = 0
     steps = min(num_batches, probe.batches_per_epoch)
     for _ in range(steps):

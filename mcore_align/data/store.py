@@ -9,6 +9,10 @@ Layout of `<cache_dir>/<key>/` (key = hash of dataset contents + tokenizer + set
     rec_seq.bin    int64  [R, 2]           record -> (chosen/only seq, rejected seq or -1)
     rec_label.bin  int8   [R]              KTO label (1, 0) or -1
     rec_margin.bin float32 [R]             paired data: reward-model margin, NaN when absent
+    seq_img.bin    int64  [S, 2]           vision models: sequence s's images are
+                                           image_paths[seq_img[s, 0]:seq_img[s, 1]]
+                                           (a pair's two sequences share one range)
+    image_paths.json                       resolved image paths (references, not pixels)
     meta.json      counts by reason, formats, length statistics
 
 Records are streamed in chunks, so building needs RAM for one chunk, not the dataset
@@ -38,7 +42,7 @@ log = logging.getLogger(__name__)
 CACHE_VERSION = 3  # 3: identical pairs, empty user turns and out-of-order roles are dropped
 _CHUNK = 1024  # records tokenized per batched tokenizer call
 _ARRAYS = {"tokens": np.int32, "targets": np.uint8, "seq_off": np.int64, "seq_plen": np.int32,
-           "rec_seq": np.int64, "rec_label": np.int8, "rec_margin": np.float32}
+           "rec_seq": np.int64, "rec_label": np.int8, "rec_margin": np.float32, "seq_img": np.int64}
 
 
 def tokenizer_fingerprint(tokenizer) -> str:
@@ -49,7 +53,9 @@ def tokenizer_fingerprint(tokenizer) -> str:
     return h.hexdigest()
 
 
-def cache_key(cfg: DataConfig, tokenizer, objective_kind: str) -> str:
+def cache_key(cfg: DataConfig, tokenizer, objective_kind: str, vision=None) -> str:
+    """``vision``: the VisionProcessor of a vision model (its image processing decides how many
+    tokens each image becomes), else None (text keys are unchanged by vision support)."""
     settings = {
         "version": CACHE_VERSION,
         "data": [content_fingerprint(d, cfg.cache_dir) for d in cfg.dataset],
@@ -58,6 +64,10 @@ def cache_key(cfg: DataConfig, tokenizer, objective_kind: str) -> str:
         "all_turns": cfg.train_on_all_assistant_turns, "format": cfg.dataset_format,
         "bad": cfg.on_bad_record, "seed": cfg.seed,
     }
+    if vision is not None:
+        from .images import processor_fingerprint
+
+        settings["vision"] = processor_fingerprint(vision)
     return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:24]
 
 
@@ -73,18 +83,36 @@ class TokenizedStore:
     rec_seq: np.ndarray
     rec_label: np.ndarray
     rec_margin: np.ndarray
+    seq_img: np.ndarray
+    """int64 [S, 2]: image range of each sequence in ``image_paths`` ([0, 0] without images)."""
     meta: dict
+    image_paths: list = None
+    """Resolved image paths of the records (vision models), indexed by ``seq_img``."""
 
     @classmethod
     def open(cls, path: Path) -> "TokenizedStore":
         meta = json.loads((path / "meta.json").read_text())
         arrays = {}
         for name, dtype in _ARRAYS.items():
-            n = meta["array_sizes"][name]
+            n = meta["array_sizes"].get(name, 0)
             arrays[name] = (np.memmap(path / f"{name}.bin", dtype=dtype, mode="r") if n
                             else np.zeros(0, dtype=dtype))
         arrays["rec_seq"] = arrays["rec_seq"].reshape(-1, 2)
-        return cls(path=path, meta=meta, **arrays)
+        arrays["seq_img"] = arrays["seq_img"].reshape(-1, 2)
+        paths_file = path / "image_paths.json"
+        paths = json.loads(paths_file.read_text()) if paths_file.exists() else []
+        return cls(path=path, meta=meta, image_paths=paths, **arrays)
+
+    @property
+    def has_images(self) -> bool:
+        return bool(self.image_paths)
+
+    def seq_images(self, s: int) -> list[str]:
+        """Image paths of sequence ``s`` in placeholder order ([] for text sequences)."""
+        if not self.has_images:
+            return []
+        a, b = self.seq_img[s]
+        return self.image_paths[int(a):int(b)]
 
     @property
     def num_records(self) -> int:
@@ -104,6 +132,7 @@ class _Writer:
         self.sizes = Counter({n: 0 for n in _ARRAYS})
         self.num_tokens = 0
         self.num_seqs = 0
+        self.image_paths: list[str] = []
         self._write("seq_off", np.zeros(1, np.int64))
 
     def _write(self, name: str, arr: np.ndarray) -> None:
@@ -111,14 +140,18 @@ class _Writer:
         self.files[name].write(arr.tobytes())
         self.sizes[name] += arr.size
 
-    def add(self, rec, label: int, margin: float | None = None) -> None:
+    def add(self, rec, label: int, margin: float | None = None, images: list[str] = ()) -> None:
+        """``images``: the record's resolved image paths (shared by its sequences)."""
         sid = []
+        img = np.array([len(self.image_paths), len(self.image_paths) + len(images)])
+        self.image_paths.extend(images)
         for tok, tgt in zip(rec.tokens, rec.targets):
             self._write("tokens", tok)
             self._write("targets", tgt)
             self.num_tokens += len(tok)
             self._write("seq_off", np.array([self.num_tokens]))
             self._write("seq_plen", np.array([rec.prompt_len]))
+            self._write("seq_img", img)
             sid.append(self.num_seqs)
             self.num_seqs += 1
         self._write("rec_seq", np.array(sid + [-1] * (2 - len(sid))))
@@ -128,6 +161,9 @@ class _Writer:
     def close(self) -> dict:
         for f in self.files.values():
             f.close()
+        if self.image_paths:
+            tmp = Path(self.files["tokens"].name).parent
+            (tmp / "image_paths.json").write_text(json.dumps(self.image_paths))
         return dict(self.sizes)
 
 
@@ -138,16 +174,36 @@ def _length_stats(x: np.ndarray) -> dict:
             "p50": int(np.percentile(x, 50)), "p95": int(np.percentile(x, 95)), "max": int(x.max())}
 
 
-def prepare_record(rt: RecordTokenizer, cfg: DataConfig, fmt: str, loc: str, raw) -> tuple:
-    """One raw record -> ``(rendered sequences, KTO label or -1, margin)``; raises BadRecord.
+def prepare_record(rt: RecordTokenizer, cfg: DataConfig, fmt: str, loc: str, raw, *, vision=None,
+                   model_kind: str = "unknown", base_dir: Path | None = None) -> tuple:
+    """One raw record -> ``(rendered sequences, KTO label or -1, margin[, image paths])``;
+    raises BadRecord.
 
     Everything per record before tokenization (normalise, validate, render the chat
-    template). Shared by :func:`build_store` and tools/preprocess_data.py's workers."""
+    template). Shared by :func:`build_store` and tools/preprocess_data.py's workers.
+    ``vision``: the model's VisionProcessor: image placeholders are expanded into image
+    tokens (so lengths, ``max_length`` and packing count them) and the resolved image paths
+    come back as a 4th element. ``model_kind`` (``images.model_kind_of_tokenizer``):
+    "text_model" makes image records bad records; "unknown" (a bare tokenizer) counts them
+    as ``images_ignored``. ``base_dir``: the dataset file's folder (relative image paths)."""
     ex = normalize(raw, fmt, loc)
-    rendered = [rt.templater.render(ex, r, loc) for r in rt.responses(ex, fmt, loc)]
-    if ex.images:  # parsed and validated, but this text pipeline has no vision model
+    paths = None
+    if ex.images and vision is not None:
+        from .images import prepare_vision_example, resolve_images
+
+        if any(r.path is None for r in resolve_images(ex.images, base_dir, loc)):
+            raise BadRecord("unsupported_image", f"{loc}: in-memory images (bytes / PIL) cannot be cached yet; "
+                            "save them as files and give their paths")
+        v = prepare_vision_example(ex, loc, base_dir, vision)
+        ex, paths = v.example, [str(Path(p).resolve()) for p in v.image_paths]
+    elif ex.images and model_kind == "text_model":
+        raise BadRecord("images_on_text_model", f"{loc}: the record has {len(ex.images)} image(s) but the model "
+                        "is text-only; train a vision-language checkpoint (e.g. LLaVA-1.5) or drop the images")
+    elif ex.images:  # parsed and validated, but this text pipeline has no vision model
         rt.warnings["images_ignored"] += 1
-    return rendered, -1 if ex.label is None else int(ex.label), ex.margin
+    rendered = [rt.templater.render(ex, r, loc) for r in rt.responses(ex, fmt, loc)]
+    out = (rendered, -1 if ex.label is None else int(ex.label), ex.margin)
+    return out if vision is None else (*out, paths or [])
 
 
 def bad_record_error(e: BadRecord) -> BadRecord:
@@ -196,26 +252,30 @@ def temp_dir_for(out: Path) -> Path:
     return tmp
 
 
-def build_store(cfg: DataConfig, tokenizer, objective_kind: str, out: Path) -> None:
-    """Tokenize every dataset of `cfg` into the cache folder `out` (atomically)."""
+def build_store(cfg: DataConfig, tokenizer, objective_kind: str, out: Path, *, vision=None,
+                model_kind: str = "unknown") -> None:
+    """Tokenize every dataset of `cfg` into the cache folder `out` (atomically).
+    ``vision`` / ``model_kind``: see :func:`prepare_record`."""
     tmp = temp_dir_for(out)
     try:
         rt = RecordTokenizer(tokenizer, objective_kind, cfg.max_length, cfg.truncation_strategy,
                              cfg.train_on_all_assistant_turns)
+        if vision is not None:  # a truncation that would cut an image span drops the record
+            rt.image_token_id = vision.image_token_id
         writer = _Writer(tmp)
         formats, read, skipped, examples = {}, Counter(), Counter(), []
         first_of: dict[str, str] = {}  # reason -> message of its first record (for the summary)
         pending: list = []
 
         def flush():
-            for rec, (_, label, margin) in zip(rt.tokenize([p[0] for p in pending]), pending):
+            for rec, (_, label, margin, *images) in zip(rt.tokenize([p[0] for p in pending]), pending):
                 if rec is not None:
-                    writer.add(rec, label, margin)
+                    writer.add(rec, label, margin, images[0] if images else ())
             pending.clear()
 
         for spec in cfg.dataset:
             fmt = cfg.dataset_format
-            for loc, raw in iter_dataset(spec, cfg.seed):
+            for loc, raw, base_dir in iter_dataset(spec, cfg.seed, with_base_dir=True):
                 read[spec] += 1
                 try:
                     if fmt is None:
@@ -223,7 +283,8 @@ def build_store(cfg: DataConfig, tokenizer, objective_kind: str, out: Path) -> N
                             raise raw
                         fmt = detect_format(raw, loc)
                         formats[spec] = fmt
-                    pending.append(prepare_record(rt, cfg, fmt, loc, raw))
+                    pending.append(prepare_record(rt, cfg, fmt, loc, raw, vision=vision, model_kind=model_kind,
+                                                  base_dir=base_dir))
                 except BadRecord as e:
                     if cfg.on_bad_record == "error" and not isinstance(e, DroppedRecord):
                         raise bad_record_error(e) from None
@@ -244,8 +305,10 @@ def build_store(cfg: DataConfig, tokenizer, objective_kind: str, out: Path) -> N
         raise
 
 
-def load_or_build_store(cfg: DataConfig, tokenizer, objective_kind: str) -> TokenizedStore:
+def load_or_build_store(cfg: DataConfig, tokenizer, objective_kind: str, *, vision=None,
+                        model_kind: str = "unknown") -> TokenizedStore:
     """Open the cached tokenized dataset, building it first if needed.
+    ``vision`` / ``model_kind``: see :func:`prepare_record`.
 
     With torch.distributed initialised, only local rank 0 of each node tokenizes; the
     others wait for the cache folder (or rank 0's failure note) on the filesystem, not
@@ -254,7 +317,7 @@ def load_or_build_store(cfg: DataConfig, tokenizer, objective_kind: str) -> Toke
     """
     import torch.distributed as dist
 
-    out = Path(cfg.cache_dir) / cache_key(cfg, tokenizer, objective_kind)
+    out = Path(cfg.cache_dir) / cache_key(cfg, tokenizer, objective_kind, vision)
     distributed = dist.is_available() and dist.is_initialized()
     local_rank = int(os.environ.get("LOCAL_RANK", "0")) if distributed else 0
     failed = None
@@ -271,7 +334,7 @@ def load_or_build_store(cfg: DataConfig, tokenizer, objective_kind: str) -> Toke
         if local_rank == 0:
             log.info("tokenizing %s into %s", cfg.dataset, out)
             try:
-                build_store(cfg, tokenizer, objective_kind, out)
+                build_store(cfg, tokenizer, objective_kind, out, vision=vision, model_kind=model_kind)
             except BaseException as e:
                 if failed is not None:  # let this node's waiting ranks stop with the same error
                     _leave_failure_note(failed, f"{type(e).__name__}: {e}")
@@ -280,7 +343,15 @@ def load_or_build_store(cfg: DataConfig, tokenizer, objective_kind: str) -> Toke
             _wait_for_cache(out, failed)
     if not (out / "meta.json").exists():
         raise RuntimeError(f"tokenized cache {out} missing after local rank 0 built it; see its log")
-    return TokenizedStore.open(out)
+    store = TokenizedStore.open(out)
+    ignored = store.meta.get("warnings", {}).get("images_ignored", 0)
+    if model_kind == "text_model" and ignored and cfg.on_bad_record == "error":
+        # Text caches share one key; this one was built without knowing the model (e.g. by
+        # tools/preprocess_data.py) and kept image records as text.
+        raise BadRecord("images_on_text_model", f"{cfg.dataset}: {ignored} record(s) have images but the model is "
+                        f"text-only (tokenized cache {out}); train a vision-language checkpoint or drop the images "
+                        "[data.on_bad_record=skip trains their text]")
+    return store
 
 
 _NOTE_MAX_AGE_S = 3600  # a note is read within seconds; one this old was left by a killed launch

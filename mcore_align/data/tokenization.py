@@ -181,6 +181,9 @@ class RecordTokenizer:
         self.templater = Templater(tokenizer, train_on_all_assistant_turns)
         self.dropped: Counter = Counter()
         self.warnings: Counter = Counter()
+        self.image_token_id: int | None = None
+        """Vision models: a truncation that removes any image token drops the record
+        (``image_cut_by_truncation``): features and placeholders must match one to one."""
 
     def responses(self, ex: Example, fmt: str, loc: str) -> list[str | None]:
         """The responses to tokenize for this objective, after validating the example.
@@ -268,9 +271,16 @@ class RecordTokenizer:
         tgts = [g for _, g, _ in seqs]
         longest = max(len(t) for t in toks)
         if longest > self.max_length:
-            toks, tgts, plen = self._truncate(toks, tgts, plen, longest)
-            if toks is None:
+            before = [int((t == self.image_token_id).sum()) for t in toks] if self.image_token_id is not None else None
+            warned = self.warnings.copy()
+            cut = self._truncate(toks, tgts, plen, longest)
+            if cut[0] is None:
                 return None
+            if before is not None and before != [int((t == self.image_token_id).sum()) for t in cut[0]]:
+                self.dropped["image_cut_by_truncation"] += 1
+                self.warnings = warned  # dropped, not truncated
+                return None
+            toks, tgts, plen = cut
         return TokenizedRecord(toks, tgts, plen, -1)
 
     def _truncate(self, toks, tgts, plen, longest):

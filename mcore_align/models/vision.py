@@ -167,7 +167,16 @@ def vision_decoder_input(model, input_ids_BS: torch.Tensor, image_inputs: dict,
         x = tensor_parallel.gather_from_sequence_parallel_region(
             x, tensor_parallel_output_grad=False, group=we.tp_group).transpose(0, 1)
     x_BSH = x
+    image_inputs = dict(image_inputs)
+    index = image_inputs.pop("image_index", None)
     feats_NH = model.vision.image_features(**image_inputs)
+    if index is not None:
+        # Each distinct image went through the tower once; image_index [N_runs] gives the image
+        # of every placeholder run (a pair's two sequences repeat their prompt's image). Images
+        # of one micro-batch have the same token count here (LLaVA-1.5: fixed resolution).
+        n_img = int(next(iter(image_inputs.values())).shape[0])
+        feats_NH = feats_NH.reshape(n_img, -1, feats_NH.shape[-1]).index_select(
+            0, index.to(feats_NH.device)).reshape(-1, feats_NH.shape[-1])
     mask_BS = input_ids_BS == model.vision.image_token_id
     n_tok, n_feat = int(mask_BS.sum()), int(feats_NH.shape[0])
     if n_tok != n_feat:
@@ -196,7 +205,23 @@ def multimodal_forward(model, input_ids_BS: torch.Tensor, position_ids: torch.Te
     images, run the plain text forward.
     """
     decoder_input = None
-    if image_inputs and has_vision(model):
+    inner = unwrap(model)
+    if image_inputs and has_vision(inner):
         ids = input_ids_BS if full_input_ids_BS is None else full_input_ids_BS
-        decoder_input = vision_decoder_input(model, ids, image_inputs, cp_index_S)
+        decoder_input = vision_decoder_input(inner, ids, image_inputs, cp_index_S)
+    elif has_vision(inner) and torch.is_grad_enabled():
+        trainable = [p for p in inner.vision.parameters() if p.requires_grad]
+        if trainable:
+            # A text-only micro-batch on a model whose vision side trains: every trainable vision
+            # parameter still gets a (zero) gradient, so DDP's per-bucket gradient hooks all fire
+            # and the DP reduction stays in step (ms-swift runs a zero-weighted dummy image).
+            decoder_input = inner.embedding(input_ids=input_ids_BS, position_ids=position_ids)
+            decoder_input = decoder_input + 0.0 * sum(p.sum() for p in trainable).to(decoder_input.dtype)
     return model(input_ids_BS, position_ids, attention_mask, decoder_input=decoder_input, **kwargs)
+
+
+def unwrap(model):
+    """The GPTModel inside DDP / Float16Module wrappers (they hold it as ``.module``)."""
+    while not hasattr(model, "embedding") and hasattr(model, "module"):
+        model = model.module
+    return model

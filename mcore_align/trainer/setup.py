@@ -19,7 +19,8 @@ def model_options(cfg: RunConfig, head: str = "lm") -> ModelOptions:
     return ModelOptions(params_dtype=dtype, recompute_granularity=cfg.model.recompute_granularity,
                         head=head, fused_logprobs=cfg.model.fused_logprobs,
                         transformer_impl=cfg.model.transformer_impl, lora=cfg.model.train_type == "lora",
-                        moe_aux_loss_coeff=cfg.model.moe_aux_loss_coeff)
+                        moe_aux_loss_coeff=cfg.model.moe_aux_loss_coeff,
+                        freeze_vit=cfg.model.freeze_vit, freeze_aligner=cfg.model.freeze_aligner)
 
 
 def check_device_support(cfg: RunConfig, runtime: Runtime) -> None:

@@ -33,7 +33,8 @@ import torch.distributed as dist
 from mcore_align.algorithms import GlobalCounts, SequenceStats
 from mcore_align.algorithms.base import TOKEN_EXTRAS
 from mcore_align.data.batch import ROLE_CHOSEN, ROLE_KL
-from mcore_align.ops.context_parallel import packed_seq_params, split_packed_for_cp
+from mcore_align.models.vision import has_vision, multimodal_forward, unwrap
+from mcore_align.ops.context_parallel import cp_local_token_index, packed_seq_params, split_packed_for_cp
 from mcore_align.models.heads import emits_hidden_states, lm_logprobs
 from mcore_align.ops.logprobs import vocab_parallel_logprobs
 from mcore_align.ops.segments import allreduce_segment_sums, segment_of_token, segment_sums
@@ -55,6 +56,9 @@ class DeviceBatch:
     seg_cu: torch.Tensor | None = None  # [N+1] boundaries of this rank's tokens, for segment sums
     ref_sums: torch.Tensor | None = None  # [N] reference log-prob sums, all sequences
     policy_sums_nograd: torch.Tensor | None = None  # [N] policy sums from a forward-only pass
+    images: dict | None = None  # vision: the micro-batch's image tensors on the device (MicroBatch.images)
+    full_tokens: torch.Tensor | None = None  # vision + CP: the uncut [1, T] row (the merge needs it whole)
+    cp_index: torch.Tensor | None = None  # vision + CP: this rank's token positions in that row
 
 
 class Stepper:
@@ -81,11 +85,13 @@ class Stepper:
             moved = replace(mb, **{
                 k: getattr(mb, k).to(dev, non_blocking=True)
                 for k in ("tokens", "position_ids", "labels", "loss_mask", "cu_seqlens")
-            }, extras={k: v.to(dev, non_blocking=True) for k, v in mb.extras.items()})
+            }, extras={k: v.to(dev, non_blocking=True) for k, v in mb.extras.items()},
+               images={k: v.to(dev, non_blocking=True) for k, v in mb.images.items()})
             # Per-token extras (online objectives) are not split for context parallelism.
             assert not (mb.extras and self.cp_size > 1), "per-token batch extras with context parallelism"
+            images = moved.images or None
             if self.cp_size == 1:
-                out.append(DeviceBatch(moved, psp=moved.packed_seq_params(), seg_cu=moved.cu_seqlens))
+                out.append(DeviceBatch(moved, psp=moved.packed_seq_params(), seg_cu=moved.cu_seqlens, images=images))
                 continue
             # Context parallelism: this rank keeps chunks r and 2*CP-1-r of every sequence;
             # attention and RoPE get the global boundaries, segment sums the local ones.
@@ -94,13 +100,23 @@ class Stepper:
                 cu_seqlens=moved.cu_seqlens, cp_rank=self.cp_group.rank(), cp_size=self.cp_size,
             )
             psp = packed_seq_params(moved.cu_seqlens, cp_group=self.cp_group)
+            vision = {}
+            if images:  # image features are merged on the whole row, then this rank's tokens picked
+                vision = dict(images=images, full_tokens=moved.tokens, cp_index=cp_local_token_index(
+                    moved.cu_seqlens, self.cp_group.rank(), self.cp_size).to(dev))
             moved = replace(moved, tokens=tok, labels=lab, loss_mask=mask, position_ids=pos)
-            out.append(DeviceBatch(moved, psp=psp, seg_cu=cu_local))
+            out.append(DeviceBatch(moved, psp=psp, seg_cu=cu_local, **vision))
         return out
 
     # -- forward pieces -------------------------------------------------------------
     @staticmethod
     def _model_forward(model, b: "DeviceBatch"):
+        if b.images or has_vision(unwrap(model)):
+            # Vision-language model: image features merged into the embeddings on the first
+            # stage (models/vision.py); text-only micro-batches run the text forward there.
+            return multimodal_forward(model, b.mb.tokens, b.mb.position_ids, None, image_inputs=b.images,
+                                      full_input_ids_BS=b.full_tokens, cp_index_S=b.cp_index,
+                                      packed_seq_params=b.psp)
         return model(
             input_ids=b.mb.tokens, position_ids=b.mb.position_ids, attention_mask=None,
             packed_seq_params=b.psp,

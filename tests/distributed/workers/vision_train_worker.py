@@ -1,0 +1,187 @@
+"""Preference training on images through the Trainer (2 gloo ranks, one launch).
+
+The task (built by tests/e2e/test_vision_train_e2e.py): each record shows one solid-colour
+32x32 image (jittered shade, its own file) and asks for its colour; the chosen answer names
+the image's colour, the rejected one another colour. Every colour is chosen as often as it
+is rejected, so the text alone cannot tell them apart: the policy has to read the image.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from mcore_align.config import build_config
+from mcore_align.data.batch import ROLE_CHOSEN
+from mcore_align.trainer.trainer import Trainer
+
+CKPT = os.environ.get("MA_TEST_CKPT", "")
+WORK = Path(os.environ.get("MA_TEST_WORK", "/tmp/ma_vision_train"))
+DATA = os.environ.get("MA_TEST_DATA", "")
+
+
+def _cfg(algo: str, save: str | None, *overrides: str):
+    raw = {
+        "model": {"load": CKPT},
+        "data": {"dataset": [DATA], "max_length": 96, "max_tokens_per_micro_batch": 384, "val_fraction": 0.25,
+                 "cache_dir": str(WORK / "cache")},
+        "optim": {"learning_rate": 1e-2, "lr_decay_style": "constant", "clip_grad": 1.0},
+        "train": {"global_batch_size": 8, "train_iters": 14, "device": "cpu", "progress_bar": False,
+                  "save": save, "plot": False, "seed": 7, "eval_iters": 3},
+        "algo": {"rlhf_type": algo},
+    }
+    return build_config(raw, overrides)
+
+
+def _save_dir(name: str) -> str:
+    path = WORK / name
+    if dist.get_rank() == 0 and path.exists():
+        import shutil
+
+        shutil.rmtree(path)
+    dist.barrier()
+    return str(path)
+
+
+def _train(name: str, algo: str, *overrides: str, before=None) -> tuple[Trainer, dict]:
+    tr = Trainer(_cfg(algo, _save_dir(name), *overrides))
+    if before is not None:
+        before(tr, name)
+    assert tr.data.train.image_encoder is not None, "the loader did not find the vision checkpoint"
+    first = tr.evaluate()
+    res = tr.train()
+    last = res["eval"]
+    a0, a1 = first["rewards/accuracies"], last["rewards/accuracies"]
+    if dist.get_rank() == 0:
+        (WORK / f"{name}_history.json").write_text(json.dumps({"history": res["history"], "eval0": first,
+                                                               "eval": last}))
+    assert a1 > 0.9 and a1 > a0 + 0.2, f"{name}: held-out reward accuracy {a0:.3f} -> {a1:.3f}"
+    return tr, res
+
+
+LORA_DPO = ("train_type=lora", "lora_rank=8", "lora_alpha=16", "lora_dropout=0.0", "lora_target_modules=DEFAULT",
+            "beta=0.1", "rpo_alpha=null")
+
+
+def case_dpo_lora_tp2_learns_image_task():
+    _train("dpo_lora_tp2", "dpo", "tensor_model_parallel_size=2", *LORA_DPO)
+
+
+def case_dpo_lora_cp2_matches_tp2():
+    """Context parallelism with images (the merge runs on the whole row, then this rank's
+    tokens are picked): the same global batches give the TP=2 run's losses and metrics."""
+    tr = Trainer(_cfg("dpo", None, "context_parallel_size=2", "train_iters=4", *LORA_DPO))
+    h = tr.train()["history"]
+    ref = json.loads((WORK / "dpo_lora_tp2_history.json").read_text())["history"][:4]
+    for key in ("loss", "rewards/margins", "logps/chosen", "grad_norm"):
+        torch.testing.assert_close(torch.tensor([x[key] for x in h], dtype=torch.float64),
+                                   torch.tensor([x[key] for x in ref], dtype=torch.float64),
+                                   rtol=1e-4, atol=1e-6, msg=lambda m: f"{key}: {m}")
+
+
+def case_dpo_lora_pp2_learns_image_task():
+    _train("dpo_lora_pp2", "dpo", "pipeline_model_parallel_size=2", *LORA_DPO)
+
+
+def _sequences(mb, image_token_id: int) -> list[dict]:
+    """Each sequence of a packed micro-batch: its tokens and the pixels of its images."""
+    idx, run, out = mb.images["image_index"], 0, []
+    for i in range(mb.num_sequences):
+        a, n = int(mb.cu_seqlens[i]), int(mb.seq_lengths[i])
+        tok = mb.tokens.reshape(-1)[a:a + n]
+        k = int((tok == image_token_id).sum()) // 16  # 16 tokens per tiny image
+        out.append({"tokens": tok.clone(), "pixel_values": mb.images["pixel_values"][idx[run:run + k]].clone(),
+                    "role": int(mb.seq_role[i]), "pair": int(mb.pair_index[i])})
+        run += k
+    return out
+
+
+def _dump_first_batch(tr: Trainer, name: str) -> None:
+    """The sequences of the first training batch and the freshly initialised value head, for
+    the step-1 loss check against transformers in float64 (TP=2: DP=1, every micro-batch here)."""
+    from mcore_align.models.heads import value_head_weight
+    from mcore_align.models.vision import unwrap
+
+    state = tr.data.train.state_dict()
+    gb = next(tr.data.train)
+    tr.data.train.load_state_dict(state)  # training starts from this same batch
+    rows = [r for mb in gb.micro_batches for r in _sequences(mb, tr.spec.vision.image_token_id)]
+    head = value_head_weight([unwrap(m) for m in tr.policy])
+    if dist.get_rank() == 0:
+        torch.save({"rows": rows, "head": head.detach().clone(), "num_pairs": gb.num_pairs},
+                   WORK / f"{name}_first_batch.pt")
+
+
+def _dump_scores(tr: Trainer, name: str) -> None:
+    """Held-out sequences (tokens, pixels) and the Megatron RM's score of each, for the export check."""
+    rows = []
+    for bi, gb in enumerate(tr.data.eval):
+        batches = tr.stepper.to_device(gb.micro_batches)
+        scores = tr.stepper.forward_only_values(tr.policy, batches, last_token=True)
+        if scores is None:  # not the last pipeline stage (which still needs this stage's forward)
+            continue
+        for mb, s in zip(gb.micro_batches, scores):
+            for i, r in enumerate(_sequences(mb, tr.spec.vision.image_token_id)):
+                rows.append({**r, "score": float(s[i]), "chosen": r["role"] == ROLE_CHOSEN, "pair": (bi, r["pair"])})
+    if rows and tr.rt.pgs.tp.rank() == 0 and tr.rt.dp_rank == 0:
+        torch.save(rows, WORK / f"{name}_scores.pt")
+
+
+# Full fine-tuning of the reward model: it has to compare the colour named in the answer with
+# the image's, at the last token, which takes more (and gentler) steps than DPO's LoRA.
+RM = ("learning_rate=3e-4", "train_iters=40")
+
+
+def case_rm_tp2_learns_image_task():
+    tr, _ = _train("rm_tp2", "rm", "tensor_model_parallel_size=2", *RM, before=_dump_first_batch)
+    _dump_scores(tr, "rm_tp2")
+
+
+def case_rm_pp2_learns_image_task():
+    tr, _ = _train("rm_pp2", "rm", "pipeline_model_parallel_size=2", *RM)
+    _dump_scores(tr, "rm_pp2")
+
+
+def case_trainable_projector_with_text_only_micro_batches():
+    """freeze_aligner=false, DP=2, one pair per micro-batch, half the records without image: the
+    projector trains (its weights move), the tower stays frozen, every step is finite. Text-only
+    micro-batches give the projector a zero gradient (models/vision.py::multimodal_forward)."""
+    from mcore_align.models.vision import unwrap
+
+    mixed = WORK / "mixed.jsonl"
+    if dist.get_rank() == 0:
+        recs = [json.loads(x) for x in Path(DATA).read_text().splitlines()]
+        base = Path(DATA).parent
+        for i, r in enumerate(recs):
+            if i % 2:  # text only
+                r["query"], r["images"] = r["query"].replace("<image>", "") + " (no picture)", []
+            else:
+                r["images"] = [str(base / p) for p in r["images"]]
+        mixed.write_text("".join(json.dumps(r) + "\n" for r in recs))
+    dist.barrier()
+    tr = Trainer(_cfg("dpo", None, f"dataset=[{mixed}]", "freeze_aligner=false", "max_tokens_per_micro_batch=192",
+                      "train_iters=4", "beta=0.1", "rpo_alpha=null", "learning_rate=1e-3"))
+    vision = unwrap(tr.policy[0]).vision
+    gb = tr.data.train.make_global_batch(tr.data.train.record_ids[:8])
+    n_text = torch.tensor([sum(not mb.images for mb in gb.micro_batches),
+                           sum(bool(mb.images) for mb in gb.micro_batches)])
+    dist.all_reduce(n_text)
+    assert n_text[0] > 0 and n_text[1] > 0, n_text  # both kinds of micro-batch occur
+    proj0 = [p.detach().clone() for p in vision.multi_modal_projector.parameters()]
+    tower0 = [p.detach().clone() for p in vision.vision_tower.parameters()]
+    assert all(p.requires_grad for p in vision.multi_modal_projector.parameters())
+    assert not any(p.requires_grad for p in vision.vision_tower.parameters())
+    res = tr.train()
+    assert all(math.isfinite(h["loss"]) and math.isfinite(h["grad_norm"]) for h in res["history"])
+    assert all(not h.get("skipped") for h in res["history"])
+    assert any(not torch.equal(a, b) for a, b in zip(proj0, vision.multi_modal_projector.parameters()))
+    assert all(torch.equal(a, b) for a, b in zip(tower0, vision.vision_tower.parameters()))
+    # DP ranks hold the same (replicated) projector after the reduced updates
+    w = torch.cat([p.detach().reshape(-1) for p in vision.multi_modal_projector.parameters()])
+    other = w.clone()
+    dist.broadcast(other, src=0)
+    torch.testing.assert_close(w, other, rtol=0, atol=0)

@@ -1,0 +1,128 @@
+"""DPO (LoRA) and a reward model trained on an image preference task through the Trainer, at
+TP=2 and PP=2 (one 2-rank gloo launch, tests/distributed/workers/vision_train_worker.py), then
+the reward model exported to HF: the exported LLaVA loads with transformers and, with
+value_head.safetensors, scores the held-out sequences as the Megatron model did."""
+from __future__ import annotations
+
+import json
+import random
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from tests.conftest import ROOT
+from tests.dist_utils import dist_cases, run_dist_module
+
+WORKER = "tests.distributed.workers.vision_train_worker"
+COLOURS = {"red": (220, 40, 40), "green": (40, 190, 60), "blue": (40, 60, 220), "yellow": (230, 210, 30)}
+QUESTIONS = ["What colour is this picture?", "Which colour do you see?", "Name the colour of the image.",
+             "Tell me the colour shown.", "What is the main colour here?", "Say which colour this is."]
+
+
+def make_colour_task(root) -> str:
+    """72 ms-swift records: one jittered solid-colour image each (relative path), chosen names
+    its colour, rejected another; each (colour, wrong colour, question) once."""
+    from PIL import Image
+
+    rng = random.Random(0)
+    (root / "images").mkdir(parents=True, exist_ok=True)
+    recs = []
+    for q in QUESTIONS:
+        for c, rgb in COLOURS.items():
+            for w in COLOURS:
+                if w == c:
+                    continue
+                name = f"images/{len(recs)}.png"
+                shade = tuple(max(0, min(255, v + rng.randint(-25, 25))) for v in rgb)
+                Image.new("RGB", (32, 32), shade).save(root / name)
+                recs.append({"query": f"<image>{q}", "response": f"It is {c}.", "rejected_response": f"It is {w}.",
+                             "images": [name]})
+    rng.shuffle(recs)
+    path = root / "colours.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in recs))
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def work(tmp_path_factory):
+    from mcore_align.checkpoint import convert_hf_to_mcore
+    from mcore_align.models.tiny_vision import make_tiny_llava
+
+    root = tmp_path_factory.mktemp("vision_train")
+    make_tiny_llava(root / "hf", "qwen2")
+    convert_hf_to_mcore(root / "hf", root / "mc", dtype="fp32")
+    (root / "data").mkdir()
+    return root
+
+
+@pytest.fixture(scope="module")
+def results(work):
+    env = {"MA_TEST_CKPT": str(work / "mc"), "MA_TEST_WORK": str(work), "MA_TEST_DATA": make_colour_task(work / "data")}
+    return run_dist_module(WORKER, nproc=2, env=env)
+
+
+@pytest.mark.parametrize("case", dist_cases(WORKER))
+def test_case(results, case):
+    results.check(case)
+
+
+@pytest.mark.parametrize("run", ["rm_tp2", "rm_pp2"])
+def test_rm_export_loads_in_transformers_and_scores_like_megatron(results, work, run):
+    from safetensors.torch import load_file
+    from transformers import AutoModelForImageTextToText, LlavaForConditionalGeneration
+
+    results.check(f"case_{run}_learns_image_task")
+    out = work / f"{run}_hf"
+    proc = subprocess.run([sys.executable, "tools/convert_mcore_to_hf.py", "--ckpt", str(work / run), "--out", str(out),
+                           "--overwrite"], cwd=ROOT, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    head = load_file(out / "value_head.safetensors")["value_head.weight"].double()  # [1, H]
+    model = LlavaForConditionalGeneration.from_pretrained(out, dtype=torch.float64).eval()
+    auto = AutoModelForImageTextToText.from_pretrained(out, dtype=torch.float32)
+    assert type(auto).__name__ == "LlavaForConditionalGeneration"
+    rows = torch.load(work / f"{run}_scores.pt")
+    assert len(rows) >= 8
+    got, want = [], []
+    with torch.no_grad():
+        for r in rows:
+            # the backbone's final (normed) hidden state at the last token, as score.score_hf reads it
+            h = model.model(input_ids=r["tokens"][None], pixel_values=r["pixel_values"].double()).last_hidden_state
+            got.append(float(h[0, -1] @ head[0]))
+            want.append(r["score"])
+    torch.testing.assert_close(torch.tensor(got, dtype=torch.float64), torch.tensor(want, dtype=torch.float64),
+                               rtol=0, atol=1e-4)
+    # the held-out pairs are separated by the exported model too
+    by_pair = {}
+    for r, g in zip(rows, got):
+        by_pair.setdefault(r["pair"], {})[r["chosen"]] = g
+    acc = sum(p[True] > p[False] for p in by_pair.values()) / len(by_pair)
+    assert acc > 0.9, acc
+
+
+def test_rm_step1_loss_matches_transformers_float64(results, work):
+    """The logged loss of the RM's first step (TP=2) equals the Bradley-Terry loss computed by
+    transformers' LLaVA (the converted HF weights, float64) with the same initial value head
+    on the same first global batch, images included."""
+    import torch.nn.functional as F
+    from transformers import LlavaForConditionalGeneration
+
+    results.check("case_rm_tp2_learns_image_task")
+    first = torch.load(work / "rm_tp2_first_batch.pt")
+    head = first["head"].double()[0]
+    model = LlavaForConditionalGeneration.from_pretrained(work / "hf", dtype=torch.float64).eval()
+    rewards = {}
+    with torch.no_grad():
+        for r in first["rows"]:
+            h = model.model(input_ids=r["tokens"][None], pixel_values=r["pixel_values"].double()).last_hidden_state
+            rewards[(r["pair"], r["role"])] = h[0, -1] @ head
+    pairs = sorted({p for p, _ in rewards})
+    assert len(pairs) == first["num_pairs"] == 8
+    expected = float(sum(-F.logsigmoid(rewards[(p, 0)] - rewards[(p, 1)]) for p in pairs) / len(pairs))
+    step1 = json.loads((work / "rm_tp2_history.json").read_text())["history"][0]
+    assert abs(step1["loss"] - expected) <= 2e-5 * max(1.0, abs(expected)), (step1["loss"], expected)
+    # the mean rewards themselves (not only their differences), image features included
+    for role, key in ((0, "rewards/chosen"), (1, "rewards/rejected")):
+        want = float(sum(rewards[(p, role)] for p in pairs) / len(pairs))
+        assert abs(step1[key] - want) <= 1e-5 * max(1.0, abs(want)), (key, step1[key], want)
