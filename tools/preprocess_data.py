@@ -46,7 +46,8 @@ if str(ROOT) not in sys.path:
 
 from mcore_align.data.config import DataConfig  # noqa: E402
 from mcore_align.data.formats import BadRecord, DroppedRecord, detect_format, iter_dataset  # noqa: E402
-from mcore_align.data.store import (_Writer, bad_record_error, cache_key, prepare_record, publish,  # noqa: E402
+from mcore_align.data.store import (_Writer, bad_record_error, cache_key, extra_columns, prepare_record,  # noqa: E402
+                                    publish,
                                     temp_dir_for, write_meta)
 from mcore_align.data.tokenization import RecordTokenizer, TokenizedRecord  # noqa: E402
 
@@ -60,6 +61,7 @@ def _init_worker(tokenizer_dir: str, cfg: DataConfig, kind: str) -> None:
     tok = AutoTokenizer.from_pretrained(tokenizer_dir)
     _W["rt"] = RecordTokenizer(tok, kind, cfg.max_length, cfg.truncation_strategy, cfg.train_on_all_assistant_turns)
     _W["cfg"] = cfg
+    _W["kind"] = kind
 
 
 def _process_chunk(job: tuple[int, list]) -> tuple[int, dict]:
@@ -76,16 +78,17 @@ def _process_chunk(job: tuple[int, list]) -> tuple[int, dict]:
         try:
             if err is not None:
                 raise err
-            pending.append(prepare_record(rt, cfg, fmt, loc, raw))
+            pending.append((prepare_record(rt, cfg, fmt, loc, raw),
+                            extra_columns(raw) if _W["kind"] == "prompt" else None))
         except BadRecord as e:
             if cfg.on_bad_record == "error" and not isinstance(e, DroppedRecord):
                 raise bad_record_error(e) from None
             events.append((e.reason, str(e)))
     kept = []
-    for rec, (_, label, margin) in zip(rt.tokenize([p[0] for p in pending]), pending):
+    for rec, ((_, label, margin), cols) in zip(rt.tokenize([p[0][0] for p in pending]), pending):
         if rec is not None:
-            kept.append((rec, label, margin))
-    tokens = sum(len(t) for rec, _, _ in kept for t in rec.tokens)
+            kept.append((rec, label, margin, cols))
+    tokens = sum(len(t) for rec, *_ in kept for t in rec.tokens)
     return idx, {"kept": kept, "events": events, "dropped": rt.dropped, "warnings": rt.warnings, "tokens": tokens}
 
 
@@ -127,8 +130,8 @@ def _assemble(out: Path, kind: str, results, formats: dict, read: Counter) -> No
         writer = _Writer(tmp)
         skipped, dropped, warnings, examples, first_of = Counter(), Counter(), Counter(), [], {}
         for _, r in results:
-            for rec, label, margin in r["kept"]:
-                writer.add(rec, label, margin)
+            for rec, label, margin, cols in r["kept"]:
+                writer.add(rec, label, margin, (), cols)
             for reason, msg in r["events"]:
                 skipped[reason] += 1
                 first_of.setdefault(reason, msg)

@@ -13,6 +13,8 @@ Layout of `<cache_dir>/<key>/` (key = hash of dataset contents + tokenizer + set
                                            image_paths[seq_img[s, 0]:seq_img[s, 1]]
                                            (a pair's two sequences share one range)
     image_paths.json                       resolved image paths (references, not pixels)
+    rec_columns.jsonl, rec_col_off.bin     each record's other columns (prompt data; JSON lines
+                                           at byte offsets rec_col_off[r]:rec_col_off[r+1])
     meta.json      counts by reason, formats, length statistics
 
 Records are streamed in chunks, so building needs RAM for one chunk, not the dataset
@@ -39,10 +41,32 @@ from .formats import BadRecord, DroppedRecord, content_fingerprint, detect_forma
 from .tokenization import RecordTokenizer
 
 log = logging.getLogger(__name__)
-CACHE_VERSION = 3  # 3: identical pairs, empty user turns and out-of-order roles are dropped
+CACHE_VERSION = 4  # 3: identical pairs, empty user turns and out-of-order roles are dropped; 4: record columns
 _CHUNK = 1024  # records tokenized per batched tokenizer call
 _ARRAYS = {"tokens": np.int32, "targets": np.uint8, "seq_off": np.int64, "seq_plen": np.int32,
-           "rec_seq": np.int64, "rec_label": np.int8, "rec_margin": np.float32, "seq_img": np.int64}
+           "rec_seq": np.int64, "rec_label": np.int8, "rec_margin": np.float32, "seq_img": np.int64,
+           "rec_col_off": np.int64}
+# The text fields the formats read; every other top-level field of a record is one of its
+# "other columns", kept for prompt data (online objectives hand them to reward functions).
+TEXT_FIELDS = frozenset({"conversations", "chosen", "rejected", "messages", "rejected_response", "query", "response",
+                         "history", "system", "instruction", "input", "output", "prompt", "completion", "label",
+                         "images", "image", "rejected_images", "margin", "question"})
+
+
+def extra_columns(raw) -> dict:
+    """A record's other columns (JSON-serialisable values only)."""
+    if not isinstance(raw, dict):
+        return {}
+    out = {}
+    for k, v in raw.items():
+        if k in TEXT_FIELDS:
+            continue
+        try:
+            json.dumps(v)
+        except (TypeError, ValueError):
+            continue
+        out[k] = v
+    return out
 
 
 def tokenizer_fingerprint(tokenizer) -> str:
@@ -86,6 +110,8 @@ class TokenizedStore:
     seq_img: np.ndarray
     """int64 [S, 2]: image range of each sequence in ``image_paths`` ([0, 0] without images)."""
     meta: dict
+    rec_col_off: np.ndarray = None
+    """int64 [R + 1]: byte offsets of each record's line in ``rec_columns.jsonl``."""
     image_paths: list = None
     """Resolved image paths of the records (vision models), indexed by ``seq_img``."""
 
@@ -102,6 +128,15 @@ class TokenizedStore:
         paths_file = path / "image_paths.json"
         paths = json.loads(paths_file.read_text()) if paths_file.exists() else []
         return cls(path=path, meta=meta, image_paths=paths, **arrays)
+
+    def record_columns(self, r: int) -> dict:
+        """Record ``r``'s other columns (prompt data; ``{}`` otherwise), from ``rec_columns.jsonl``."""
+        if len(self.rec_col_off) <= r + 1:
+            return {}
+        a, b = int(self.rec_col_off[r]), int(self.rec_col_off[r + 1])
+        with open(self.path / "rec_columns.jsonl", "rb") as f:
+            f.seek(a)
+            return json.loads(f.read(b - a))
 
     @property
     def has_images(self) -> bool:
@@ -134,14 +169,23 @@ class _Writer:
         self.num_seqs = 0
         self.image_paths: list[str] = []
         self._write("seq_off", np.zeros(1, np.int64))
+        self.columns = open(tmp / "rec_columns.jsonl", "wb")
+        self._col_pos = 0
+        self._write("rec_col_off", np.zeros(1, np.int64))
 
     def _write(self, name: str, arr: np.ndarray) -> None:
         arr = np.ascontiguousarray(arr, dtype=_ARRAYS[name])
         self.files[name].write(arr.tobytes())
         self.sizes[name] += arr.size
 
-    def add(self, rec, label: int, margin: float | None = None, images: list[str] = ()) -> None:
-        """``images``: the record's resolved image paths (shared by its sequences)."""
+    def add(self, rec, label: int, margin: float | None = None, images: list[str] = (),
+            columns: dict | None = None) -> None:
+        """``images``: the record's resolved image paths (shared by its sequences);
+        ``columns``: its other dataset columns (prompt data)."""
+        line = (json.dumps(columns or {}, sort_keys=True) + "\n").encode()
+        self.columns.write(line)
+        self._col_pos += len(line)
+        self._write("rec_col_off", np.array([self._col_pos]))
         sid = []
         img = np.array([len(self.image_paths), len(self.image_paths) + len(images)])
         self.image_paths.extend(images)
@@ -161,6 +205,7 @@ class _Writer:
     def close(self) -> dict:
         for f in self.files.values():
             f.close()
+        self.columns.close()
         if self.image_paths:
             tmp = Path(self.files["tokens"].name).parent
             (tmp / "image_paths.json").write_text(json.dumps(self.image_paths))
@@ -268,9 +313,9 @@ def build_store(cfg: DataConfig, tokenizer, objective_kind: str, out: Path, *, v
         pending: list = []
 
         def flush():
-            for rec, (_, label, margin, *images) in zip(rt.tokenize([p[0] for p in pending]), pending):
+            for rec, ((_, label, margin, *images), cols) in zip(rt.tokenize([p[0][0] for p in pending]), pending):
                 if rec is not None:
-                    writer.add(rec, label, margin, images[0] if images else ())
+                    writer.add(rec, label, margin, images[0] if images else (), cols)
             pending.clear()
 
         for spec in cfg.dataset:
@@ -283,8 +328,9 @@ def build_store(cfg: DataConfig, tokenizer, objective_kind: str, out: Path, *, v
                             raise raw
                         fmt = detect_format(raw, loc)
                         formats[spec] = fmt
-                    pending.append(prepare_record(rt, cfg, fmt, loc, raw, vision=vision, model_kind=model_kind,
-                                                  base_dir=base_dir))
+                    pending.append((prepare_record(rt, cfg, fmt, loc, raw, vision=vision, model_kind=model_kind,
+                                                   base_dir=base_dir),
+                                    extra_columns(raw) if objective_kind == "prompt" else None))
                 except BadRecord as e:
                     if cfg.on_bad_record == "error" and not isinstance(e, DroppedRecord):
                         raise bad_record_error(e) from None

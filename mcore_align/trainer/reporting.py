@@ -23,7 +23,7 @@ from pathlib import Path
 
 log = logging.getLogger(__name__)
 
-BAR_KEYS = ("loss", "rewards/accuracies", "rewards/margins")
+BAR_KEYS = ("loss", "rewards/accuracies", "rewards/margins", "objective/scores")
 # Loop bookkeeping that the console line prints in its own words (not as objective metrics).
 _LOOP_KEYS = ("lr", "grad_norm", "tokens_per_sec", "step_time", "skipped", "consumed_samples", "loss_scale",
               "skipped_iters", "mem_gib", "global_batch_size", "tflops_per_gpu", "mfu", "hfu")

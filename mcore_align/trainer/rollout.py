@@ -12,7 +12,8 @@ experience, which the ordinary step (trainer/step.py) then trains on:
    by the training forward, not taken from the generator), the reference's (KL), the
    critic's values, the reward model's score (its value at each response's last token).
    The last pipeline stage computes them and broadcasts them to the other stages.
-3. **Score**: reward model plus the user's reward functions on the decoded texts
+3. **Score**: reward model plus the user's reward functions on the decoded texts (and the
+   records' other dataset columns)
    (``algorithms/ppo/reward_funcs.py``), minus ``missing_eos_penalty`` for responses that
    hit ``response_length`` without a stop token.
 4. **Advantages** from the registered estimator (``algorithms/ppo/advantages``): "gae"
@@ -90,7 +91,8 @@ class RolloutPhase:
 
     def __init__(self, runtime, objective, stepper, tokenizer, *, vocab_size: int, pad_id: int,
                  pad_multiple: int, max_tokens_per_micro_batch: int, packed: bool, seed: int,
-                 critic_stepper=None, reward_model=None, save: str | None = None, total_steps: int = 1):
+                 critic_stepper=None, reward_model=None, save: str | None = None, total_steps: int = 1,
+                 store=None):
         from mcore_align.algorithms.ppo.advantages import ADVANTAGE_ESTIMATORS
         from mcore_align.algorithms.ppo.reward_funcs import load_reward_funcs
         from mcore_align.rollout import build_rollout_engine
@@ -112,6 +114,7 @@ class RolloutPhase:
         self.stop_ids = (int(tokenizer.eos_token_id),)
         self.last_batch = None  # the latest RolloutBatch
         self.save, self.total_steps = save, total_steps
+        self.store = store  # the tokenized dataset: the records' other columns
 
     # -- the phase ---------------------------------------------------------------------
     def make_experience(self, gb: GlobalBatch, step: int) -> tuple[list[GlobalBatch], dict]:
@@ -122,6 +125,10 @@ class RolloutPhase:
         t0 = time.perf_counter()
         prompts = [p for mb in gb.micro_batches for p in prompt_token_ids(mb)]
         repeated = [p for p in prompts for _ in range(G)]  # a prompt's G responses are consecutive
+        # The records' other dataset columns (reward functions get them, one value per response).
+        rids = [gb.record_ids[int(u)] for mb in gb.micro_batches for u in mb.pair_index.tolist()]
+        cols = [self.store.record_columns(r) if self.store is not None else {} for r in rids]
+        columns = {k: [c.get(k) for c in cols for _ in range(G)] for k in sorted(set().union(*cols))}
         params = SamplingParams(temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p,
                                 response_length=cfg.response_length, stop_token_ids=self.stop_ids,
                                 seed=self.seed * 1_000_003 + step)
@@ -139,7 +146,7 @@ class RolloutPhase:
         per_fn = {}
         if self.reward_funcs:
             fn_scores, per_fn = compute_rewards(self.reward_funcs, self.last_texts[0], completions,
-                                                {"completion_ids": responses})
+                                                {**columns, "completion_ids": responses})
             scores += fn_scores.to(torch.float64)
         if "rm_scores" in passes:
             per_fn["reward_model"] = passes["rm_scores"]

@@ -107,7 +107,7 @@ class Trainer:
             pad_id=self.data.train.pad_id, pad_multiple=layout_multiples(par)["pad_multiple"],
             max_tokens_per_micro_batch=cfg.data.max_tokens_per_micro_batch, packed=cfg.data.packing, seed=t.seed,
             critic_stepper=self.critic_stepper, reward_model=self.reward_model, save=t.save,
-            total_steps=self.train_iters,
+            total_steps=self.train_iters, store=self.data.train.store,
         ) if online else None
         self._eval_ref_cache: list | None = None  # reference sums of eval batches (precompute)
         self._stop_signal = False

@@ -24,6 +24,12 @@ def work(tmp_path_factory):
     subprocess.run([sys.executable, "tools/convert_hf_to_mcore.py", "--hf", str(hf), "--out", str(root / "mcore")],
                    cwd=ROOT, check=True, capture_output=True)
     make_task(root / "prompts.jsonl", 64, seed=0)  # prompt / chosen / rejected: the prompts are used
+    # Prompt-only records with another column, which reward functions receive.
+    topics = ["the river", "a poem", "the city", "my homework", "the data", "a recipe", "the weather", "your code"]
+    import json
+
+    (root / "prompts_cols.jsonl").write_text("".join(
+        json.dumps({"prompt": f"Tell me about {t}.", "topic": t}) + "\n" for t in topics))
     # Another tokenizer (Llama-3 style): a reward model made from it must be refused.
     other = make_tiny_model(root / "hf_llama", "llama", num_layers=2, hidden_size=64, vocab_size=512)
     subprocess.run([sys.executable, "tools/convert_hf_to_mcore.py", "--hf", str(other), "--out", str(root / "mcore_llama")],
@@ -34,6 +40,7 @@ def work(tmp_path_factory):
 @pytest.fixture(scope="module")
 def results(work):
     env = {"MA_TEST_CKPT": str(work / "mcore"), "MA_TEST_PROMPTS": str(work / "prompts.jsonl"),
+           "MA_TEST_PROMPTS_COLS": str(work / "prompts_cols.jsonl"),
            "MA_TEST_WORK": str(work), "MA_TEST_OTHER_TOKENIZER_CKPT": str(work / "mcore_llama")}
     return run_dist_module(WORKER, nproc=2, env=env)
 

@@ -620,3 +620,18 @@ def test_failure_notes_do_not_accumulate(toks, tmp_path, monkeypatch):
         if created:
             dist.destroy_process_group()
     assert sorted(p.name for p in cache.iterdir() if ".failed-" in p.name) == [fresh.name]
+
+
+def test_prompt_records_keep_their_other_columns(tmp_path, toks):
+    """Prompt data (online objectives): every other top-level column of a record is kept in the
+    cache, in record order, for the reward functions; the text fields are not repeated there."""
+    from mcore_align.data.store import load_or_build_store
+
+    recs = [{"prompt": f"Question {i}?", "answer": str(i * i), "meta": {"level": i % 3}} for i in range(5)]
+    path = write_jsonl(tmp_path / "prompts.jsonl", recs)
+    store = load_or_build_store(cfg_(tmp_path, [path]), toks["chatml"], "prompt")
+    assert store.num_records == 5
+    assert [store.record_columns(r) for r in range(5)] == [{"answer": str(i * i), "meta": {"level": i % 3}}
+                                                          for i in range(5)]
+    paired = write_jsonl(tmp_path / "pairs.jsonl", [{"prompt": "p", "chosen": "a", "rejected": "b", "x": 1}])
+    assert load_or_build_store(cfg_(tmp_path, [paired]), toks["chatml"], "paired").record_columns(0) == {}

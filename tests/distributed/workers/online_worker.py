@@ -239,3 +239,24 @@ def case_grpo_lora_tp2_trains():
     h = tr.train()["history"]
     assert all(math.isfinite(x["loss"]) and math.isfinite(x["grad_norm"]) for x in h), h
     assert h[0]["objective/kl"] == 0.0 and h[-1]["objective/kl"] > 0, [x["objective/kl"] for x in h]
+
+
+SEEN: dict = {}
+
+
+def column_reward(prompts, completions, completion_ids=None, topic=None, **_):
+    """A reward function reading a dataset column: records what it was given, scores 0."""
+    SEEN.setdefault("calls", []).append((list(prompts), list(topic)))
+    return [0.0] * len(completions)
+
+
+def case_reward_functions_receive_the_records_other_columns():
+    tr = Trainer(_cfg("grpo", None, "tensor_model_parallel_size=2", "train_iters=1", "global_batch_size=4",
+                      f"data.dataset=[{os.environ['MA_TEST_PROMPTS_COLS']}]",
+                      "reward_funcs=[tests.distributed.workers.online_worker:column_reward,"
+                      "mcore_align.rewards:even_token_fraction]"))
+    tr.train()
+    prompts, topics = SEEN["calls"][0]
+    assert len(prompts) == len(topics) == 4 * 4  # 4 prompts x 4 generations
+    for p, t in zip(prompts, topics):
+        assert t in p, (p, t)  # each response gets its own record's column value
