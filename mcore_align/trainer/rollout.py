@@ -86,6 +86,12 @@ def prompt_token_ids(mb: MicroBatch) -> list[list[int]]:
     return out
 
 
+def _sequence(prompt: list[int], response: list[int]) -> tuple[np.ndarray, np.ndarray]:
+    """(tokens, targets) of prompt + response; the response tokens are the ones to score."""
+    return (np.array(prompt + response, dtype=np.int64),
+            np.concatenate([np.zeros(len(prompt), np.uint8), np.ones(len(response), np.uint8)]))
+
+
 class RolloutPhase:
     """Prompts -> scored experience for the objective's step(s); see the module docstring."""
 
@@ -219,18 +225,22 @@ class RolloutPhase:
         """Prompt + response sequences, in order, into micro-batches of at most ``capacity``
         padded token slots; targets on the response tokens. ``where[b]`` = (micro-batch, flat
         index of the sequence's first token, prompt length, sequence length)."""
-        seqs = [(np.array(p + r, dtype=np.int64),
-                 np.concatenate([np.zeros(len(p), np.uint8), np.ones(len(r), np.uint8)])) for p, r in zip(prompts, responses)]
+        seqs = [_sequence(p, r) for p, r in zip(prompts, responses)]
         mbs, where = [], []
         for grp in self._group(seqs):
-            refs = [SeqRef(0, ROLE_UNPAIRED, j, False, len(seqs[i][0])) for j, i in enumerate(grp)]
-            mb = collate_arrays([seqs[i] for i in grp], refs, self.packed, self.pad_multiple, self.pad_id)
+            mb = self._collate(seqs, grp, {})
             row = mb.tokens.shape[-1]
             for j, i in enumerate(grp):
                 start = int(mb.cu_seqlens[j]) if self.packed else j * row
                 where.append((len(mbs), start, len(prompts[i]), len(seqs[i][0])))
             mbs.append(mb)
         return mbs, where
+
+    def _collate(self, seqs, grp: list[int], ext: dict) -> MicroBatch:
+        """Sequences ``grp`` of ``seqs`` (and their per-token ``ext`` arrays) as one micro-batch."""
+        refs = [SeqRef(0, ROLE_UNPAIRED, j, False, len(seqs[i][0])) for j, i in enumerate(grp)]
+        return collate_arrays([seqs[i] for i in grp], refs, self.packed, self.pad_multiple, self.pad_id,
+                              extras={k: [v[i] for i in grp] for k, v in ext.items()})
 
     def _group(self, seqs) -> list[list[int]]:
         """Consecutive sequences per micro-batch under the token-slot capacity."""
@@ -360,8 +370,7 @@ class RolloutPhase:
         for i in idx:
             p, r = prompts[i], responses[i]
             n = len(p) + len(r)
-            seqs.append((np.array(p + r, dtype=np.int64),
-                         np.concatenate([np.zeros(len(p), np.uint8), np.ones(len(r), np.uint8)])))
+            seqs.append(_sequence(p, r))
             for k, v_BT in extras.items():
                 # Token-aligned: response token i is token len(p) + i; values one further.
                 extra = len(r) < v_BT.shape[1] and k in ("token_returns", "token_old_values")
@@ -374,11 +383,7 @@ class RolloutPhase:
                 mask[len(p):len(p) + m] = 1.0
                 ext.setdefault("token_value_mask", []).append(mask)
                 value_positions += m
-        mbs = []
-        for grp in self._group(seqs):
-            refs = [SeqRef(0, ROLE_UNPAIRED, j, False, len(seqs[i][0])) for j, i in enumerate(grp)]
-            mbs.append(collate_arrays([seqs[i] for i in grp], refs, self.packed, self.pad_multiple, self.pad_id,
-                                      extras={k: [v[i] for i in grp] for k, v in ext.items()}))
+        mbs = [self._collate(seqs, grp, ext) for grp in self._group(seqs)]
         n_tok = sum(len(responses[i]) for i in idx)
         c = torch.tensor([len(idx), n_tok, value_positions, sum(len(s[0]) for s in seqs)], dtype=torch.float64,
                          device=self.rt.device)
