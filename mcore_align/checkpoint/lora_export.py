@@ -13,6 +13,9 @@ the weight (``adapter.to_hf``), and every part shares the fused A, because
 * PEFT: ``adapter_model.safetensors`` with keys
   ``base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight`` ... and
   ``adapter_config.json``; ``peft.PeftModel.from_pretrained(hf_base, dir)`` loads it.
+  MoE routed experts (``peft_expert_tensors``): transformers 5 holds them as fused 3-D
+  parameters ``mlp.experts.gate_up_proj`` [E, 2F, H] / ``down_proj`` [E, H, F], which PEFT
+  adapts through ``target_parameters`` (``lora.ParamWrapper``), not ``target_modules``.
 * merged: the base exported with ``convert_mcore_to_hf`` (streaming, in the
   checkpoint's dtype), then each safetensors shard in turn gets
   ``W += lora_alpha / lora_rank * B @ A`` (in fp32) and is cast to the output dtype.
@@ -33,7 +36,7 @@ import torch
 from mcore_align.checkpoint.layout import (atomic_output_dir, check_complete, parse_dtype, read_model_spec,
                                           resolve_checkpoint_dir)
 from mcore_align.models.adapter import adapter_for
-from mcore_align.models.lora import HF_GROUPS, LoRAConfig, resolve_target_modules
+from mcore_align.models.lora import LoRAConfig, resolve_target_modules
 
 log = logging.getLogger(__name__)
 
@@ -133,6 +136,98 @@ def hf_adapters(spec, adapters: dict) -> dict[str, tuple[torch.Tensor, torch.Ten
     return out
 
 
+# decoder.layers.{i}.mlp.experts.local_experts.{e}.linear_fc1 (global expert index e)
+_EXPERT = re.compile(r"^decoder\.layers\.(\d+)\.mlp\.experts\.local_experts\.(\d+)\.(linear_fc1|linear_fc2)$")
+# megatron expert linear -> transformers 5's fused expert parameter (in memory, every MoE family here)
+_FUSED = {"linear_fc1": "gate_up_proj", "linear_fc2": "down_proj"}
+
+
+def peft_expert_tensors(adapters: dict, num_experts: int) -> tuple[dict[str, torch.Tensor], list[str]]:
+    """Expert adapters -> PEFT ``ParamWrapper`` tensors (keys without ``base_model.model.``)
+    and the ``target_parameters`` list.
+
+    PEFT (0.21) adapts a 3-D parameter [E, out, in] with one wrapper holding
+    ``lora_A`` [E*r, in] and ``lora_B`` [out, r*E] (``ParamWrapper.get_delta_weight``:
+    A reshaped (E, r, in), B reshaped (out, r, E)), so expert e's factors are
+    ``A_e = lora_A[e*r:(e+1)*r]`` and ``B_e[:, k] = lora_B[:, k*E + e]``; delta_e =
+    scaling * B_e @ A_e, the megatron adapter's. ``gate_up_proj[e]`` = [gate_e; up_e] =
+    megatron's ``linear_fc1`` rows, so B needs no split. Two parameters of one module are
+    nested wrappers in parameter order: ``gate_up_proj`` inner (``experts.base_layer.lora_*``),
+    ``down_proj`` outer (``experts.lora_*``); one alone is ``experts.lora_*``.
+    """
+    per: dict[tuple[int, str], dict[int, tuple[torch.Tensor, torch.Tensor]]] = {}
+    for module, (A, B) in adapters.items():
+        m = _EXPERT.match(module)
+        if m:
+            per.setdefault((int(m.group(1)), m.group(3)), {})[int(m.group(2))] = (A, B)
+    tensors, params = {}, set()
+    for (i, which), by_e in sorted(per.items()):
+        if sorted(by_e) != list(range(num_experts)):
+            raise KeyError(f"layer {i} {which}: adapters for experts {sorted(by_e)}, expected 0..{num_experts - 1}")
+        A_ErI = torch.stack([by_e[e][0] for e in range(num_experts)])  # [E, r, in]
+        B_ErO = torch.stack([by_e[e][1] for e in range(num_experts)])  # [E, out, r]
+        E, r, _ = A_ErI.shape
+        both = (i, "linear_fc1") in per and (i, "linear_fc2") in per
+        base = f"model.layers.{i}.mlp.experts." + ("base_layer." if both and which == "linear_fc1" else "")
+        tensors[base + "lora_A.weight"] = A_ErI.reshape(E * r, -1).contiguous()
+        tensors[base + "lora_B.weight"] = B_ErO.permute(1, 2, 0).reshape(B_ErO.shape[1], r * E).contiguous()
+        params.add(f"mlp.experts.{_FUSED[which]}")
+    return tensors, sorted(params)
+
+
+def _peft_renamed_targets(model_type: str) -> set[str]:
+    """Module names that peft, on transformers 5, rewrites to fused expert parameters for this
+    model type (``peft.utils.transformers_weight_conversion``: a v4 ``target_modules``
+    ``gate_proj`` becomes ``target_parameters`` ``mlp.experts.gate_up_proj`` at rank 2r, and is
+    dropped from ``target_modules``). A dense MLP's or shared expert's adapter under such a
+    name cannot be expressed."""
+    try:
+        from peft.utils.transformers_weight_conversion import (_MODEL_TO_CONVERSION_PATTERN,
+                                                               _MOE_TARGET_MODULE_MAPPING)
+    except ImportError:  # transformers < 5: no conversion, nothing is renamed
+        return set()
+    return set(_MOE_TARGET_MODULE_MAPPING.get(_MODEL_TO_CONVERSION_PATTERN.get(model_type), {}))
+
+
+def peft_state(spec, cfg: LoRAConfig, adapters: dict) -> tuple[dict[str, torch.Tensor], dict]:
+    """Megatron adapters -> (PEFT tensors keyed ``model.layers...lora_A.weight`` (no
+    ``base_model.model.`` prefix, the adapter name not included), ``LoraConfig`` kwargs).
+
+    ``target_modules`` are the HF leaf names of the adapted non-expert linears,
+    ``target_parameters`` the fused expert parameters. Raises ValueError where PEFT cannot
+    hold the adapters (see ``_peft_renamed_targets``)."""
+    import peft
+    import transformers
+
+    dense = {m: ab for m, ab in adapters.items() if not _EXPERT.match(m)}
+    hf = hf_adapters(spec, dense)
+    tensors = {}
+    for name, (A, B) in hf.items():
+        # A fused megatron linear (qkv, gate+up) has one A: each HF projection gets its own copy.
+        tensors[f"{name}.lora_A.weight"] = A.clone().contiguous()
+        tensors[f"{name}.lora_B.weight"] = B.contiguous()
+    targets = sorted({n.rsplit(".", 1)[-1] for n in hf})
+    expert_tensors, params = peft_expert_tensors(adapters, spec.num_moe_experts or 0)
+    tensors.update(expert_tensors)
+    kwargs = dict(r=cfg.rank, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout, target_modules=targets,
+                  bias="none", task_type="CAUSAL_LM")
+    if params:
+        model_type = spec.hf_config.get("model_type", spec.family)
+        clash = sorted(set(targets) & _peft_renamed_targets(model_type))
+        if clash:
+            where = sorted({n for n in hf if n.rsplit(".", 1)[-1] in clash})
+            raise ValueError(
+                f"PEFT export: the adapters on {where[:3]}{' ...' if len(where) > 3 else ''} cannot be written as "
+                f"PEFT adapters together with expert adapters: peft {peft.__version__} on transformers "
+                f"{transformers.__version__} rewrites target_modules {clash} of model_type {model_type!r} to the "
+                "fused expert parameters (mlp.experts.gate_up_proj / down_proj). Export merged weights instead "
+                "(--lora merged), or train without LoRA on dense MLP layers")
+        # PEFT's ParamWrapper refuses lora_dropout != 0 (dropout cannot be factored out of a
+        # weight delta); dropout is a training-time setting and changes no output at inference.
+        kwargs.update(lora_dropout=0.0, target_parameters=params)
+    return tensors, kwargs
+
+
 def export_peft(ckpt_dir: str | Path, out_dir: str | Path, *, base_model_name_or_path: str | None = None,
                 dtype: str | torch.dtype | None = None, overwrite: bool = False) -> Path:
     """Write a PEFT LoRA adapter directory (adapter_model.safetensors + adapter_config.json)."""
@@ -141,20 +236,13 @@ def export_peft(ckpt_dir: str | Path, out_dir: str | Path, *, base_model_name_or
 
     path = check_complete(resolve_checkpoint_dir(ckpt_dir))
     cfg, base, adapters = read_lora_checkpoint(path)
-    hf = hf_adapters(read_model_spec(path), adapters)
-    tensors = {}
-    for name, (A, B) in hf.items():
-        out_dtype = parse_dtype(dtype) or A.dtype
-        # A fused megatron linear (qkv, gate+up) has one A: each HF projection gets its own copy.
-        tensors[f"base_model.model.{name}.lora_A.weight"] = A.to(out_dtype).clone().contiguous()
-        tensors[f"base_model.model.{name}.lora_B.weight"] = B.to(out_dtype).contiguous()
-    targets = sorted({h for m in cfg.targets for h in HF_GROUPS[m]})
-    peft_cfg = LoraConfig(r=cfg.rank, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout, target_modules=targets,
-                          bias="none", task_type="CAUSAL_LM", base_model_name_or_path=base_model_name_or_path or base)
+    state, kwargs = peft_state(read_model_spec(path), cfg, adapters)
+    tensors = {f"base_model.model.{k}": t.to(parse_dtype(dtype) or t.dtype).contiguous() for k, t in state.items()}
+    peft_cfg = LoraConfig(**kwargs, base_model_name_or_path=base_model_name_or_path or base)
     with atomic_output_dir(out_dir, overwrite) as tmp:
         save_file(tensors, tmp / "adapter_model.safetensors", metadata={"format": "pt"})
         peft_cfg.save_pretrained(str(tmp))
-    log.info("exported PEFT adapters of %s (%d modules) -> %s", path, len(hf), out_dir)
+    log.info("exported PEFT adapters of %s (%d modules) -> %s", path, len(adapters), out_dir)
     return Path(out_dir)
 
 

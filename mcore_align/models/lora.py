@@ -42,6 +42,29 @@ Export splits B rows with the family's weight adapter (``checkpoint/lora_export.
 Where this departs from PEFT: q/k/v (and gate/up) share one A, since megatron fuses
 them into one matmul; PEFT's separate q_proj/k_proj/v_proj adapters receive copies of
 that A, which computes the same function.
+
+MoE expert linears (``mlp.experts.local_experts.{e}.linear_fc1`` / ``linear_fc2`` of
+megatron's ``SequentialMLP``; the shared expert is an ordinary MLP and takes the dense
+path above). Each expert gets its own adapter (one A for gate+up, like PEFT's
+``target_parameters`` adapter on transformers' fused ``gate_up_proj``). Three things differ:
+
+* Expert tensor parallelism (ETP group, not TP): the token dispatcher already all-gathers
+  the tokens over ETP before the experts and reduce-scatters their output after, and
+  megatron's expert linears do no communication of their own (``explicit_expert_comm``).
+  So the adapter does none in the forward either: a column adapter computes
+  ``y_t += s B_t (A x)`` on the full token set of its ETP rank; a row adapter adds its
+  partial ``s B (A_t x_t)`` to the partial base output, which the dispatcher sums. The
+  replicated factor (A of fc1, B of fc2) then has a partial gradient on each ETP rank:
+  it enters through ``copy_to_tensor_model_parallel_region(., etp)`` (identity forward,
+  all-reduce of its gradient), while the input gradient stays partial, as the base
+  layer's does, for the dispatcher's reduce-scatter to sum.
+* Gradient reduction: at EP > 1 megatron marks expert weights ``allreduce=False``; DDP
+  puts them in its expert-parallel buffers, reduced over the expert-data-parallel group,
+  and the optimizer gives them its expert optimizer. The adapters copy the attribute of
+  their base weight, so they go the same way (EP=2 computes what EP=1 does).
+* Names: megatron names experts by local index; adapters are named, seeded and saved by
+  the global index (``global_module_name``), so every EP layout starts from the same
+  adapters and a checkpoint resumes (and exports) at any EP.
 """
 from __future__ import annotations
 
@@ -134,15 +157,20 @@ class LoRA(nn.Module):
     """
 
     def __init__(self, kind: str, A: torch.Tensor, out_features: int, cfg: LoRAConfig, tp_group,
-                 sequence_parallel: bool):
+                 sequence_parallel: bool, expert_allreduce: bool | None = None):
+        """``tp_group``: the linear's TP group (for an expert linear: the expert-TP group).
+        ``expert_allreduce``: None for a dense linear; for an expert linear, its base weight's
+        ``allreduce`` attribute (False at EP > 1: reduced over the expert-data-parallel group)."""
         from megatron.core.tensor_parallel.layers import set_tensor_model_parallel_attributes
 
         super().__init__()
         assert kind in ("column", "row"), kind
         self.kind = kind
+        self.expert = expert_allreduce is not None
         self.scaling = cfg.scaling
         self.tp_group = tp_group
-        self.sequence_parallel = sequence_parallel and tp_group.size() > 1
+        # Expert linears never see sequence-split input: the dispatcher gathers the tokens.
+        self.sequence_parallel = sequence_parallel and tp_group.size() > 1 and not self.expert
         self.dropout = nn.Dropout(cfg.dropout) if cfg.dropout > 0 else nn.Identity()
         self.enabled = True
         self.A = nn.Parameter(A)
@@ -151,11 +179,27 @@ class LoRA(nn.Module):
         set_tensor_model_parallel_attributes(split, True, 0 if kind == "column" else 1, 1)
         if self.sequence_parallel:  # partial over TP: finalize_model_grads all-reduces it
             replicated.sequence_parallel = True
+        if self.expert:
+            for p in (self.A, self.B):
+                p.allreduce = expert_allreduce
+            if tp_group.size() == 1:
+                # Not a duplicate of anything: megatron's grad norm skips replicated params on dense-TP
+                # ranks > 0 (param_is_not_tensor_parallel_duplicate uses the dense TP group), which would
+                # drop this rank's own expert adapters at TP > 1 with ETP = 1.
+                set_tensor_model_parallel_attributes(replicated, True, 0, 1)
 
     def delta(self, x: torch.Tensor) -> torch.Tensor:
         """scaling * B A dropout(x), laid out like the base layer's output."""
         from megatron.core.tensor_parallel import mappings as M
 
+        if self.expert:  # x [tokens of this expert, in(/ETP)]; no communication (see module doc)
+            A, B = self.A, self.B
+            if self.tp_group.size() > 1:  # the replicated factor's gradient is partial over ETP
+                if self.kind == "column":
+                    A = M.copy_to_tensor_model_parallel_region(A, group=self.tp_group)
+                else:
+                    B = M.copy_to_tensor_model_parallel_region(B, group=self.tp_group)
+            return F.linear(F.linear(self.dropout(x), A), B) * self.scaling
         h = F.linear(self.dropout(x), self.A)  # [s(/T), b, r]
         if self.kind == "column":
             if self.sequence_parallel:
@@ -193,11 +237,35 @@ def init_A(global_name: str, rank: int, in_features: int, seed: int, dtype: torc
 
 
 def global_module_name(chunk, local_name: str) -> str:
-    """``decoder.layers.{local}.x`` -> ``decoder.layers.{global}.x`` (PP/VPP offsets)."""
+    """``decoder.layers.{local}.x`` -> ``decoder.layers.{global}.x`` (PP/VPP offsets), and
+    ``mlp.experts.local_experts.{local}`` -> ``{global}`` (EP: rank p of P holds experts
+    p*E/P .. (p+1)*E/P - 1; e.g. E=4, EP=2: local 1 on EP rank 1 is expert 3)."""
     m = re.match(r"decoder\.layers\.(\d+)\.(.*)", local_name)
     assert m, local_name
     layer = chunk.decoder.layers[int(m.group(1))]
-    return f"decoder.layers.{layer.layer_number - 1}.{m.group(2)}"
+    rest = m.group(2)
+    e = re.match(r"mlp\.experts\.local_experts\.(\d+)(\..*)?$", rest)
+    if e:
+        experts = layer.mlp.experts
+        g = experts.ep_group.rank() * experts.num_local_experts + int(e.group(1))
+        rest = f"mlp.experts.local_experts.{g}{e.group(2) or ''}"
+    return f"decoder.layers.{layer.layer_number - 1}.{rest}"
+
+
+def _check_expert_tp_group(etp, global_name: str) -> None:
+    """ETP > 1 must be the dense TP group's ranks: megatron's grad norm counts a replicated
+    parameter on dense-TP rank 0 only, which is one ETP rank only if the groups coincide
+    (ETP = TP, megatron's default; ETP = 1 needs nothing)."""
+    import torch.distributed as dist
+    from megatron.core import parallel_state
+
+    if etp.size() == 1:
+        return
+    tp = parallel_state.get_tensor_model_parallel_group()
+    if dist.get_process_group_ranks(etp) != dist.get_process_group_ranks(tp):
+        raise NotImplementedError(
+            f"LoRA on expert linears ({global_name}) needs expert_tensor_parallel_size equal to 1 or to "
+            f"tensor_model_parallel_size (got ETP={etp.size()}, TP={tp.size()})")
 
 
 def attach_lora(mod, global_name: str, cfg: LoRAConfig, *, seed: int) -> LoRA:
@@ -208,15 +276,20 @@ def attach_lora(mod, global_name: str, cfg: LoRAConfig, *, seed: int) -> LoRA:
         raise NotImplementedError(
             f"LoRA wraps megatron's local-spec ColumnParallelLinear/RowParallelLinear; {global_name} is "
             f"{type(mod).__name__} (Transformer Engine spec: not supported yet)")
-    w, tp = mod.weight, mod.tp_group
+    w, tp = mod.weight, mod.tp_group  # expert linears: tp is the expert-TP group
+    expert_allreduce = None
+    if getattr(mod, "is_expert", False):
+        expert_allreduce = getattr(w, "allreduce", True)
+        _check_expert_tp_group(tp, global_name)
     A_full = init_A(global_name, cfg.rank, mod.input_size, seed, w.dtype)
     if isinstance(mod, ColumnParallelLinear):
         assert not mod.gather_output, global_name  # the LoRA output is added in the split layout
-        lora = LoRA("column", A_full, mod.output_size_per_partition, cfg, tp, mod.sequence_parallel)
+        lora = LoRA("column", A_full, mod.output_size_per_partition, cfg, tp, mod.sequence_parallel,
+                    expert_allreduce)
     else:
         assert mod.input_is_parallel, global_name
         A = A_full.chunk(tp.size(), dim=1)[tp.rank()].contiguous()  # [r, in/T]
-        lora = LoRA("row", A, mod.output_size, cfg, tp, mod.sequence_parallel)
+        lora = LoRA("row", A, mod.output_size, cfg, tp, mod.sequence_parallel, expert_allreduce)
     mod.lora = lora.to(w.device)
     mod.register_forward_hook(_lora_hook)
     return lora
@@ -231,13 +304,9 @@ def apply_lora(chunks, cfg: LoRAConfig, *, seed: int) -> list[str]:
     adapted = []
     for chunk in chunks:
         chunk.requires_grad_(False)
+        # Names match by their last part: linear_fc1 is the dense MLP's, the shared expert's and
+        # every routed expert's (docs/lora.md, MoE). The router is not a target.
         targets = [(name, mod) for name, mod in chunk.named_modules() if name.rsplit(".", 1)[-1] in cfg.targets]
-        experts = [name for name, _ in targets if ".experts." in name or ".shared_experts." in name]
-        if experts:  # checked before any adapter is attached
-            # Expert parameters are reduced over the expert-data-parallel group and named by
-            # local expert index; adapters on them would be neither (MoE, docs/moe.md).
-            raise ValueError(f"LoRA on MoE expert linears is not supported ({experts[0]}, ...); "
-                             "target attention only (lora_target_modules=DEFAULT)")
         for name, mod in targets:
             gname = global_module_name(chunk, name)
             attach_lora(mod, gname, cfg, seed=seed)
@@ -283,10 +352,12 @@ def adapter_sharded_state_dict(chunk) -> dict:
     from megatron.core.dist_checkpointing.mapping import ShardedTensor
     from megatron.core.transformer.mlp import apply_swiglu_sharded_factory
 
-    dp = parallel_state.get_data_parallel_rank(with_context_parallel=True)
+    dense_dp = parallel_state.get_data_parallel_rank(with_context_parallel=True)
     sd = {}
     for name, lora in lora_modules(chunk):
+        # Experts: one key per global expert index, split over ETP, replicated over expert-DP.
         g = global_module_name(chunk, name)
+        dp = parallel_state.get_expert_data_parallel_rank() if lora.expert else dense_dp
         t, T = lora.tp_group.rank(), lora.tp_group.size()
         kA, kB = f"{g}.lora_A.weight", f"{g}.lora_B.weight"
         if lora.kind == "column":

@@ -276,19 +276,111 @@ def test_gradients_equal_transformers_autograd(converted, name):
     assert any(".experts." in n for n in adapter.hf_names()) and any("mlp.gate.weight" in n for n in adapter.hf_names())
 
 
-def test_lora_on_expert_linears_is_refused_attention_only_works(converted):
+def _lora_model(converted, name: str, targets: str):
+    """World-size-1 megatron model of ``name`` with LoRA (r=4, alpha=8) on ``targets`` and
+    random non-zero adapters: (spec, model, {global module name: LoRA})."""
+    from mcore_align.checkpoint import load_model_weights
     from mcore_align.checkpoint.layout import init_single_process
-    from mcore_align.models.lora import PRESETS, LoRAConfig, apply_lora
+    from mcore_align.models.lora import LoRAConfig, apply_lora, global_module_name, lora_modules, resolve_target_modules
     from mcore_align.models.provider import ModelOptions, build_model
 
-    spec = read_model_spec(converted / "qwen2_moe" / "mc")
-    rt = init_single_process()
-    opts = ModelOptions(core_attention="megatron", transformer_impl="local")
-    with pytest.raises(ValueError,
-                       match=r"LoRA on MoE expert linears is not supported \(decoder.layers.1.mlp.experts"):
-        apply_lora(build_model(spec, rt, opts=opts), LoRAConfig(targets=PRESETS["ALL"]), seed=0)
-    adapted = apply_lora(build_model(spec, rt, opts=opts), LoRAConfig(), seed=0)
-    assert adapted and all("self_attention" in n for n in adapted), adapted
+    mc = converted / name / "mc"
+    spec = read_model_spec(mc)
+    (model,) = build_model(spec, init_single_process(), opts=ModelOptions(core_attention="megatron",
+                                                                          transformer_impl="local"))
+    load_model_weights([model], mc)
+    cfg = LoRAConfig(rank=4, alpha=8, dropout=0.0, targets=resolve_target_modules(targets))
+    apply_lora([model], cfg, seed=0)
+    gen = torch.Generator().manual_seed(2)
+    loras = {}
+    for local, lora in lora_modules(model):
+        with torch.no_grad():
+            lora.A.copy_(torch.randn(lora.A.shape, generator=gen) * 0.3)
+            lora.B.copy_(torch.randn(lora.B.shape, generator=gen) * 0.3)
+        loras[global_module_name(model, local)] = lora
+    return spec, cfg, model, loras
+
+
+@pytest.mark.parametrize("name", ["qwen3_moe", "mixtral", "qwen2_moe"])
+def test_expert_lora_equals_peft_logits_and_autograd(converted, name):
+    """LoRA on every linear (routed experts; Qwen2-MoE also its shared expert and dense layer 0)
+    with random adapters. The PEFT form of the adapters (``peft_state``: fused experts through
+    ``target_parameters``) loaded into the transformers model by peft itself gives megatron's
+    logits, and peft's autograd gives megatron's gradient for every adapter factor (q/k/v and
+    gate/up share one A in megatron: the sum of PEFT's copies' gradients)."""
+    from peft import LoraConfig, get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
+    from transformers import AutoModelForCausalLM
+
+    from mcore_align.checkpoint.lora_export import _EXPERT, hf_adapters, peft_expert_tensors, peft_state
+
+    spec, cfg, model, loras = _lora_model(converted, name, "ALL")
+    experts = [g for g in loras if _EXPERT.match(g)]
+    assert len(experts) == 2 * spec.num_moe_experts * sum(spec.moe_layer_pattern), sorted(loras)
+    gen = torch.Generator().manual_seed(1)
+    tokens = torch.randint(0, spec.vocab_size, (2, 24), generator=gen)
+    w = torch.randn(2, 24, spec.vocab_size, generator=gen)
+    model.train()
+    logits = model(tokens, torch.arange(24)[None], attention_mask=None)
+    (logits * w).sum().backward()
+
+    state, kwargs = peft_state(spec, cfg, {g: (l.A.detach(), l.B.detach()) for g, l in loras.items()})
+    assert kwargs["target_parameters"] == ["mlp.experts.down_proj", "mlp.experts.gate_up_proj"], kwargs
+    assert not {"gate_proj", "up_proj", "down_proj", "w1", "w2", "w3"} & set(kwargs["target_modules"]) or \
+        name == "qwen2_moe", kwargs  # qwen2_moe: the shared expert and the dense layer 0
+    hf = AutoModelForCausalLM.from_pretrained(converted / name / "hf", dtype=torch.float32)
+    peft_model = get_peft_model(hf, LoraConfig(**kwargs))
+    # Exactly the tensors (names, shapes) peft creates for this config.
+    own = {k: tuple(v.shape) for k, v in get_peft_model_state_dict(peft_model).items()}
+    assert own == {f"base_model.model.{k}": tuple(v.shape) for k, v in state.items()}
+    set_peft_model_state_dict(peft_model, {f"base_model.model.{k}": v for k, v in state.items()})
+    peft_model.train()
+    ref = peft_model(tokens).logits
+    scale = ref.abs().max()
+    assert (logits - ref).abs().max() / scale < 1e-4
+    (ref * w).sum().backward()
+    grads = {n.replace(".default", ""): p.grad for n, p in peft_model.named_parameters() if p.requires_grad}
+    grads = {n[len("base_model.model."):]: g for n, g in grads.items()}
+
+    def close(got, want, what):
+        err = (got - want).abs().max() / want.abs().max().clamp_min(1e-6)
+        assert err < 1e-4, (what, err.item())
+
+    checked = set()
+    for g, lora in loras.items():
+        if g in experts:
+            continue
+        parts = hf_adapters(spec, {g: (lora.A.grad, lora.B.grad)})
+        close(sum(grads[f"{n}.lora_A.weight"] for n in parts), lora.A.grad, g + " A")
+        for n, (_, B_part) in parts.items():
+            close(B_part, grads[f"{n}.lora_B.weight"], n + " B")
+            checked |= {f"{n}.lora_A.weight", f"{n}.lora_B.weight"}
+    fused, _ = peft_expert_tensors({g: (loras[g].A.grad, loras[g].B.grad) for g in experts}, spec.num_moe_experts)
+    for k, want in fused.items():
+        close(want, grads[k], k)
+        checked.add(k)
+    assert checked == set(grads), sorted(set(grads) ^ checked)
+    assert all(g.abs().max() > 0 for g in fused.values())
+
+
+def test_expert_lora_attributes_and_peft_refusal(converted):
+    """Expert adapters carry their base weight's reduction attribute and are named by global
+    expert index; attention-only LoRA still works; and the PEFT form is refused where peft
+    cannot hold it: Qwen3-MoE with a dense MLP layer (mlp_only_layers) and adapters on it,
+    whose gate_proj peft would rewrite to the fused expert parameter."""
+    from mcore_align.checkpoint.lora_export import peft_state
+
+    spec, cfg, model, loras = _lora_model(converted, "qwen3_moe_nonorm", "ALL")
+    fc1 = loras["decoder.layers.1.mlp.experts.local_experts.3.linear_fc1"]
+    base_w = model.decoder.layers[1].mlp.experts.local_experts[3].linear_fc1.weight
+    assert fc1.expert and fc1.A.allreduce == fc1.B.allreduce == getattr(base_w, "allreduce", True)
+    assert "decoder.layers.0.mlp.linear_fc1" in loras and not loras["decoder.layers.0.mlp.linear_fc1"].expert
+    with pytest.raises(ValueError, match=r"model.layers.0.mlp.down_proj.*rewrites target_modules "
+                                         r"\['down_proj', 'gate_proj', 'up_proj'\] of model_type 'qwen3_moe'.*--lora merged"):
+        peft_state(spec, cfg, {g: (l.A, l.B) for g, l in loras.items()})
+    spec, cfg, model, loras = _lora_model(converted, "qwen3_moe_nonorm", "DEFAULT")
+    assert loras and all("self_attention" in n for n in loras), sorted(loras)
+    _, kwargs = peft_state(spec, cfg, {g: (l.A, l.B) for g, l in loras.items()})
+    assert kwargs["target_modules"] == ["k_proj", "q_proj", "v_proj"] and "target_parameters" not in kwargs
 
 
 def test_aux_loss_runs_on_cpu_and_reaches_the_router(converted):
