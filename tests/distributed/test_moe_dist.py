@@ -70,3 +70,32 @@ def test_export_of_checkpoint_saved_at_ep2_matches_trained_model(results, root, 
     scale = ref.abs().max()
     assert (saved["logits"] - ref).abs().max() / scale < 1e-4
     assert (base - ref).abs().max() / scale > 1e-3
+
+
+def test_lora_exports_of_ep2_checkpoint_match_trained_model(results, root, tmp_path):
+    """LoRA DPO with expert adapters saved at EP=2: merged HF weights (expert adapters folded
+    into each expert's gate/up/down) and base + PEFT adapters (experts through
+    target_parameters) both compute the trained megatron model's logits."""
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from mcore_align.checkpoint.lora_export import export_merged, export_peft
+
+    results.check("case_lora_dpo_moe_ep2_matches_dp2")
+    saved = torch.load(root / "lora_ep2_logits.pt")
+    tokens, expected = saved["tokens"], saved["logits"]
+    scale = expected.abs().max()
+    export_merged(saved["save"], tmp_path / "merged")
+    export_peft(saved["save"], tmp_path / "peft")
+    cfg = json.loads((tmp_path / "peft" / "adapter_config.json").read_text())
+    assert sorted(cfg["target_parameters"]) == ["mlp.experts.down_proj", "mlp.experts.gate_up_proj"], cfg
+    assert set(cfg["target_modules"]) == {"q_proj", "k_proj", "v_proj", "o_proj"} and cfg["lora_dropout"] == 0.0
+    with torch.no_grad():
+        merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged", dtype=torch.float32).eval()(tokens).logits
+        base_model = AutoModelForCausalLM.from_pretrained(root / "qwen3_moe" / "hf", dtype=torch.float32).eval()
+        base = base_model(tokens).logits
+        peft = PeftModel.from_pretrained(base_model, tmp_path / "peft").eval()(tokens).logits
+    assert (merged - expected).abs().max() / scale < 1e-4
+    assert (peft - expected).abs().max() / scale < 1e-4
+    assert (base - expected).abs().max() / scale > 1e-3  # training moved the adapters

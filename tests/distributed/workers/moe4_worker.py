@@ -60,3 +60,20 @@ def case_dpo_moe_tp2_etp2_ep2_matches_dp2():
         # SP pads each sequence to a multiple of TP and the experts process (and the metric
         # counts) those few padding positions too: close, not equal.
         assert abs(a["moe/load_imbalance"] - b["moe/load_imbalance"]) <= 1e-2, (dp, ep)
+
+
+def case_lora_dpo_moe_tp2_ep2_etp1_matches_dp2():
+    """Expert adapters at TP=2 + SP x EP=2 with ETP=1: each rank's expert adapters are whole
+    (not duplicates over the dense TP group, which megatron's grad norm would otherwise count
+    on TP rank 0 only); same losses and pre-clip grad norms as the 2-rank LoRA DP=2 run."""
+    import json
+
+    from tests.distributed.workers.moe_worker import ROOT, _same_history, _train_lora
+
+    if not (ROOT / "lora_dp2.json").exists():
+        from tests.dist_utils import SkipCase
+
+        raise SkipCase("the 2-rank LoRA DP=2 run left no history")
+    got = _train_lora("tp2_ep2_etp1", "tensor_model_parallel_size=2", "sequence_parallel=true",
+                      "expert_model_parallel_size=2", "expert_tensor_parallel_size=1")
+    _same_history(json.loads((ROOT / "lora_dp2.json").read_text()), got)
