@@ -93,7 +93,9 @@ HF_GROUPS = {
 }
 PRESETS = {
     "DEFAULT": ("linear_qkv",),  # ms-swift's DEFAULT: attention q/k/v
-    "ALL": ("linear_qkv", "linear_proj", "linear_fc1", "linear_fc2"),  # every linear layer
+    # every linear layer; on MoE models also each routed expert and the shared expert (names match
+    # by their last part), never the router (ms-swift: all-linear; docs/lora.md)
+    "ALL": ("linear_qkv", "linear_proj", "linear_fc1", "linear_fc2"),
 }
 
 
