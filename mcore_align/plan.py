@@ -224,13 +224,27 @@ def stage_layer_params(spec: ModelSpec, lay: "Layout", stage: int) -> tuple[int,
     return dense, experts
 
 
-def lora_layer_params(spec: ModelSpec, tp: int, rank: int, targets: Sequence[str]) -> int:
-    """Adapter parameters of one layer on one TP rank (A/B layout of models/lora.py)."""
+def lora_layer_params(spec: ModelSpec, tp: int, rank: int, targets: Sequence[str],
+                      moe: "Layout | None" = None) -> int:
+    """Adapter parameters of one layer on one TP rank (A/B layout of models/lora.py).
+    ``moe``: the layout, for a MoE layer, whose MLP targets are the rank's E / EP experts
+    (split by ETP) and the shared expert (by TP) instead of a dense MLP."""
     h, a, g, d, f = (spec.hidden_size, spec.num_attention_heads, spec.num_query_groups, spec.head_dim,
                      spec.ffn_hidden_size)
+
+    def mlp(ffn: int, t: int) -> dict[str, int]:  # column fc1 [2F, h], row fc2 [h, F], split over t
+        return {"linear_fc1": rank * h + 2 * ffn // t * rank, "linear_fc2": rank * ffn // t + h * rank}
+
     # column: A [r, in] replicated, B [out/TP, r]; row: A [r, in/TP], B [out, r] replicated
-    sizes = {"linear_qkv": rank * h + (a + 2 * g) * d // tp * rank, "linear_fc1": rank * h + 2 * f // tp * rank,
-             "linear_proj": rank * (a * d) // tp + h * rank, "linear_fc2": rank * f // tp + h * rank}
+    sizes = {"linear_qkv": rank * h + (a + 2 * g) * d // tp * rank, "linear_proj": rank * (a * d) // tp + h * rank}
+    if moe is None:
+        sizes.update(mlp(f, tp))
+    else:
+        experts = mlp(spec.moe_ffn_hidden_size, moe.expert_tp)
+        shared = mlp(spec.moe_shared_expert_intermediate_size or 0, tp)
+        for t in experts:
+            sizes[t] = spec.num_moe_experts // moe.ep * experts[t] + (shared[t] if spec.moe_shared_expert_intermediate_size
+                                                                      else 0)
     return sum(sizes[t] for t in targets)
 
 
@@ -253,8 +267,9 @@ def stage_params(spec: ModelSpec, lay: Layout, stage: int) -> tuple[int, int]:
             n += V // tp * h  # output layer
         elif not first:
             n += V // tp * h  # tied: the last stage holds its own copy, kept in sync by megatron
-    adapters = _stage_layers(spec, lay) * lora_layer_params(spec, tp, lay.lora_rank, lay.lora_targets) \
-        if lay.lora_rank else 0
+    n_layers = _stage_layers(spec, lay)
+    adapters = sum(lora_layer_params(spec, tp, lay.lora_rank, lay.lora_targets, lay if _is_moe(spec, i) else None)
+                   for i in range(stage * n_layers, (stage + 1) * n_layers)) if lay.lora_rank else 0
     return n, adapters
 
 

@@ -326,6 +326,8 @@ def case_lora_experts_b0_is_base_and_layouts_agree():
     """B = 0 gives the base model bit for bit at EP=2; random adapters (the same full factors
     at every layout, experts by global index) give the same logits at DP=2 (EP=1), EP=2 and
     TP=2 + SP (experts split over ETP=2), for Qwen3-MoE and Qwen2-MoE (shared expert)."""
+    import dataclasses
+
     import torch
 
     from mcore_align.checkpoint import load_model_weights
@@ -333,10 +335,13 @@ def case_lora_experts_b0_is_base_and_layouts_agree():
     from mcore_align.models.lora import PRESETS, LoRAConfig, adapters_disabled, apply_lora
     from tests.distributed.workers.lora_worker import _set_full_adapters
 
+    from mcore_align.plan import Layout, stage_params
+
     tokens = torch.randint(0, 512, (2, 24), generator=torch.Generator().manual_seed(0))
     cfg = LoRAConfig(rank=4, alpha=8, dropout=0.0, targets=PRESETS["ALL"])
     layouts = {"ep1": {}, "ep2": dict(expert_model_parallel_size=2),
                "tp2_sp": dict(tensor_model_parallel_size=2, sequence_parallel=True)}
+    plans = {"ep1": Layout(dp=2), "ep2": Layout(dp=2, ep=2), "tp2_sp": Layout(tp=2, sequence_parallel=True)}
     for name in ("qwen3_moe", "qwen2_moe"):
         got = {}
         for key, layout in layouts.items():
@@ -346,6 +351,10 @@ def case_lora_experts_b0_is_base_and_layouts_agree():
             load_model_weights(chunks, ROOT / name / "mc")
             adapted = apply_lora(chunks, cfg, seed=0)
             assert any(".experts.local_experts." in n for n in adapted), adapted
+            # The memory planner counts the adapters this rank holds (experts / EP, split by ETP).
+            n_adapter = sum(p.numel() for c in chunks for p in c.parameters() if p.requires_grad)
+            lay = dataclasses.replace(plans[key], lora_rank=4, lora_targets=cfg.targets)
+            assert n_adapter == stage_params(read_model_spec(ROOT / name / "mc"), lay, 0)[1], (name, key, n_adapter)
             with adapters_disabled(chunks):
                 base = megatron_logits(chunks, tokens, rt)
             assert torch.equal(megatron_logits(chunks, tokens, rt), base)  # B = 0
@@ -446,3 +455,25 @@ def case_lora_dpo_moe_tp2_sp_etp2_matches_dp2():
 
     got = _train_lora("tp2_sp", "tensor_model_parallel_size=2", "sequence_parallel=true")
     _same_history(json.loads((ROOT / "lora_dp2.json").read_text()), got)
+
+
+def case_lora_ep2_checkpoint_loads_at_dp2_and_tp2_sp():
+    """The LoRA checkpoint saved at EP=2 (expert adapters stored by global expert index) loads
+    at EP=1 (DP=2) and at TP=2 + SP (experts split over ETP=2): the trained model's logits."""
+    import torch
+
+    from mcore_align.checkpoint.lora_export import load_lora_model
+    from mcore_align.checkpoint.verify import megatron_logits
+    from tests.dist_utils import SkipCase
+
+    if not (ROOT / "lora_ep2_logits.pt").exists():
+        raise SkipCase("the LoRA EP=2 run left no checkpoint")
+    saved = torch.load(ROOT / "lora_ep2_logits.pt")
+    for layout in ({}, dict(tensor_model_parallel_size=2, sequence_parallel=True)):
+        rt = initialize(ParallelConfig(**layout), device="cpu")
+        chunks = build_model(read_model_spec(ROOT / "qwen3_moe" / "mc"), rt,
+                             opts=ModelOptions(core_attention="megatron", transformer_impl="local"))
+        load_lora_model(chunks, saved["save"])
+        logits = megatron_logits(chunks, saved["tokens"], rt)
+        err = (logits - saved["logits"]).abs().max() / saved["logits"].abs().max()
+        assert err < 1e-5, (layout, err.item())
