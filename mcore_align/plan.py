@@ -241,10 +241,10 @@ def lora_layer_params(spec: ModelSpec, tp: int, rank: int, targets: Sequence[str
         sizes.update(mlp(f, tp))
     else:
         experts = mlp(spec.moe_ffn_hidden_size, moe.expert_tp)
-        shared = mlp(spec.moe_shared_expert_intermediate_size or 0, tp)
+        fs = spec.moe_shared_expert_intermediate_size
+        shared = mlp(fs, tp) if fs else {"linear_fc1": 0, "linear_fc2": 0}
         for t in experts:
-            sizes[t] = spec.num_moe_experts // moe.ep * experts[t] + (shared[t] if spec.moe_shared_expert_intermediate_size
-                                                                      else 0)
+            sizes[t] = spec.num_moe_experts // moe.ep * experts[t] + shared[t]
     return sum(sizes[t] for t in targets)
 
 

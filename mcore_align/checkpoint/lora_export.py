@@ -137,7 +137,7 @@ def hf_adapters(spec, adapters: dict) -> dict[str, tuple[torch.Tensor, torch.Ten
 
 
 # decoder.layers.{i}.mlp.experts.local_experts.{e}.linear_fc1 (global expert index e)
-_EXPERT = re.compile(r"^decoder\.layers\.(\d+)\.mlp\.experts\.local_experts\.(\d+)\.(linear_fc1|linear_fc2)$")
+EXPERT_MODULE = re.compile(r"^decoder\.layers\.(\d+)\.mlp\.experts\.local_experts\.(\d+)\.(linear_fc1|linear_fc2)$")
 # megatron expert linear -> transformers 5's fused expert parameter (in memory, every MoE family here)
 _FUSED = {"linear_fc1": "gate_up_proj", "linear_fc2": "down_proj"}
 
@@ -157,7 +157,7 @@ def peft_expert_tensors(adapters: dict, num_experts: int) -> tuple[dict[str, tor
     """
     per: dict[tuple[int, str], dict[int, tuple[torch.Tensor, torch.Tensor]]] = {}
     for module, (A, B) in adapters.items():
-        m = _EXPERT.match(module)
+        m = EXPERT_MODULE.match(module)
         if m:
             per.setdefault((int(m.group(1)), m.group(3)), {})[int(m.group(2))] = (A, B)
     tensors, params = {}, set()
@@ -199,7 +199,7 @@ def peft_state(spec, cfg: LoRAConfig, adapters: dict) -> tuple[dict[str, torch.T
     import peft
     import transformers
 
-    dense = {m: ab for m, ab in adapters.items() if not _EXPERT.match(m)}
+    dense = {m: ab for m, ab in adapters.items() if not EXPERT_MODULE.match(m)}
     hf = hf_adapters(spec, dense)
     tensors = {}
     for name, (A, B) in hf.items():

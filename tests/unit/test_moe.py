@@ -311,10 +311,10 @@ def test_expert_lora_equals_peft_logits_and_autograd(converted, name):
     from peft import LoraConfig, get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
     from transformers import AutoModelForCausalLM
 
-    from mcore_align.checkpoint.lora_export import _EXPERT, hf_adapters, peft_expert_tensors, peft_state
+    from mcore_align.checkpoint.lora_export import EXPERT_MODULE, hf_adapters, peft_expert_tensors, peft_state
 
     spec, cfg, model, loras = _lora_model(converted, name, "ALL")
-    experts = [g for g in loras if _EXPERT.match(g)]
+    experts = [g for g in loras if EXPERT_MODULE.match(g)]
     assert len(experts) == 2 * spec.num_moe_experts * sum(spec.moe_layer_pattern), sorted(loras)
     gen = torch.Generator().manual_seed(1)
     tokens = torch.randint(0, spec.vocab_size, (2, 24), generator=gen)
@@ -374,8 +374,9 @@ def test_expert_lora_attributes_and_peft_refusal(converted):
     base_w = model.decoder.layers[1].mlp.experts.local_experts[3].linear_fc1.weight
     assert fc1.expert and fc1.A.allreduce == fc1.B.allreduce == getattr(base_w, "allreduce", True)
     assert "decoder.layers.0.mlp.linear_fc1" in loras and not loras["decoder.layers.0.mlp.linear_fc1"].expert
-    with pytest.raises(ValueError, match=r"model.layers.0.mlp.down_proj.*rewrites target_modules "
-                                         r"\['down_proj', 'gate_proj', 'up_proj'\] of model_type 'qwen3_moe'.*--lora merged"):
+    message = (r"model.layers.0.mlp.down_proj.*rewrites target_modules \['down_proj', 'gate_proj', 'up_proj'\] "
+               r"of model_type 'qwen3_moe'.*--lora merged")
+    with pytest.raises(ValueError, match=message):
         peft_state(spec, cfg, {g: (l.A, l.B) for g, l in loras.items()})
     spec, cfg, model, loras = _lora_model(converted, "qwen3_moe_nonorm", "DEFAULT")
     assert loras and all("self_attention" in n for n in loras), sorted(loras)

@@ -77,3 +77,24 @@ def case_lora_dpo_moe_tp2_ep2_etp1_matches_dp2():
     got = _train_lora("tp2_ep2_etp1", "tensor_model_parallel_size=2", "sequence_parallel=true",
                       "expert_model_parallel_size=2", "expert_tensor_parallel_size=1")
     _same_history(json.loads((ROOT / "lora_dp2.json").read_text()), got)
+
+
+def case_lora_on_experts_refused_when_etp_is_not_tp():
+    """TP=1, ETP=2, EP=2: the replicated expert-adapter factor would be counted twice by
+    megatron's grad norm (which de-duplicates by the dense TP group): refused by name."""
+    from mcore_align.checkpoint import read_model_spec
+    from mcore_align.models.lora import PRESETS, LoRAConfig, apply_lora
+    from mcore_align.models.provider import ModelOptions, build_model
+    from mcore_align.parallel import ParallelConfig, initialize
+    from tests.distributed.workers.moe_worker import ROOT
+
+    rt = initialize(ParallelConfig(expert_model_parallel_size=2, expert_tensor_parallel_size=2), device="cpu")
+    chunks = build_model(read_model_spec(ROOT / "qwen3_moe" / "mc"), rt,
+                         opts=ModelOptions(core_attention="megatron", transformer_impl="local"))
+    try:
+        apply_lora(chunks, LoRAConfig(targets=PRESETS["ALL"]), seed=0)
+    except NotImplementedError as e:
+        assert "needs expert_tensor_parallel_size equal to 1 or to tensor_model_parallel_size (got ETP=2, TP=1)" \
+            in str(e), e
+    else:
+        raise AssertionError("LoRA on experts at ETP=2, TP=1 was not refused")
