@@ -144,6 +144,23 @@ def case_dpo_moe_ep2_matches_dp2():
     assert [r["moe/load_imbalance"] for r in rows if "loss" in r] == [x["moe/load_imbalance"] for x in ep], rows
 
 
+def case_dpo_moe_cp2_matches_dp2():
+    """Context parallelism with MoE: CP=2 (DP=1; each rank routes its two chunks of every
+    sequence) gives the losses and grad norms of the DP=2 run over 6 steps (same global batch)."""
+    import json
+    import math
+
+    from tests.dist_utils import SkipCase
+
+    if not (ROOT / "dpo_dp2.json").exists():
+        raise SkipCase("the DP=2 DPO run left no history")
+    cp = _train_dpo("cp2", "context_parallel_size=2")
+    dp = json.loads((ROOT / "dpo_dp2.json").read_text())
+    for a, b in zip(dp, cp, strict=True):
+        for key in ("loss", "grad_norm"):
+            assert math.isfinite(b[key]) and abs(a[key] - b[key]) <= 1e-4 * max(1.0, abs(a[key])), (key, dp, cp)
+
+
 # -- DPO and RM learn at EP=2 (the demo's learnable preference task, held-out topics) ----------
 def _train_task(algo: str, params: dict, *extra: str) -> list[dict]:
     """``algo`` at EP=2 on the demo task (mcore_align/demo.py make_task, written by the pytest
@@ -324,6 +341,8 @@ def case_moe_aux_loss_independent_of_split_and_layout():
     mode (rows padded to the longest): the same loss, pre-clip grad norm and global aux loss
     (rtol 1e-5). Before models/moe_aux.py (per-micro-batch expert loads) the grad norms of 1 and
     4 micro-batches differed."""
+    import json
+
     runs = {
         "dp2_1mb": _aux_step1(),
         "dp2_2mb": _aux_step1("max_tokens_per_micro_batch=256"),
@@ -336,6 +355,8 @@ def case_moe_aux_loss_independent_of_split_and_layout():
     n = {k: v[1] for k, v in runs.items()}
     assert n["dp2_1mb"] == 1 and n["dp2_2mb"] == 2 and n["dp2_4mb"] == 4 and n["ep2_4mb"] == 4, n
     one = runs["dp2_1mb"][0]
+    if dist.get_rank() == 0:  # the 4-rank PP=2 x EP=2 case compares with it
+        (ROOT / "aux_dp2.json").write_text(json.dumps(one))
     for name, (row, _) in runs.items():
         for key in ("loss", "grad_norm", "moe/aux_loss"):
             assert abs(row[key] - one[key]) <= 1e-5 * abs(one[key]), (name, key, row[key], one[key])
