@@ -82,10 +82,11 @@ def case_dpo_moe_pp2_ep2_matches_dp2():
             assert math.isfinite(b[key]) and abs(a[key] - b[key]) <= 1e-4 * max(1.0, abs(a[key])), (key, dp, pp)
 
 
-def case_moe_aux_loss_at_pp2_ep2_matches_dp2():
+def case_moe_aux_loss_at_pp2_ep2_and_pp2_tp2_sp_matches_dp2():
     """The global-batch aux loss through the pipeline schedule (counting pass on both stages,
-    each stage's routers fill their own layers): step 1 at PP=2 x EP=2 with 4 micro-batches
-    equals the 2-rank DP=2 run with 1 (moe_worker's aux case)."""
+    each stage's routers fill their own layers): step 1 at PP=2 x EP=2 with 4 micro-batches and
+    at PP=2 x TP=2 + SP (padding; the second stage gets its SP slice of the padding mask from
+    the step) equals the 2-rank DP=2 run with 1 (moe_worker's aux case)."""
     import json
 
     from tests.distributed.workers.moe_worker import ROOT, _aux_step1
@@ -98,5 +99,7 @@ def case_moe_aux_loss_at_pp2_ep2_matches_dp2():
     row, n_mb = _aux_step1("max_tokens_per_micro_batch=128", "pipeline_model_parallel_size=2",
                            "expert_model_parallel_size=2")
     assert n_mb == 4, n_mb
-    for key in ("loss", "grad_norm", "moe/aux_loss"):
-        assert abs(row[key] - one[key]) <= 1e-5 * abs(one[key]), (key, row[key], one[key])
+    sp, _ = _aux_step1("pipeline_model_parallel_size=2", "tensor_model_parallel_size=2", "sequence_parallel=true")
+    for name, r in (("pp2_ep2", row), ("pp2_tp2_sp", sp)):
+        for key in ("loss", "grad_norm", "moe/aux_loss"):
+            assert abs(r[key] - one[key]) <= 1e-5 * abs(one[key]), (name, key, r[key], one[key])
