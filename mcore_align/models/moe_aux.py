@@ -65,12 +65,11 @@ class GlobalBatchAuxLoss:
 
     def __init__(self, model_chunks, coeff: float):
         from megatron.core.transformer.moe.router import TopKRouter
+        from megatron.core.utils import get_model_config
 
         if coeff <= 0:
             raise ValueError(f"moe_aux_loss_coeff must be > 0 for the load-balancing loss, got {coeff}")
         self.coeff = float(coeff)
-        from megatron.core.utils import get_model_config
-
         cfg = get_model_config(model_chunks[0])
         # A pipeline stage may hold no MoE layer (no router): it still joins the collectives.
         self.routers = [m for c in model_chunks for m in c.modules() if isinstance(m, TopKRouter)]
