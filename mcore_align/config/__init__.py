@@ -70,8 +70,10 @@ class ModelConfig:
     attention) or "auto" (TE when it imports and CUDA is present and train_type is not lora,
     else local; the start-up log says which and why)."""
     moe_aux_loss_coeff: float = 0.0
-    """MoE models: megatron's load-balancing auxiliary loss coefficient; 0 (default) turns it
-    off for preference objectives (see docs/moe.md for why)."""
+    """MoE models: coefficient of the Switch load-balancing loss over the whole global batch
+    (models/moe_aux.py: exact for any micro-batch split and layout, padding ignored; costs one
+    extra forward pass per step); 0 (default) turns it off for preference objectives
+    (see docs/moe.md for why)."""
     # -- vision-language models (issue 13; ignored by text models) --
     freeze_vit: bool = True
     """Keep the vision tower (e.g. CLIP) frozen (ms-swift's ``freeze_vit``)."""

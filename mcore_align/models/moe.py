@@ -195,8 +195,8 @@ ADAPTERS["moe"] = MoEAdapter
 
 # -- megatron config and layer specs -----------------------------------------------------------
 def moe_config_kwargs(spec: ModelSpec, parallel, *, grouped_gemm: bool, aux_loss_coeff: float = 0.0) -> dict:
-    """TransformerConfig fields of a MoE model ({} for a dense one). ``aux_loss_coeff`` > 0
-    switches on megatron's ``aux_loss`` load balancing. ``grouped_gemm``: the TE
+    """TransformerConfig fields of a MoE model ({} for a dense one). ``aux_loss_coeff`` is
+    only checked here (the loss is models/moe_aux.py's). ``grouped_gemm``: the TE
     layer spec is built (TEGroupedMLP); False: local spec, SequentialMLP. The provider already
     sets ``moe_token_dispatcher_type="alltoall"`` (megatron refuses ``allgather`` with
     variable sequence lengths)."""
@@ -216,9 +216,10 @@ def moe_config_kwargs(spec: ModelSpec, parallel, *, grouped_gemm: bool, aux_loss
         moe_shared_expert_intermediate_size=spec.moe_shared_expert_intermediate_size,
         moe_shared_expert_gate=spec.moe_shared_expert_gate,
         moe_grouped_gemm=grouped_gemm,
-        # Off by default for preference objectives (ModelOptions.moe_aux_loss_coeff, docs/moe.md).
-        moe_router_load_balancing_type="aux_loss" if aux_loss_coeff else "none",
-        moe_aux_loss_coeff=float(aux_loss_coeff),
+        # megatron's own aux-loss types stay off: with coeff > 0 the policy's routers compute the
+        # global-batch loss of models/moe_aux.py instead (installed by build_model).
+        moe_router_load_balancing_type="none",
+        moe_aux_loss_coeff=0.0,
         expert_model_parallel_size=parallel.expert_model_parallel_size,
         expert_tensor_parallel_size=parallel.expert_tensor_parallel_size,
     )

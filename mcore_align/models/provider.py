@@ -52,10 +52,10 @@ class ModelOptions:
     """LoRA adapters will wrap the linear layers: they wrap megatron's local
     ColumnParallelLinear/RowParallelLinear, so "auto" picks local and "transformer_engine" is refused."""
     moe_aux_loss_coeff: float = 0.0
-    """MoE only: coefficient of megatron's auxiliary load-balancing loss (``aux_loss``); 0 turns
-    it off. Default 0 for preference objectives: with per-token loss normalisation megatron
-    scales it by the local token count, so its gradient depends on the micro-batch split and
-    the layout, and the policy should stay near the reference anyway (docs/moe.md)."""
+    """MoE only: coefficient of the Switch load-balancing loss over the global batch
+    (models/moe_aux.py, installed on the policy's routers); 0 turns it off. Default 0 for
+    preference objectives: the policy starts from a balanced router and stays near the
+    reference (docs/moe.md)."""
     freeze_vit: bool = True
     """Vision-language models: the vision tower gets ``requires_grad=False`` (not trained)."""
     freeze_aligner: bool = True
@@ -271,6 +271,10 @@ def build_model(spec: ModelSpec, runtime: Runtime, *, role: str = "policy", opts
         if role == "reference":
             _freeze_for_inference(model)
         chunks.append(model)
+    if role == "policy":
+        from mcore_align.models.moe_aux import install_global_aux_loss
+
+        install_global_aux_loss(chunks, opts.moe_aux_loss_coeff)
     return chunks
 
 

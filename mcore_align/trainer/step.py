@@ -19,6 +19,9 @@ Flow of a step (``Stepper.train_step``):
    a token count, so megatron neither divides by the micro-batch count nor averages
    over DP: gradients are exactly those of the global-batch loss, however the batch
    is split (micro-batches, DP, packing, CP).
+   MoE with ``model.moe_aux_loss_coeff`` > 0: a forward-only counting pass over the step's
+   micro-batches first finds the global batch's expert loads, so the load-balancing loss
+   is that of the global batch too (models/moe_aux.py).
 4. NaN/inf in the loss or the gradients skips the update on every rank.
 """
 from __future__ import annotations
@@ -59,6 +62,7 @@ class DeviceBatch:
     images: dict | None = None  # vision: the micro-batch's image tensors on the device (MicroBatch.images)
     full_tokens: torch.Tensor | None = None  # vision + CP: the uncut [1, T] row (the merge needs it whole)
     cp_index: torch.Tensor | None = None  # vision + CP: this rank's token positions in that row
+    padding_mask: torch.Tensor | None = None  # MoE aux loss: [B, S] bool, True where not a real token
 
 
 class Stepper:
@@ -76,6 +80,10 @@ class Stepper:
         self.tp_group = runtime.pgs.tp
         self.cp_group = runtime.pgs.cp
         self.cp_size = runtime.parallel.context_parallel_size
+        from mcore_align.models.moe_aux import GlobalBatchAuxLoss
+
+        # The MoE load-balancing loss over the global batch (models/moe_aux.py), or None.
+        self.aux = GlobalBatchAuxLoss.of(policy) if policy else None
 
     # -- data ---------------------------------------------------------------------
     def to_device(self, micro_batches) -> list[DeviceBatch]:
@@ -91,7 +99,8 @@ class Stepper:
             assert not (mb.extras and self.cp_size > 1), "per-token batch extras with context parallelism"
             images = moved.images or None
             if self.cp_size == 1:
-                out.append(DeviceBatch(moved, psp=moved.packed_seq_params(), seg_cu=moved.cu_seqlens, images=images))
+                out.append(DeviceBatch(moved, psp=moved.packed_seq_params(), seg_cu=moved.cu_seqlens, images=images,
+                                       padding_mask=self._padding_mask(moved, moved.cu_seqlens)))
                 continue
             # Context parallelism: this rank keeps chunks r and 2*CP-1-r of every sequence;
             # attention and RoPE get the global boundaries, segment sums the local ones.
@@ -105,21 +114,46 @@ class Stepper:
                 vision = dict(images=images, full_tokens=moved.tokens, cp_index=cp_local_token_index(
                     moved.cu_seqlens, self.cp_group.rank(), self.cp_size).to(dev))
             moved = replace(moved, tokens=tok, labels=lab, loss_mask=mask, position_ids=pos)
-            out.append(DeviceBatch(moved, psp=psp, seg_cu=cu_local, **vision))
+            out.append(DeviceBatch(moved, psp=psp, seg_cu=cu_local, padding_mask=self._padding_mask(moved, cu_local),
+                                   **vision))
         return out
 
+    def _padding_mask(self, mb, seg_cu) -> torch.Tensor | None:
+        """``[B, S]`` bool, True at positions that are not real tokens (padding to a multiple of
+        TP x CP, padded rows), for the MoE aux loss (megatron's ``padding_mask``); None when it
+        is off. Positions count on past a sequence's end, so padding is ``position >= length``
+        (also on a CP slice: position ids are positions in the sequence).
+        Example: lengths [5, 3] padded to 8 and 4: positions [0..7 | 0..3] -> mask
+        [F F F F F T T T | F F F T]."""
+        if self.aux is None:
+            return None
+        pos_T = mb.position_ids.reshape(-1)
+        seg_T = segment_of_token(seg_cu, pos_T.shape[0])
+        return (pos_T >= mb.seq_lengths.to(pos_T.device)[seg_T]).reshape(mb.tokens.shape)
+
     # -- forward pieces -------------------------------------------------------------
-    @staticmethod
-    def _model_forward(model, b: "DeviceBatch"):
+    def _model_forward(self, model, b: "DeviceBatch"):
         if b.images or has_vision(unwrap(model)):
+            if b.padding_mask is not None:
+                raise ValueError("model.moe_aux_loss_coeff > 0 is not supported for vision-language models")
             # Vision-language model: image features merged into the embeddings on the first
             # stage (models/vision.py); text-only micro-batches run the text forward there.
             return multimodal_forward(model, b.mb.tokens, b.mb.position_ids, None, image_inputs=b.images,
                                       full_input_ids_BS=b.full_tokens, cp_index_S=b.cp_index,
                                       packed_seq_params=b.psp)
+        extra = {}
+        if b.padding_mask is not None:  # MoE aux loss: padding is not routed for it
+            pad_BS = b.padding_mask
+            if self.rt.parallel.sequence_parallel and not unwrap(model).pre_process:
+                # GPTModel scatters the mask over SP on the first stage only; later stages get
+                # this TP rank's slice of positions here (as the hidden states they receive).
+                tp, r = self.tp_group.size(), self.tp_group.rank()
+                s = pad_BS.shape[1] // tp
+                pad_BS = pad_BS[:, r * s:(r + 1) * s]
+            extra["padding_mask"] = pad_BS
         return model(
             input_ids=b.mb.tokens, position_ids=b.mb.position_ids, attention_mask=None,
-            packed_seq_params=b.psp,
+            packed_seq_params=b.psp, **extra,
         )
 
     def token_logprobs(self, b: "DeviceBatch", output, model, temperature: float = 1.0, entropy: bool = False):
@@ -352,9 +386,12 @@ class Stepper:
             out = self._model_forward(model, b)
             return out, partial(self._loss_fn, b, counts, global_stat, model)
 
-        scale_moe_aux_loss(self.policy, global_batch.micro_batches, self.rt)
+        if self.aux is not None:
+            self._count_expert_loads(batches)
         outs = self._run(self.policy, batches, step, forward_only=False)
         metrics = self.reduce_metrics(outs)
+        if self.aux is not None:
+            metrics.update(self.aux.metrics(self.rt.device))
         self._update_objective_state()
         bad = torch.tensor([0.0 if math.isfinite(metrics.get("loss", 0.0)) and self._grads_finite() else 1.0],
                            device=self.rt.device)
@@ -404,6 +441,20 @@ class Stepper:
     def eval_step(self, global_batch, ref_cache=None) -> dict[str, float]:
         """Objective metrics of the policy on one batch, without gradients."""
         return finalize_metrics(self.eval_sums(global_batch, ref_cache))
+
+    def _count_expert_loads(self, batches: list[DeviceBatch]) -> None:
+        """The MoE aux loss's counting pass: a forward-only pass of the policy over this step's
+        micro-batches (the same schedule, so PP works), in which the routers count the global
+        batch's expert loads (models/moe_aux.py); the sums over all ranks follow."""
+
+        def step(data_iterator, model):
+            b = next(data_iterator)
+            out = self._model_forward(model, b)
+            return out, lambda output: (output.new_zeros(()), torch.tensor(0, dtype=torch.int), {})
+
+        with torch.no_grad(), self.aux.counting():
+            self._run(self.policy, batches, step, forward_only=True)
+        self.aux.reduce_counts(self.rt.device)
 
     def _update_objective_state(self) -> None:
         """Stateful objectives (bco_pair's running reward mean) see global-batch sums once per step."""
@@ -481,53 +532,3 @@ def _pair_margins(mb, device) -> torch.Tensor | None:
     if not torch.isfinite(m).any():
         return None
     return torch.nan_to_num(m, nan=0.0).to(device)
-
-
-def scale_moe_aux_loss(policy, micro_batches, runtime) -> None:
-    """Make megatron's MoE load-balancing loss a token-weighted mean over the global batch.
-
-    megatron (``calculate_per_token_loss=True``) attaches ``coeff * aux_mb * T_mb`` to every
-    micro-batch's router (``T_mb``: tokens this rank routes, ``aux_mb``: the Switch loss of
-    that micro-batch) and expects ``finalize_model_grads`` to divide by the global token count.
-    Here losses arrive already normalised and nothing is divided, so the aux gradient grew with
-    the batch size. Setting the coefficient to
-    ``coeff / T`` for this step, ``T = sum of T_mb over micro-batches and DP ranks``, gives
-    ``coeff * sum_mb (T_mb / T) * aux_mb``: independent of the batch size, the number of
-    micro-batches and the layout (EP, DP). ``aux_mb`` itself is megatron's micro-batch
-    statistic (expert load f_i of that micro-batch), so its value is that of the micro-batch.
-    The coefficient is used in the forward pass, so it is set here, before the schedule
-    (megatron's own ``MoEAuxLossAutoScaler.set_loss_scale`` is overwritten in every forward).
-    Padding: megatron counts padded positions as routed tokens unless it gets a padding mask,
-    so layouts that pad sequences (sequence/context parallelism, padded mode) are refused.
-    """
-    from megatron.core.utils import get_model_config
-
-    cfg = get_model_config(policy[0])
-    if not getattr(cfg, "num_moe_experts", None):
-        return
-    if not hasattr(cfg, "mca_moe_aux_loss_coeff"):  # the user's coefficient, kept once
-        cfg.mca_moe_aux_loss_coeff = cfg.moe_aux_loss_coeff
-        if cfg.moe_aux_loss_coeff and dist.get_rank() == 0:
-            import logging
-
-            logging.getLogger(__name__).warning(
-                "moe_aux_loss_coeff=%s: megatron's load-balancing loss uses each micro-batch's own expert "
-                "loads, so its value (not its weight) changes with how the global batch is split into "
-                "micro-batches and DP ranks (docs/moe.md)", cfg.moe_aux_loss_coeff)
-    coeff = cfg.mca_moe_aux_loss_coeff
-    if not coeff:
-        return
-    sp_cp = (runtime.pgs.tp.size() if cfg.sequence_parallel else 1) * runtime.pgs.cp.size()
-    if sp_cp > 1 or not all(mb.packed for mb in micro_batches):
-        raise ValueError(
-            f"model.moe_aux_loss_coeff={coeff} needs packed sequences without sequence or context parallelism: "
-            "sequences are then padded (to a multiple of TP x CP, or to the longest in padded mode) and "
-            "megatron's router counts padding tokens in the load-balancing loss. Use moe_aux_loss_coeff=0, "
-            "or a layout with TP=1 and CP=1 (EP and DP are fine)")
-    # Packed, no SP/CP: every position is a real token and this rank routes all of them.
-    assert all(mb.tokens.numel() == int(mb.seq_lengths.sum()) for mb in micro_batches)
-    routed = torch.tensor([float(sum(mb.tokens.numel() for mb in micro_batches))], dtype=torch.float64,
-                          device=runtime.device)
-    dist.all_reduce(routed, group=runtime.pgs.dp)  # [1]: tokens routed over the global batch
-    cfg.moe_aux_loss_coeff = coeff / max(float(routed.item()), 1.0)
-

@@ -22,10 +22,12 @@ def root(tmp_path_factory):
     for name, (family, overrides) in MODELS.items():
         make_tiny_model(root / name / "hf", family, hf_overrides=overrides)
         convert_hf_to_mcore(root / name / "hf", root / name / "mc", dtype="fp32")
-    data = shared_data_dir() / "dpo_en_demo.json"
-    if data.exists():  # 16 real pairs, the shortest (the DPO cases skip without them)
-        recs = sorted(json.loads(data.read_text()), key=lambda r: len(json.dumps(r)))
-        (root / "dpo_subset.json").write_text(json.dumps(recs[:16]))
+    for src, dst in (("dpo_en_demo.json", "dpo_subset.json"), ("kto_en_demo.json", "kto_subset.json"),
+                     ("alpaca_en_demo.json", "sft_subset.json")):
+        data = shared_data_dir() / src
+        if data.exists():  # 16 real records, the shortest (the cases that need them skip without)
+            recs = sorted(json.loads(data.read_text()), key=lambda r: len(json.dumps(r)))
+            (root / dst).write_text(json.dumps(recs[:16]))
     # The demo's learnable preference task; held-out pairs on topics never trained on.
     make_task(root / "task.jsonl", 160, seed=0)
     make_task(root / "heldout.jsonl", 24, seed=99, topics=HELDOUT_TOPICS)

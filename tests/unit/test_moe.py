@@ -6,6 +6,7 @@ tools do. The multi-rank layouts (EP=2, TP=2+SP, TP=2 x EP=2) are in
 tests/distributed/test_moe_dist.py.
 """
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -212,13 +213,20 @@ def test_bad_fused_expert_shape_is_named(converted, tmp_path):
 
 
 def test_aux_loss_is_off_by_default_and_configurable(converted):
-    from mcore_align.models.provider import ModelOptions, transformer_config
+    from mcore_align.checkpoint.layout import init_single_process
+    from mcore_align.models.moe_aux import GlobalBatchAuxLoss
+    from mcore_align.models.provider import ModelOptions, build_model, transformer_config
 
     spec = read_model_spec(converted / "qwen3_moe" / "mc")
     off = transformer_config(spec, ParallelConfig(), ModelOptions(), cpu=True)
     assert (off.moe_router_load_balancing_type, off.moe_aux_loss_coeff) == ("none", 0.0)
+    # On: megatron's own aux-loss types stay off; the policy's routers get models/moe_aux.py's.
     on = transformer_config(spec, ParallelConfig(), ModelOptions(moe_aux_loss_coeff=1e-3), cpu=True)
-    assert (on.moe_router_load_balancing_type, on.moe_aux_loss_coeff) == ("aux_loss", 1e-3)
+    assert (on.moe_router_load_balancing_type, on.moe_aux_loss_coeff) == ("none", 0.0)
+    rt, opts = init_single_process(), ModelOptions(core_attention="megatron", moe_aux_loss_coeff=1e-3)
+    assert GlobalBatchAuxLoss.of(build_model(spec, rt, opts=opts)).coeff == 1e-3
+    assert GlobalBatchAuxLoss.of(build_model(spec, rt, role="reference", opts=opts)) is None
+    assert GlobalBatchAuxLoss.of(build_model(spec, rt, opts=ModelOptions(core_attention="megatron"))) is None
     with pytest.raises(ValueError, match="moe_aux_loss_coeff must be >= 0, got -1"):
         transformer_config(spec, ParallelConfig(), ModelOptions(moe_aux_loss_coeff=-1), cpu=True)
 
@@ -384,28 +392,106 @@ def test_expert_lora_attributes_and_peft_refusal(converted):
     assert kwargs["target_modules"] == ["k_proj", "q_proj", "v_proj"] and "target_parameters" not in kwargs
 
 
-def test_aux_loss_runs_on_cpu_and_reaches_the_router(converted):
-    """moe_aux_loss_coeff > 0 trains without CUDA and adds a gradient through the routers:
-    the last layer's experts (downstream of every router's aux loss) get the same gradients
-    as without it, its router does not."""
+def _switch_loss_f64(router_logits, coeff: float, k: int) -> torch.Tensor:
+    """Switch load-balancing loss of the tokens in ``router_logits`` ({layer: [T, E]} float64),
+    by hand: coeff * sum_layers E * sum_e f_e P_e, f_e = (tokens with e in their top-k) / (k T),
+    P_e = mean softmax score of e."""
+    total = 0
+    for logits_TE in router_logits.values():
+        t, e = logits_TE.shape
+        p_TE = torch.softmax(logits_TE, -1)
+        f_E = torch.zeros(e, dtype=p_TE.dtype).index_add_(
+            0, p_TE.topk(k, -1).indices.flatten(), torch.ones(t * k, dtype=p_TE.dtype)) / (k * t)
+        total = total + e * (f_E * p_TE.mean(0)).sum()
+    return coeff * total
+
+
+@pytest.mark.parametrize("name", ["qwen3_moe", "qwen2_moe"])
+def test_aux_loss_gradient_is_the_global_batch_switch_loss(converted, name):
+    """models/moe_aux.py: two micro-batches of different tokens (the second padded, with
+    megatron's padding_mask): counting pass, then a training pass whose only loss is the aux
+    loss. Its gradients (mapped to HF names) and reported value equal autograd of the Switch
+    loss over the union of both micro-batches' real tokens, computed in float64 from
+    transformers' router logits. The per-micro-batch loss (megatron's ``aux_loss``, token-
+    weighted) has other gradients: the check tells them apart."""
+    from transformers import AutoModelForCausalLM
+
     from mcore_align.checkpoint import load_model_weights
     from mcore_align.checkpoint.layout import init_single_process
+    from mcore_align.models.adapter import adapter_for
+    from mcore_align.models.moe_aux import GlobalBatchAuxLoss
     from mcore_align.models.provider import ModelOptions, build_model
 
-    mc = converted / "qwen3_moe" / "mc"
-    spec, rt = read_model_spec(mc), init_single_process()
-    tokens = torch.randint(0, spec.vocab_size, (2, 24), generator=torch.Generator().manual_seed(0))
-    grads = []
-    for coeff in (0.0, 1e-2):
-        (model,) = build_model(spec, rt, opts=ModelOptions(core_attention="megatron", moe_aux_loss_coeff=coeff))
-        load_model_weights([model], mc)
-        model.train()
-        model(tokens, torch.arange(24)[None], attention_mask=None).sum().backward()
-        grads.append({n: p.grad.clone() for n, p in model.named_parameters()})
-    router = "decoder.layers.1.mlp.router.weight"
-    assert not torch.allclose(grads[0][router], grads[1][router])
-    expert = "decoder.layers.1.mlp.experts.local_experts.0.linear_fc1.weight"
-    torch.testing.assert_close(grads[0][expert], grads[1][expert])
+    coeff = 0.1
+    mc, hf_dir = converted / name / "mc", converted / name / "hf"
+    spec = read_model_spec(mc)
+    gen = torch.Generator().manual_seed(3)
+    seqs = [torch.randint(0, spec.vocab_size, (1, n), generator=gen) for n in (20, 28)]
+    pad = 4  # the second micro-batch carries 4 padding positions at its end
+    mbs = [(seqs[0], None), (torch.cat([seqs[1], torch.zeros(1, pad, dtype=torch.long)], 1),
+                             torch.arange(28 + pad)[None] >= 28)]
+
+    (model,) = build_model(spec, init_single_process(),
+                           opts=ModelOptions(core_attention="megatron", moe_aux_loss_coeff=coeff))
+    load_model_weights([model], mc)
+    model.train()
+    aux = GlobalBatchAuxLoss.of([model])
+
+    def fwd(tokens, pad_mask):
+        return model(tokens, torch.arange(tokens.shape[1])[None], attention_mask=None, padding_mask=pad_mask)
+
+    with pytest.raises(RuntimeError, match="without the global expert loads"):
+        fwd(*mbs[0])
+    with torch.no_grad(), aux.counting():
+        for mb in mbs:
+            fwd(*mb)
+    aux.reduce_counts(torch.device("cpu"))
+    model.zero_grad()
+    for mb in mbs:
+        (fwd(*mb) * 0).sum().backward()  # only the aux loss has a gradient
+    value = aux.metrics(torch.device("cpu"))["moe/aux_loss"]
+
+    hf = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float64, experts_implementation="eager").train()
+    outs = [hf(s, output_router_logits=True) for s in seqs]
+    moe_layers = [i for i, f in enumerate(spec.moe_layer_pattern) if f]
+    per_mb = [dict(zip(moe_layers, o.router_logits)) for o in outs]
+    union = {i: torch.cat([d[i] for d in per_mb]) for i in moe_layers}
+    ref_loss = _switch_loss_f64(union, coeff, spec.moe_router_topk)
+    assert value == pytest.approx(float(ref_loss), rel=1e-5)
+    ref_grads = torch.autograd.grad(ref_loss, list(hf.parameters()), allow_unused=True, retain_graph=True)
+    names = [n for n, _ in hf.named_parameters()]
+    # megatron's aux_loss: each micro-batch's own loads, weighted by its share of the tokens
+    t = [s.shape[1] for s in seqs]
+    mb_loss = sum(_switch_loss_f64(d, coeff, spec.moe_router_topk) * n / sum(t) for d, n in zip(per_mb, t))
+    mb_grads = torch.autograd.grad(mb_loss, list(hf.parameters()), allow_unused=True)
+
+    def by_name(grads):
+        return {n: (g if g is not None else torch.zeros_like(p)) for n, g, p in zip(names, grads, hf.parameters())}
+
+    ref, mb = by_name(ref_grads), by_name(mb_grads)
+    expert = re.compile(r"(.*\.experts\.)(\d+)\.(gate_proj|up_proj|down_proj)\.weight")
+
+    def hf_grad(grads, n: str) -> torch.Tensor:
+        if n in grads:
+            return grads[n]
+        m = expert.fullmatch(n)
+        e, which = int(m.group(2)), m.group(3)
+        if which == "down_proj":
+            return grads[m.group(1) + "down_proj"][e]
+        gate, up = grads[m.group(1) + "gate_up_proj"][e].chunk(2)
+        return gate if which == "gate_proj" else up
+
+    adapter, compared, router_gap = adapter_for(spec), 0, 0.0
+    for pname, p in model.named_parameters():
+        for n, g in adapter.to_hf(pname, p.grad).items():
+            r = hf_grad(ref, n).float()
+            scale = r.abs().max().clamp_min(1e-12)
+            assert (g - r).abs().max() <= 1e-4 * scale + 1e-9, (n, ((g - r).abs().max() / scale).item())
+            if n.endswith("gate.weight") and "shared_expert" not in n:  # the routers
+                router_gap = max(router_gap, float((hf_grad(mb, n).float() - r).abs().max() / scale))
+            compared += 1
+    assert compared == len(adapter.hf_names())
+    assert router_gap > 1e-2, router_gap  # the per-micro-batch loss would fail this test
 
 
 def test_router_load_metrics_count_the_routers_top_k(converted):

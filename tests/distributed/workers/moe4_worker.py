@@ -1,5 +1,6 @@
 """4-rank MoE cases: TP=2 x EP=2 (ETP=1 and ETP=2, SP) from the same EP=1 checkpoints as
-moe_worker, and DPO at DP=4 x EP=2 (expert-data-parallel 2)."""
+moe_worker, DPO at DP=4 x EP=2 (expert-data-parallel 2) and at PP=2 x EP=2, and the aux loss
+at PP=2 x EP=2."""
 from tests.distributed.workers.moe_worker import check
 
 
@@ -98,3 +99,45 @@ def case_lora_on_experts_refused_when_etp_is_not_tp():
             in str(e), e
     else:
         raise AssertionError("LoRA on experts at ETP=2, TP=1 was not refused")
+
+
+def case_dpo_moe_pp2_ep2_matches_dp2():
+    """PP=2 x EP=2 (DP=2 per stage, each stage's MoE layer split over EP=2): the losses and
+    grad norms of the 2-rank DP=2 run over 6 steps (same global batch)."""
+    import json
+    import math
+
+    from tests.distributed.workers.moe_worker import ROOT, _train_dpo
+
+    if not (ROOT / "dpo_dp2.json").exists():
+        from tests.dist_utils import SkipCase
+
+        raise SkipCase("the 2-rank DP=2 DPO run left no history")
+    pp = _train_dpo("pp2_ep2", "pipeline_model_parallel_size=2", "expert_model_parallel_size=2")
+    dp = json.loads((ROOT / "dpo_dp2.json").read_text())
+    for a, b in zip(dp, pp, strict=True):
+        for key in ("loss", "grad_norm", "moe/load_imbalance"):
+            assert math.isfinite(b[key]) and abs(a[key] - b[key]) <= 1e-4 * max(1.0, abs(a[key])), (key, dp, pp)
+
+
+def case_moe_aux_loss_at_pp2_ep2_and_pp2_tp2_sp_matches_dp2():
+    """The global-batch aux loss through the pipeline schedule (counting pass on both stages,
+    each stage's routers fill their own layers): step 1 at PP=2 x EP=2 with 4 micro-batches and
+    at PP=2 x TP=2 + SP (padding; the second stage gets its SP slice of the padding mask from
+    the step) equals the 2-rank DP=2 run with 1 (moe_worker's aux case)."""
+    import json
+
+    from tests.distributed.workers.moe_worker import ROOT, _aux_step1
+
+    if not (ROOT / "aux_dp2.json").exists():
+        from tests.dist_utils import SkipCase
+
+        raise SkipCase("the 2-rank aux case left no reference row")
+    one = json.loads((ROOT / "aux_dp2.json").read_text())
+    row, n_mb = _aux_step1("max_tokens_per_micro_batch=128", "pipeline_model_parallel_size=2",
+                           "expert_model_parallel_size=2")
+    assert n_mb == 4, n_mb
+    sp, _ = _aux_step1("pipeline_model_parallel_size=2", "tensor_model_parallel_size=2", "sequence_parallel=true")
+    for name, r in (("pp2_ep2", row), ("pp2_tp2_sp", sp)):
+        for key in ("loss", "grad_norm", "moe/aux_loss"):
+            assert abs(r[key] - one[key]) <= 1e-5 * abs(one[key]), (name, key, r[key], one[key])

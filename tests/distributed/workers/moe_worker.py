@@ -144,6 +144,23 @@ def case_dpo_moe_ep2_matches_dp2():
     assert [r["moe/load_imbalance"] for r in rows if "loss" in r] == [x["moe/load_imbalance"] for x in ep], rows
 
 
+def case_dpo_moe_cp2_matches_dp2():
+    """Context parallelism with MoE: CP=2 (DP=1; each rank routes its two chunks of every
+    sequence) gives the losses and grad norms of the DP=2 run over 6 steps (same global batch)."""
+    import json
+    import math
+
+    from tests.dist_utils import SkipCase
+
+    if not (ROOT / "dpo_dp2.json").exists():
+        raise SkipCase("the DP=2 DPO run left no history")
+    cp = _train_dpo("cp2", "context_parallel_size=2")
+    dp = json.loads((ROOT / "dpo_dp2.json").read_text())
+    for a, b in zip(dp, cp, strict=True):
+        for key in ("loss", "grad_norm"):
+            assert math.isfinite(b[key]) and abs(a[key] - b[key]) <= 1e-4 * max(1.0, abs(a[key])), (key, dp, cp)
+
+
 # -- DPO and RM learn at EP=2 (the demo's learnable preference task, held-out topics) ----------
 def _train_task(algo: str, params: dict, *extra: str) -> list[dict]:
     """``algo`` at EP=2 on the demo task (mcore_align/demo.py make_task, written by the pytest
@@ -242,26 +259,69 @@ def case_resume_ep2_checkpoint_at_dp2_and_at_tp2_sp():
             assert any("optimizer state is NOT restored" in w for w in warnings), (k, warnings)
 
 
-# -- The auxiliary load-balancing loss: a token-weighted mean, whatever the split -------------
-def _aux_step1(*overrides: str) -> tuple[dict, int]:
-    """Step 1 of DPO with moe_aux_loss_coeff on a data set of 8 copies of one pair: every
-    micro-batch (any number of copies) has the same expert loads and router probabilities, so
-    megatron's per-micro-batch aux loss has the same value in each, and the token-weighted mean
-    must not depend on the batch size, the micro-batch split or the layout. Returns the step-1
-    row and the number of micro-batches of this rank."""
-    import json
+# -- Every objective on MoE: EP=2 equals EP=1 ---------------------------------------------------
+# name -> (rlhf_type, data file written by the pytest side, algo params, extra overrides)
+OBJECTIVES = {
+    "kto": ("kto", "kto_subset.json", {"beta": 0.1, "desirable_weight": 1.0, "undesirable_weight": 1.0}, ()),
+    "cpo": ("cpo", "dpo_subset.json", {"beta": 0.1, "cpo_alpha": 1.0}, ()),
+    "orpo": ("orpo", "dpo_subset.json", {"beta": 0.1}, ()),
+    "simpo": ("simpo", "dpo_subset.json", {"beta": 2.0, "simpo_gamma": 1.0, "cpo_alpha": 1.0}, ()),
+    "sft": ("sft", "sft_subset.json", {}, ()),
+    # reference variants: precomputed before training; LoRA (attention), reference = the base
+    "dpo_precompute": ("dpo", "dpo_subset.json", {"beta": 0.1, "rpo_alpha": None}, ("ref_model=precompute",)),
+    # (LoRA dropout off: its masks come from a per-rank RNG whose seed depends on the layout)
+    "dpo_lora": ("dpo", "dpo_subset.json", {"beta": 0.1, "rpo_alpha": None},
+                 ("train_type=lora", "lora_dropout=0", "learning_rate=1e-2")),
+}
 
+
+def _train_objective(name: str, *layout: str, steps: int = 3) -> list[dict]:
+    from mcore_align.config import build_config
+    from mcore_align.trainer.trainer import Trainer
+    from tests.dist_utils import SkipCase
+
+    algo, data, params, extra = OBJECTIVES[name]
+    if not (ROOT / data).exists():
+        raise SkipCase(f"shared data for {name} not found")
+    raw = {
+        "model": {"load": str(ROOT / "qwen3_moe" / "mc")},
+        "data": {"dataset": [str(ROOT / data)], "max_length": 192, "truncation_strategy": "right",
+                 "max_tokens_per_micro_batch": 768, "cache_dir": str(ROOT / "cache")},
+        "optim": {"learning_rate": 1e-3, "lr_decay_style": "constant", "clip_grad": 1.0},
+        "train": {"global_batch_size": 8, "train_iters": steps, "device": "cpu", "progress_bar": False,
+                  "plot": False, "seed": 7},
+        "algo": {"rlhf_type": algo, "params": params},
+    }
+    return Trainer(build_config(raw, [*extra, *layout])).train()["history"]
+
+
+def case_every_objective_moe_ep2_equals_ep1():
+    """KTO, CPO, ORPO, SimPO, SFT, DPO with a precomputed reference and DPO-LoRA (reference =
+    the base model with adapters off) on the tiny Qwen3-MoE: DP=2 x EP=2 gives the losses and
+    pre-clip grad norms of DP=2 (EP=1) over 3 steps (1e-4), and training moves the loss."""
+    import math
+
+    for name in OBJECTIVES:
+        ep1 = _train_objective(name)
+        ep2 = _train_objective(name, "expert_model_parallel_size=2")
+        for a, b in zip(ep1, ep2, strict=True):
+            for key in ("loss", "grad_norm"):
+                assert math.isfinite(b[key]) and abs(a[key] - b[key]) <= 1e-4 * max(1.0, abs(a[key])), \
+                    (name, key, [x[key] for x in ep1], [x[key] for x in ep2])
+        assert ep2[-1]["loss"] != ep2[0]["loss"], (name, ep2)
+
+
+# -- The auxiliary load-balancing loss over the global batch (models/moe_aux.py) ---------------
+def _aux_step1(*overrides: str) -> tuple[dict, int]:
+    """Step 1 of DPO with moe_aux_loss_coeff=1 on 8 different pairs of the demo task (their
+    expert loads differ, so the loss of the global batch is not the mean of per-micro-batch
+    losses). Returns the step-1 row and the number of micro-batches of this rank."""
     from mcore_align.config import build_config
     from mcore_align.trainer.trainer import Trainer
 
-    data = ROOT / "aux_pairs.jsonl"
-    if dist.get_rank() == 0:
-        pair = (ROOT / "task.jsonl").read_text().splitlines()[0]
-        data.write_text((pair + "\n") * 8)
-    dist.barrier()
     raw = {
-        "model": {"load": str(ROOT / "qwen3_moe" / "mc"), "moe_aux_loss_coeff": 0.1},
-        "data": {"dataset": [str(data)], "max_length": 64, "max_tokens_per_micro_batch": 128,
+        "model": {"load": str(ROOT / "qwen3_moe" / "mc"), "moe_aux_loss_coeff": 1.0},
+        "data": {"dataset": [str(ROOT / "task.jsonl")], "max_length": 64, "max_tokens_per_micro_batch": 1024,
                  "cache_dir": str(ROOT / "cache")},
         "optim": {"learning_rate": 1e-3, "lr_decay_style": "constant", "clip_grad": 1.0},
         "train": {"global_batch_size": 8, "train_iters": 1, "device": "cpu", "progress_bar": False,
@@ -276,26 +336,34 @@ def _aux_step1(*overrides: str) -> tuple[dict, int]:
 
 
 def case_moe_aux_loss_independent_of_split_and_layout():
-    one, n_one = _aux_step1("global_batch_size=2", "max_tokens_per_micro_batch=1024")  # 1 pair/rank
-    split, n_split = _aux_step1()  # 4 pairs per rank in >= 2 micro-batches
-    ep, n_ep = _aux_step1("expert_model_parallel_size=2")
-    off, _ = _aux_step1("global_batch_size=2", "max_tokens_per_micro_batch=1024", "moe_aux_loss_coeff=0")
-    assert n_one == 1 and n_split >= 2 and n_ep == n_split, (n_one, n_split, n_ep)
-    for other in (split, ep):
-        for key in ("loss", "grad_norm"):
-            assert abs(other[key] - one[key]) <= 1e-5 * abs(one[key]), (key, one[key], split[key], ep[key])
+    """The same 8 pairs at DP=2 in 1, 2 and 4 micro-batches per rank, at DP=2 x EP=2, at
+    TP=2 + SP and CP=2 (sequences padded to a multiple of 2 / 4, padding masked), and in padded
+    mode (rows padded to the longest): the same loss, pre-clip grad norm and global aux loss
+    (rtol 1e-5). Before models/moe_aux.py (per-micro-batch expert loads) the grad norms of 1 and
+    4 micro-batches differed."""
+    import json
+
+    runs = {
+        "dp2_1mb": _aux_step1(),
+        "dp2_2mb": _aux_step1("max_tokens_per_micro_batch=256"),
+        "dp2_4mb": _aux_step1("max_tokens_per_micro_batch=128"),
+        "ep2_4mb": _aux_step1("max_tokens_per_micro_batch=128", "expert_model_parallel_size=2"),
+        "tp2_sp": _aux_step1("tensor_model_parallel_size=2", "sequence_parallel=true"),
+        "cp2": _aux_step1("context_parallel_size=2"),
+        "padded": _aux_step1("packing=false", "max_tokens_per_micro_batch=256"),
+    }
+    n = {k: v[1] for k, v in runs.items()}
+    assert n["dp2_1mb"] == 1 and n["dp2_2mb"] == 2 and n["dp2_4mb"] == 4 and n["ep2_4mb"] == 4, n
+    one = runs["dp2_1mb"][0]
+    if dist.get_rank() == 0:  # the 4-rank PP=2 x EP=2 case compares with it
+        (ROOT / "aux_dp2.json").write_text(json.dumps(one))
+    for name, (row, _) in runs.items():
+        for key in ("loss", "grad_norm", "moe/aux_loss"):
+            assert abs(row[key] - one[key]) <= 1e-5 * abs(one[key]), (name, key, row[key], one[key])
+    off, _ = _aux_step1("moe_aux_loss_coeff=0")
+    assert "moe/aux_loss" not in off
     # The aux loss does act: without it the (pre-clip) grad norm differs.
     assert abs(off["grad_norm"] - one["grad_norm"]) > 1e-3 * one["grad_norm"], (off["grad_norm"], one["grad_norm"])
-
-
-def case_moe_aux_loss_refused_with_sequence_parallelism():
-    # SP pads sequences to a multiple of TP; megatron's router would count the padding.
-    try:
-        _aux_step1("tensor_model_parallel_size=2", "sequence_parallel=true")
-    except ValueError as e:
-        assert "moe_aux_loss_coeff=0.1 needs packed sequences" in str(e), e
-    else:
-        raise AssertionError("moe_aux_loss_coeff with sequence parallelism was not refused")
 
 
 def case_planner_parameters_per_rank_equal_the_built_models():
