@@ -60,3 +60,8 @@ def case_dpo_moe_tp2_etp2_ep2_matches_dp2():
         # SP pads each sequence to a multiple of TP and the experts process (and the metric
         # counts) those few padding positions too: close, not equal.
         assert abs(a["moe/load_imbalance"] - b["moe/load_imbalance"]) <= 1e-2, (dp, ep)
+
+
+def case_deepseek_v3_tp2_ep2():  # MLA over TP=2 (SP), experts over EP=2, routing bias + groups
+    check("deepseek_v3", tensor_model_parallel_size=2, sequence_parallel=True,
+          expert_model_parallel_size=2, expert_tensor_parallel_size=1)
