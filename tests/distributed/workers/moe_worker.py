@@ -178,7 +178,8 @@ def case_dpo_deepseek_v3_ep2_matches_dp2():
     for name, layout in (("dsv3_dp2", ()), ("dsv3_ep2", ("expert_model_parallel_size=2",))):
         trainers: list = []
         runs[name] = _train_dpo(name, *layout, "train_iters=3", model="deepseek_v3", trainer_out=trainers)
-        bias = load_file(ROOT / "deepseek_v3" / "hf" / "model.safetensors")["model.layers.1.mlp.gate.e_score_correction_bias"]
+        hf = load_file(ROOT / "deepseek_v3" / "hf" / "model.safetensors")
+        bias = hf["model.layers.1.mlp.gate.e_score_correction_bias"]
         router = trainers[0].policy[0].module.decoder.layers[1].mlp.router
         assert router.expert_bias.dtype == bias.dtype and (router.expert_bias == bias).all(), name
     dp, ep = runs["dsv3_dp2"], runs["dsv3_ep2"]
@@ -351,7 +352,7 @@ def case_planner_parameters_per_rank_equal_the_built_models():
     layouts = {"ep2": (dict(expert_model_parallel_size=2), Layout(dp=2, ep=2)),
                "tp2_sp": (dict(tensor_model_parallel_size=2, sequence_parallel=True),
                           Layout(tp=2, sequence_parallel=True))}
-    for name in ("qwen3_moe", "qwen2_moe", "mixtral"):
+    for name in ("qwen3_moe", "qwen2_moe", "mixtral", "deepseek_v3"):
         spec = read_model_spec(ROOT / name / "mc")
         for par, lay in layouts.values():
             rt = initialize(ParallelConfig(**par), device="cpu")
