@@ -85,6 +85,10 @@ def case_deepseek_v2_ep2():  # softmax, group_limited_greedy
     check("deepseek_v2", expert_model_parallel_size=2)
 
 
+def case_deepseek_v3_pp2():  # stage 0: the dense first layer, stage 1: the MoE layer
+    check("deepseek_v3", pipeline_model_parallel_size=2)
+
+
 def case_tp2_without_sp_is_refused():
     rt = initialize(ParallelConfig(tensor_model_parallel_size=2), device="cpu")
     spec = read_model_spec(ROOT / "qwen3_moe" / "mc")
