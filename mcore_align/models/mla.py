@@ -112,6 +112,10 @@ def mla_rope(c: dict) -> tuple[float, YarnScaling | None]:
 
 
 def mla_spec(c: dict, *, rope_interleave: bool) -> MlaSpec:
+    quant = (c.get("quantization_config") or {}).get("quant_method")
+    if quant:  # DeepSeek-V3/R1 on the Hub: FP8 weights + weight_scale_inv tensors
+        raise ValueError(f"config.json: quantization_config (quant_method={quant!r}) is not supported; "
+                         "dequantise the checkpoint to bf16 first")
     if c.get("attention_bias"):
         raise ValueError(f"config.json: attention_bias=True is not supported for {c.get('model_type')} "
                          "(biases on q_a_proj / kv_a_proj_with_mqa / o_proj)")

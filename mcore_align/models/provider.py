@@ -67,11 +67,12 @@ TRANSFORMER_IMPLS = ("auto", "local", "transformer_engine")
 _REPORTED: set = set()
 
 
-def report_model_backends(use_te: bool, why: str, opts: ModelOptions, runtime: Runtime) -> None:
-    """The one start-up line that says which layer spec and core attention run, and why (rank 0, once)."""
+def report_model_backends(use_te: bool, why: str, opts: ModelOptions, runtime: Runtime, *, mla: bool = False) -> None:
+    """The one start-up line that says which layer spec and core attention run, and why (rank 0, once).
+    ``mla``: multi-head latent attention always runs the packed core attention (models/mla.py)."""
     if use_te:
         what = f"Transformer Engine layer spec ({why}; TE core attention, THD for packed sequences)"
-    elif opts.core_attention == "megatron":
+    elif opts.core_attention == "megatron" and not mla:
         what = f"local layer spec ({why}), megatron DotProductAttention (padded batches only)"
     else:
         from mcore_align.ops.attention import select_backend
@@ -248,7 +249,7 @@ def build_model(spec: ModelSpec, runtime: Runtime, *, role: str = "policy", opts
     check_moe_layout(spec, par)
     check_mla_layout(spec, par)
     use_te, why = select_transformer_impl(opts, cpu=runtime.is_cpu, mla=spec.mla is not None)
-    report_model_backends(use_te, why, opts, runtime)
+    report_model_backends(use_te, why, opts, runtime, mla=spec.mla is not None)
     cfg = transformer_config(spec, par, opts, cpu=runtime.is_cpu)
     lspec = layer_spec(spec, opts, use_te=use_te)
     vpp = par.virtual_pipeline_model_parallel_size or 1

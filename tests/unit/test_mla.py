@@ -149,6 +149,8 @@ V3_BAD = [
      "rope mscale_all_dim=1.0 without mscale has no megatron equivalent"),
     ({"first_k_dense_replace": 3}, r"first_k_dense_replace=3 outside \[0, num_hidden_layers=2\]"),
     ({"kv_lora_rank": 0}, "kv_lora_rank=0 must be a positive integer"),
+    ({"quantization_config": {"quant_method": "fp8", "fmt": "e4m3"}},
+     "quantization_config \\(quant_method='fp8'\\) is not supported; dequantise the checkpoint to bf16 first"),
 ]
 
 
