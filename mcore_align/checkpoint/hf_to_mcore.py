@@ -276,7 +276,12 @@ def convert_hf_to_mcore(hf_dir: str | Path, out_dir: str | Path, dtype: str | to
     dtype = parse_dtype(dtype) or src.stored_dtype()
     model = build_meta_model(spec, dtype)
     meta_params = checkpoint_tensors(model)
-    src.check_against(expected_hf_shapes(spec, meta_params), adapter.hf_optional())
+    prefixes = adapter.hf_ignored_prefixes()
+    ignored = sorted(n for n in src.names() if prefixes and n.startswith(prefixes))
+    if ignored:
+        log.warning("%s: %d tensors under %s are not converted (transformers does not load them either): %s",
+                    hf_dir, len(ignored), list(prefixes), ignored[:4] + (["..."] if len(ignored) > 4 else []))
+    src.check_against(expected_hf_shapes(spec, meta_params), adapter.hf_optional() | set(ignored))
 
     def compute(name: str) -> torch.Tensor:
         return adapter.to_mcore(name, src.get)

@@ -242,6 +242,12 @@ class MLAMoEAdapter(MoEAdapter):
         return Rule(mcore, (hf,), lambda w: self._interleave_rope(w, heads),
                     lambda w: (self._deinterleave_rope(w, heads),))
 
+    def hf_ignored_prefixes(self) -> tuple[str, ...]:
+        """DeepSeek-V3 checkpoints hold ``num_nextn_predict_layers`` multi-token-prediction
+        layers after the last decoder layer (``model.layers.61.*``), which transformers skips."""
+        n, extra = self.spec.num_layers, int(self.spec.hf_config.get("num_nextn_predict_layers") or 0)
+        return tuple(f"model.layers.{i}." for i in range(n, n + extra))
+
     def _rules(self) -> list[Rule]:
         s, m = self.spec, self.spec.mla
         assert m is not None, f"family {s.family} uses the MLA adapter without an MlaSpec"

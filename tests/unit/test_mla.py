@@ -271,3 +271,28 @@ def test_controls_rope_interleave_routing_bias_and_group_topk(converted, tmp_pat
     (nogroup / "model_spec.json").write_text(json.dumps(doc))
     res = _verify(hf, nogroup)
     assert res.rel_diff > 10 * TOL and math.isfinite(res.rel_diff), res
+
+
+def test_multi_token_prediction_layer_is_skipped_like_transformers(converted, tmp_path):
+    """DeepSeek-V3 checkpoints carry num_nextn_predict_layers MTP layers after the last decoder
+    layer; transformers does not load them, conversion skips them (logged) and export leaves
+    them out. Without num_nextn_predict_layers they are unexpected tensors."""
+    from mcore_align.checkpoint import convert_mcore_to_hf
+    from mcore_align.checkpoint.hf_files import CheckpointError
+
+    hf = tmp_path / "hf"
+    shutil.copytree(converted / "deepseek_v3" / "hf", hf)
+    t = load_file(hf / "model.safetensors")
+    mtp = {"model.layers.2.eh_proj.weight": torch.randn(64, 128), "model.layers.2.enorm.weight": torch.ones(64)}
+    save_file({**t, **mtp}, hf / "model.safetensors", metadata={"format": "pt"})
+    assert read_hf_config(hf)["num_nextn_predict_layers"] == 1
+    convert_hf_to_mcore(hf, tmp_path / "mc", dtype="fp32")
+    convert_mcore_to_hf(tmp_path / "mc", tmp_path / "back")
+    back = load_file(tmp_path / "back" / "model.safetensors")
+    assert back.keys() == t.keys() and all(torch.equal(back[k], t[k]) for k in t)
+    cfg = json.loads((hf / "config.json").read_text())
+    cfg["num_nextn_predict_layers"] = 0
+    (hf / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(CheckpointError, match=r"unexpected tensors \(not used by the model\): "
+                                              r"\['model.layers.2.eh_proj.weight', 'model.layers.2.enorm.weight'\]"):
+        convert_hf_to_mcore(hf, tmp_path / "mc2", dtype="fp32")
