@@ -307,7 +307,8 @@ def test_lora_on_expert_linears_is_refused_attention_only_works(converted):
     assert adapted and all("self_attention" in n for n in adapted), adapted
 
 
-def test_aux_loss_runs_on_cpu_and_reaches_the_router(converted):
+@pytest.mark.parametrize("name", ["qwen3_moe", "deepseek_v3"])  # softmax; sigmoid + expert bias + groups
+def test_aux_loss_runs_on_cpu_and_reaches_the_router(converted, name):
     """moe_aux_loss_coeff > 0 trains without CUDA and adds a gradient through the routers:
     the last layer's experts (downstream of every router's aux loss) get the same gradients
     as without it, its router does not."""
@@ -315,7 +316,7 @@ def test_aux_loss_runs_on_cpu_and_reaches_the_router(converted):
     from mcore_align.checkpoint.layout import init_single_process
     from mcore_align.models.provider import ModelOptions, build_model
 
-    mc = converted / "qwen3_moe" / "mc"
+    mc = converted / name / "mc"
     spec, rt = read_model_spec(mc), init_single_process()
     tokens = torch.randint(0, spec.vocab_size, (2, 24), generator=torch.Generator().manual_seed(0))
     grads = []
