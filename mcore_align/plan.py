@@ -184,13 +184,30 @@ def check_divisible(spec: ModelSpec, lay: Layout) -> None:
         raise ValueError(f"MoE at TP={lay.tp} needs sequence_parallel (megatron refuses MoE with TP and no SP)")
 
 
+def mla_attention_params(spec: ModelSpec, tp: int) -> int:
+    """Multi-head latent attention of one layer on one TP rank (local spec, models/mla.py): the
+    down projections are column-parallel too (rows by TP, gathered), the latent norms replicated."""
+    m, h, a = spec.mla, spec.hidden_size, spec.num_attention_heads
+    dq = m.qk_head_dim + m.qk_pos_emb_head_dim
+    if m.q_lora_rank is None:
+        q = h * a * dq // tp
+    else:
+        q = h * m.q_lora_rank // tp + m.q_lora_rank + m.q_lora_rank * a * dq // tp
+    kv = h * (m.kv_lora_rank + m.qk_pos_emb_head_dim) // tp + m.kv_lora_rank \
+        + m.kv_lora_rank * a * (m.qk_head_dim + m.v_head_dim) // tp
+    return q + kv + a * m.v_head_dim // tp * h
+
+
 def layer_params(spec: ModelSpec, tp: int) -> int:
     """Parameters of one transformer layer on one TP rank (local spec)."""
     h, a, g, d, f = (spec.hidden_size, spec.num_attention_heads, spec.num_query_groups, spec.head_dim,
                      spec.ffn_hidden_size)
+    mlp = h * 2 * f // tp + f * h // tp
+    if spec.mla is not None:
+        return mla_attention_params(spec, tp) + mlp + 2 * h
     qkv = h * (a + 2 * g) * d // tp + ((a + 2 * g) * d // tp if spec.qkv_bias else 0)
     norms = 2 * h + (2 * d if spec.qk_norm else 0)  # input + pre-MLP RMSNorm (+ q/k norm), replicated
-    return qkv + (a * d // tp) * h + h * 2 * f // tp + f * h // tp + norms
+    return qkv + (a * d // tp) * h + mlp + norms
 
 
 def moe_mlp_params(spec: ModelSpec, lay: "Layout") -> tuple[int, int]:
@@ -278,8 +295,14 @@ def _activation_bytes_per_token_layer(spec: ModelSpec, lay: Layout, moe: bool = 
                      spec.ffn_hidden_size)
     ab = DTYPE_BYTES[lay.dtype]
     h_share = lay.tp if lay.sequence_parallel else 1
+    attn = ((a + 2 * g) * d + (a + g) * d + a * d) / lay.tp
+    if spec.mla is not None:  # q, k (dn + dr per head), v and the output (dv), plus the latents
+        m = spec.mla
+        dq = m.qk_head_dim + m.qk_pos_emb_head_dim
+        latents = (m.q_lora_rank or 0) + m.kv_lora_rank + m.qk_pos_emb_head_dim
+        attn = (a * (2 * dq + 2 * m.v_head_dim) + latents) / lay.tp
     if not moe:
-        sharded = ((a + 2 * g) * d + (a + g) * d + a * d + 3 * f) / lay.tp
+        sharded = attn + 3 * f / lay.tp
         return ab * (4 * h / h_share + sharded)
     # MoE layer: attention as above; per token, k routed copies reach expert ranks (balanced
     # load assumed: each rank receives as many copies as it sends, times ETP, whose ranks all
@@ -287,7 +310,6 @@ def _activation_bytes_per_token_layer(spec: ModelSpec, lay: Layout, moe: bool = 
     # product F/ETP and fc2's output h before the weighted combine; the router's fp32 logits
     # and probs (2E, over the rank's own tokens); a shared expert like a dense MLP.
     F, k, E = spec.moe_ffn_hidden_size, spec.moe_router_topk, spec.num_moe_experts
-    attn = ((a + 2 * g) * d + (a + g) * d + a * d) / lay.tp
     routed = k * lay.expert_tp / h_share * (2 * h + 3 * F / lay.expert_tp)
     shared = 3 * (spec.moe_shared_expert_intermediate_size or 0) / lay.tp
     return ab * (4 * h / h_share + attn + routed + shared) + 4 * 2 * E / h_share

@@ -57,6 +57,15 @@ def build_meta_model(spec: ModelSpec, dtype: torch.dtype = torch.float32):
     return model
 
 
+def checkpoint_tensors(model) -> dict[str, torch.Tensor]:
+    """What conversion writes and export reads: the parameters and the persistent buffers
+    megatron checkpoints with them (the router's ``expert_bias`` of sigmoid routing)."""
+    tensors = dict(model.named_parameters())
+    persistent = set(model.state_dict(keep_vars=True))
+    tensors.update({n: b for n, b in model.named_buffers() if n in persistent})
+    return tensors
+
+
 def expected_hf_shapes(spec: ModelSpec, meta_params: dict[str, torch.Tensor]) -> dict[str, tuple[int, ...]]:
     """HF tensor name -> shape, derived by splitting the meta parameters with the adapter."""
     adapter = adapter_for(spec)
@@ -241,7 +250,7 @@ def save_streaming(model, compute_param: Callable[[str], torch.Tensor], out_dir:
     ``compute_param(name)`` when it is written. ``out_dir`` must exist."""
     from megatron.core import dist_checkpointing
 
-    meta_params = dict(model.named_parameters())
+    meta_params = checkpoint_tensors(model)
     cache = _OneParamCache(compute_param, meta_params)
     dist_checkpointing.save(model.sharded_state_dict(), str(out_dir),
                             sharded_strategy=_streaming_strategy(cache, meta_params))
@@ -266,8 +275,13 @@ def convert_hf_to_mcore(hf_dir: str | Path, out_dir: str | Path, dtype: str | to
         src = SlicedTensorsView(src, virtual)
     dtype = parse_dtype(dtype) or src.stored_dtype()
     model = build_meta_model(spec, dtype)
-    meta_params = dict(model.named_parameters())
-    src.check_against(expected_hf_shapes(spec, meta_params), adapter.hf_optional())
+    meta_params = checkpoint_tensors(model)
+    prefixes = adapter.hf_ignored_prefixes()
+    ignored = sorted(n for n in src.names() if prefixes and n.startswith(prefixes))
+    if ignored:
+        log.warning("%s: %d tensors under %s are not converted (transformers does not load them either): %s",
+                    hf_dir, len(ignored), list(prefixes), ignored[:4] + (["..."] if len(ignored) > 4 else []))
+    src.check_against(expected_hf_shapes(spec, meta_params), adapter.hf_optional() | set(ignored))
 
     def compute(name: str) -> torch.Tensor:
         return adapter.to_mcore(name, src.get)

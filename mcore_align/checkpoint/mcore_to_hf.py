@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 
 from mcore_align.checkpoint.hf_files import ShardedSafetensorsWriter, parse_size
-from mcore_align.checkpoint.hf_to_mcore import _param_of, _Slice, build_meta_model
+from mcore_align.checkpoint.hf_to_mcore import _param_of, _Slice, build_meta_model, checkpoint_tensors
 from mcore_align.checkpoint.layout import (
     atomic_output_dir,
     check_complete,
@@ -94,7 +94,7 @@ def _param_requests(model) -> dict[str, list]:
     from megatron.core.dist_checkpointing.mapping import ShardedTensor, apply_factories
     from megatron.core.dist_checkpointing.strategies.torch import flatten_state_dict
 
-    params = dict(model.named_parameters())
+    params = checkpoint_tensors(model)
     ssd = model.sharded_state_dict()
     apply_factories(ssd)
     out: dict[str, list] = {}
@@ -168,7 +168,10 @@ def convert_mcore_to_hf(ckpt_dir: str | Path, out_dir: str | Path, dtype: str | 
     spec = read_model_spec(path)
     adapter = adapter_for(spec)
     model = build_meta_model(spec)
-    meta = dict(model.named_parameters())
+    meta = checkpoint_tensors(model)
+    # Buffers (the router's expert_bias) stay in the dtype they are stored in: fp32, as HF keeps
+    # DeepSeek-V3's e_score_correction_bias in any model dtype.
+    keep_dtype = set(meta) - {n for n, _ in model.named_parameters()}
     pieces = _param_requests(model)
     stored = _stored_metadata(path)
     names = adapter.mcore_names()
@@ -193,7 +196,7 @@ def convert_mcore_to_hf(ckpt_dir: str | Path, out_dir: str | Path, dtype: str | 
                                     strict=StrictHandling.RAISE_UNEXPECTED)
             for n in group:
                 for hf_name, t in adapter.to_hf(n, bufs[n]).items():
-                    writer.add(hf_name, t.to(out_dtype))
+                    writer.add(hf_name, t if n in keep_dtype else t.to(out_dtype))
             del bufs, request
         writer.finish()
         _export_extra_heads(path, tmp, stored, parse_dtype(dtype))

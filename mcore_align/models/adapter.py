@@ -115,6 +115,11 @@ class LlamaStyleAdapter:
         # Tied checkpoints sometimes still store lm_head.weight (== embed_tokens).
         return {"lm_head.weight"} if self.spec.tie_word_embeddings else set()
 
+    def hf_ignored_prefixes(self) -> tuple[str, ...]:
+        """Prefixes of HF tensors a checkpoint may hold that transformers itself does not load
+        (DeepSeek-V3's multi-token-prediction layer); conversion skips them and says so."""
+        return ()
+
     def virtual_hf_tensors(self, stored_shapes: dict[str, tuple[int, ...]]) -> dict[str, tuple[str, int, slice]]:
         """HF names this adapter reads that the checkpoint stores inside a larger tensor:
         name -> (stored name, index along dim 0, row slice of that sub-tensor). Dense

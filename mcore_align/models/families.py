@@ -11,8 +11,9 @@ import warnings
 from dataclasses import dataclass
 from typing import Callable
 
-from mcore_align.models.moe import MoeNames, mixtral_fields, qwen_moe_fields
-from mcore_align.models.spec import ModelSpec, RopeScaling
+from mcore_align.models.mla import deepseek_v2_mla, deepseek_v3_mla, mla_rope
+from mcore_align.models.moe import MoeNames, deepseek_v2_fields, deepseek_v3_fields, mixtral_fields, qwen_moe_fields
+from mcore_align.models.spec import MlaSpec, ModelSpec, RopeScaling
 
 
 @dataclass(frozen=True)
@@ -31,6 +32,8 @@ class Family:
     """MoE families: HF tensor names of the MoE block (read by models/moe.py's adapter)."""
     sliding_window_needs_flag: bool = False
     """``sliding_window`` applies only with ``use_sliding_window: true`` (Qwen2, Qwen-MoE configs)."""
+    mla: "Callable[[dict], MlaSpec] | None" = None
+    """Multi-head latent attention families: HF config -> MlaSpec (models/mla.py); None: GQA."""
 
 
 FAMILIES: dict[str, Family] = {}
@@ -69,6 +72,14 @@ register_family(Family("qwen2_moe", ("Qwen2MoeForCausalLM",), ("qwen2_moe",),
                        moe_names=MoeNames(block="mlp.", shared_expert="shared_expert.",
                                           shared_expert_gate="shared_expert_gate.weight"),
                        sliding_window_needs_flag=True))
+# DeepSeek: MLA attention, first_k_dense_replace dense layers, ungated shared experts (models/mla.py, moe.py).
+register_family(Family("deepseek_v3", ("DeepseekV3ForCausalLM",), ("deepseek_v3",), lambda c: False, False,
+                       adapter="mla_moe", moe=deepseek_v3_fields, mla=deepseek_v3_mla,
+                       moe_names=MoeNames(block="mlp.", shared_expert="shared_experts.",
+                                          expert_bias="gate.e_score_correction_bias")))
+register_family(Family("deepseek_v2", ("DeepseekV2ForCausalLM",), ("deepseek_v2",), lambda c: False, False,
+                       adapter="mla_moe", moe=deepseek_v2_fields, mla=deepseek_v2_mla,
+                       moe_names=MoeNames(block="mlp.", shared_expert="shared_experts.")))
 
 
 def supported() -> str:
@@ -127,7 +138,7 @@ def spec_from_hf_config(c: dict) -> ModelSpec:
             "for sequences no longer than the window"
         )
     heads = int(c["num_attention_heads"])
-    theta, scaling = _rope(c)
+    theta, scaling = _rope(c) if fam.mla is None else (mla_rope(c)[0], None)  # MLA: yarn lives in MlaSpec
     return ModelSpec(
         family=fam.name,
         num_layers=int(c["num_hidden_layers"]),
@@ -147,4 +158,5 @@ def spec_from_hf_config(c: dict) -> ModelSpec:
         init_std=float(c.get("initializer_range", 0.02)),
         hf_config=c,
         **(fam.moe(c) if fam.moe else {}),
+        **({"mla": fam.mla(c)} if fam.mla else {}),
     )

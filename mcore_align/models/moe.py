@@ -54,11 +54,13 @@ class MoeNames:
     """Prefix of the shared expert's gate_proj/up_proj/down_proj (Qwen2-MoE: ``shared_expert.``)."""
     shared_expert_gate: str | None = None
     """The shared expert's sigmoid gate [1, H] (Qwen2-MoE: ``shared_expert_gate.weight``)."""
+    expert_bias: str | None = None
+    """The routing bias [E] of sigmoid routing (DeepSeek-V3: ``gate.e_score_correction_bias``)."""
 
 
 # -- HF config -> ModelSpec fields --------------------------------------------------------
 def _num_experts(c: dict) -> int:
-    for key in ("num_experts", "num_local_experts"):
+    for key in ("num_experts", "num_local_experts", "n_routed_experts"):
         if c.get(key):
             return int(c[key])
     raise ValueError("config.json: a MoE family needs num_experts (or num_local_experts) > 0")
@@ -118,6 +120,82 @@ def mixtral_fields(c: dict) -> dict:
     )
 
 
+def _deepseek_common(c: dict) -> tuple[int, int, dict]:
+    """DeepSeek-V2/V3: experts, top-k and the fields both share (first dense layers, shared experts)."""
+    e, k, n = _num_experts(c), int(c.get("num_experts_per_tok") or 0), int(c["num_hidden_layers"])
+    if not 1 <= k <= e:
+        raise ValueError(f"config.json: num_experts_per_tok={k} must be in [1, n_routed_experts={e}]")
+    dense = int(c.get("first_k_dense_replace") or 0)
+    if not 0 <= dense <= n:
+        raise ValueError(f"config.json: first_k_dense_replace={dense} outside [0, num_hidden_layers={n}]")
+    if int(c.get("moe_layer_freq") or 1) != 1:
+        raise ValueError(f"config.json: moe_layer_freq={c['moe_layer_freq']} is not supported (transformers "
+                         "makes every layer from first_k_dense_replace on MoE)")
+    shared = int(c.get("n_shared_experts") or 0)
+    f = int(c["moe_intermediate_size"])
+    scale = float(c.get("routed_scaling_factor") or 1.0)
+    return e, k, dict(
+        num_moe_experts=e,
+        moe_ffn_hidden_size=f,
+        moe_router_topk=k,
+        moe_layer_pattern=(0,) * dense + (1,) * (n - dense),
+        # HF: one MLP of n_shared_experts * moe_intermediate_size beside the routed experts, ungated.
+        moe_shared_expert_intermediate_size=shared * f if shared else None,
+        moe_router_topk_scaling_factor=None if scale == 1.0 else scale,
+    )
+
+
+def _groups(c: dict, e: int, k: int, experts_per_group_score: int) -> dict:
+    """Group-limited routing: megatron scores a group by the sum of its top (k / topk_group)
+    expert scores; HF by the sum of its top ``experts_per_group_score`` (V3: 2, V2: 1 = max)."""
+    groups, top = c.get("n_group"), c.get("topk_group")
+    if not groups or groups == 1 or top == groups:
+        return {}  # one group, or every group selected: plain top-k
+    groups, top = int(groups), int(top or 0)
+    if e % groups or not 1 <= top <= groups:
+        raise ValueError(f"config.json: n_group={groups} must divide n_routed_experts={e} and topk_group={top} "
+                         f"must be in [1, n_group]")
+    if k % top or k // top != experts_per_group_score:
+        raise ValueError(f"config.json: group-limited routing with num_experts_per_tok={k}, topk_group={top}: "
+                         f"transformers scores a group by its top {experts_per_group_score} expert(s), megatron "
+                         f"by its top num_experts_per_tok / topk_group; supported only when they agree")
+    return dict(moe_router_num_groups=groups, moe_router_group_topk=top)
+
+
+def deepseek_v3_fields(c: dict) -> dict:
+    """DeepSeek-V3 (``noaux_tc``): sigmoid scores; experts chosen by score +
+    ``e_score_correction_bias`` within the best ``topk_group`` of ``n_group`` groups (a group's
+    score: the sum of its top-2 biased scores); weights = raw scores of the chosen experts,
+    renormalised (``norm_topk_prob``), times ``routed_scaling_factor``. megatron: score function
+    sigmoid, expert bias, num_groups / group_topk, topk_scaling_factor."""
+    e, k, fields = _deepseek_common(c)
+    if c.get("topk_method") not in (None, "noaux_tc"):
+        raise ValueError(f"config.json: topk_method={c['topk_method']!r} is not supported for deepseek_v3 "
+                         "(transformers implements noaux_tc)")
+    if c.get("scoring_func") not in (None, "sigmoid"):
+        raise ValueError(f"config.json: scoring_func={c['scoring_func']!r} is not supported for deepseek_v3")
+    if k > 1 and not c.get("norm_topk_prob", True):
+        raise ValueError("config.json: norm_topk_prob=false with sigmoid routing is not supported (megatron "
+                         "always renormalises the top-k sigmoid scores)")
+    return dict(fields, moe_router_score_function="sigmoid", moe_router_expert_bias=True,
+                moe_router_pre_softmax=False, **_groups(c, e, k, experts_per_group_score=2))
+
+
+def deepseek_v2_fields(c: dict) -> dict:
+    """DeepSeek-V2: softmax over all experts, top-k (``greedy``) or top-k within the best
+    ``topk_group`` groups scored by their max (``group_limited_greedy``), never renormalised
+    (megatron ``pre_softmax=True``), times ``routed_scaling_factor``."""
+    e, k, fields = _deepseek_common(c)
+    method = c.get("topk_method") or "greedy"
+    if method not in ("greedy", "group_limited_greedy"):
+        raise ValueError(f"config.json: topk_method={method!r} is not supported for deepseek_v2 "
+                         "(greedy, group_limited_greedy)")
+    if c.get("scoring_func") not in (None, "softmax"):
+        raise ValueError(f"config.json: scoring_func={c['scoring_func']!r} is not supported for deepseek_v2")
+    groups = _groups(c, e, k, experts_per_group_score=1) if method == "group_limited_greedy" else {}
+    return dict(fields, moe_router_pre_softmax=True, **groups)
+
+
 def is_moe(spec: ModelSpec) -> bool:
     return bool(spec.num_moe_experts)
 
@@ -165,6 +243,9 @@ class MoEAdapter(LlamaStyleAdapter):
                 ]
                 if s.moe_shared_expert_gate:
                     rules.append(one(mp + "shared_experts.gate_weight", hp + nm.shared_expert_gate))
+            if s.moe_router_expert_bias:  # a buffer, fp32 in both (HF keeps it fp32 in any dtype)
+                assert nm.expert_bias, f"family {s.family}: expert bias without its HF name"
+                rules.append(one(mp + "router.expert_bias", hp + nm.expert_bias))
         return rules
 
     def virtual_hf_tensors(self, stored_shapes):
@@ -209,9 +290,17 @@ def moe_config_kwargs(spec: ModelSpec, parallel, *, grouped_gemm: bool, aux_loss
         moe_ffn_hidden_size=spec.moe_ffn_hidden_size,
         moe_router_topk=spec.moe_router_topk,
         moe_router_pre_softmax=spec.moe_router_pre_softmax,
-        moe_router_score_function="softmax",
-        # Router logits in fp32, as transformers computes its softmax.
+        moe_router_score_function=spec.moe_router_score_function,
+        # Router logits in fp32, as transformers computes its softmax / sigmoid.
         moe_router_dtype="fp32",
+        moe_router_num_groups=spec.moe_router_num_groups,
+        moe_router_group_topk=spec.moe_router_group_topk,
+        moe_router_topk_scaling_factor=spec.moe_router_topk_scaling_factor,
+        moe_router_enable_expert_bias=spec.moe_router_expert_bias,
+        # The bias is a fixed buffer in transformers (DeepSeek-V3's e_score_correction_bias is not
+        # trained); megatron would move it by sign(mean load - load) * rate after every step.
+        # Rate 0: the update adds 0 (bias + sign * 0), the trained model keeps the checkpoint's bias.
+        moe_router_bias_update_rate=0.0,
         moe_layer_freq=list(spec.moe_layer_pattern),
         moe_shared_expert_intermediate_size=spec.moe_shared_expert_intermediate_size,
         moe_shared_expert_gate=spec.moe_shared_expert_gate,

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from mcore_align.models.mla import check_mla_layout, mla_config_kwargs, mla_layer_spec
 from mcore_align.models.moe import check_moe_layout, is_moe, moe_config_kwargs, moe_layer_specs
 from mcore_align.models.norm import TorchRMSNorm
 from mcore_align.models.spec import ModelSpec
@@ -66,11 +67,12 @@ TRANSFORMER_IMPLS = ("auto", "local", "transformer_engine")
 _REPORTED: set = set()
 
 
-def report_model_backends(use_te: bool, why: str, opts: ModelOptions, runtime: Runtime) -> None:
-    """The one start-up line that says which layer spec and core attention run, and why (rank 0, once)."""
+def report_model_backends(use_te: bool, why: str, opts: ModelOptions, runtime: Runtime, *, mla: bool = False) -> None:
+    """The one start-up line that says which layer spec and core attention run, and why (rank 0, once).
+    ``mla``: multi-head latent attention always runs the packed core attention (models/mla.py)."""
     if use_te:
         what = f"Transformer Engine layer spec ({why}; TE core attention, THD for packed sequences)"
-    elif opts.core_attention == "megatron":
+    elif opts.core_attention == "megatron" and not mla:
         what = f"local layer spec ({why}), megatron DotProductAttention (padded batches only)"
     else:
         from mcore_align.ops.attention import select_backend
@@ -101,17 +103,24 @@ def transformer_engine_status() -> tuple[bool, str]:
     return True, "Transformer Engine imports"
 
 
-def select_transformer_impl(opts: ModelOptions, *, cpu: bool) -> tuple[bool, str]:
+def select_transformer_impl(opts: ModelOptions, *, cpu: bool, mla: bool = False) -> tuple[bool, str]:
     """(use Transformer Engine's layer spec, why), following ``opts.transformer_impl``.
 
     An explicit "transformer_engine" that cannot run is an error naming the reason;
-    "auto" falls back to the local spec and says why.
+    "auto" falls back to the local spec and says why. ``mla``: multi-head latent attention
+    (DeepSeek) runs the local spec only (models/mla.py).
     """
     impl = opts.transformer_impl
     if impl not in TRANSFORMER_IMPLS:
         raise ValueError(f"model.transformer_impl must be one of {TRANSFORMER_IMPLS}, got {impl!r}")
     if impl == "local":
         return False, "model.transformer_impl=local"
+    if mla:
+        if impl == "transformer_engine":
+            raise ValueError("model.transformer_impl=transformer_engine is not supported for multi-head latent "
+                             "attention: megatron's TE MLA spec fuses the q/kv latent norms into the up projections "
+                             "(other checkpoint keys); use transformer_impl=local or auto")
+        return False, "transformer_impl=auto: multi-head latent attention runs the local spec"
     if opts.lora:
         if impl == "transformer_engine":
             raise ValueError("model.transformer_impl=transformer_engine cannot be used with LoRA: the adapters "
@@ -132,9 +141,10 @@ def select_transformer_impl(opts: ModelOptions, *, cpu: bool) -> tuple[bool, str
 
 def transformer_config(spec: ModelSpec, parallel: ParallelConfig, opts: ModelOptions, *, cpu: bool):
     from megatron.core.transformer import TransformerConfig
+    from megatron.core.transformer.transformer_config import MLATransformerConfig
 
     dt = opts.params_dtype
-    return TransformerConfig(
+    return (MLATransformerConfig if spec.mla else TransformerConfig)(
         num_layers=spec.num_layers,
         hidden_size=spec.hidden_size,
         ffn_hidden_size=spec.ffn_hidden_size,
@@ -179,7 +189,8 @@ def transformer_config(spec: ModelSpec, parallel: ParallelConfig, opts: ModelOpt
         recompute_num_layers=1 if opts.recompute_granularity == "full" else None,
         # {} for dense families; grouped GEMM exactly where the TE layer spec is built.
         **moe_config_kwargs(spec, parallel, aux_loss_coeff=opts.moe_aux_loss_coeff,
-                            grouped_gemm=select_transformer_impl(opts, cpu=cpu)[0]),
+                            grouped_gemm=select_transformer_impl(opts, cpu=cpu, mla=spec.mla is not None)[0]),
+        **mla_config_kwargs(spec),  # {} without multi-head latent attention
     )
 
 
@@ -191,6 +202,8 @@ def layer_spec(spec: ModelSpec, opts: ModelOptions, *, use_te: bool):
 
     if use_te:
         return get_gpt_layer_with_transformer_engine_spec(qk_layernorm=spec.qk_norm)
+    if spec.mla is not None:  # always the packed core attention (separate K/V head sizes)
+        return mla_layer_spec()
     ls = get_gpt_layer_local_spec(qk_layernorm=spec.qk_norm, normalization="RMSNorm")
     # torch RMSNorm that accepts sequence parallelism (megatron's wrapper refuses it).
     ls.submodules.input_layernorm = TorchRMSNorm
@@ -234,8 +247,9 @@ def build_model(spec: ModelSpec, runtime: Runtime, *, role: str = "policy", opts
             f"{spec.num_attention_heads} must be divisible by tensor_model_parallel_size {tp}"
         )
     check_moe_layout(spec, par)
-    use_te, why = select_transformer_impl(opts, cpu=runtime.is_cpu)
-    report_model_backends(use_te, why, opts, runtime)
+    check_mla_layout(spec, par)
+    use_te, why = select_transformer_impl(opts, cpu=runtime.is_cpu, mla=spec.mla is not None)
+    report_model_backends(use_te, why, opts, runtime, mla=spec.mla is not None)
     cfg = transformer_config(spec, par, opts, cpu=runtime.is_cpu)
     lspec = layer_spec(spec, opts, use_te=use_te)
     vpp = par.virtual_pipeline_model_parallel_size or 1

@@ -23,6 +23,39 @@ class RopeScaling:
 
 
 @dataclass(frozen=True, kw_only=True)
+class YarnScaling:
+    """YaRN rope scaling as megatron's ``YarnRotaryEmbedding`` takes it (MLA families; HF
+    ``rope_parameters`` with ``rope_type: yarn``, see ``models/mla.py`` for the mapping)."""
+
+    factor: float
+    original_max_position_embeddings: int
+    beta_fast: float = 32.0
+    beta_slow: float = 1.0
+    mscale: float = 1.0
+    mscale_all_dim: float = 0.0
+
+
+@dataclass(frozen=True, kw_only=True)
+class MlaSpec:
+    """Multi-head latent attention (DeepSeek-V2/V3): the HF config fields megatron's
+    ``MLATransformerConfig`` needs (names as megatron spells them; see ``models/mla.py``)."""
+
+    q_lora_rank: int | None
+    """Rank of the query compression (None: one q_proj, no q_a/q_b pair; DeepSeek-V2-Lite)."""
+    kv_lora_rank: int
+    qk_head_dim: int
+    """Per-head query/key part without rope (HF ``qk_nope_head_dim``)."""
+    qk_pos_emb_head_dim: int
+    """Per-head rope part (HF ``qk_rope_head_dim``); shared by all heads on the key side."""
+    v_head_dim: int
+    rope_interleave: bool = True
+    """HF rotates interleaved pairs (x0, x1), (x2, x3), ... (DeepSeek-V2 always, V3 when
+    ``rope_interleave``), which is what megatron's MLA rope does; False: HF's rotate-half rope,
+    reproduced by permuting the rope rows of the weights (``models/mla.py``)."""
+    yarn: YarnScaling | None = None
+
+
+@dataclass(frozen=True, kw_only=True)
 class VisionSpec:
     """The vision side of a vision-language checkpoint (read by ``models/vision.py`` only)."""
 
@@ -38,7 +71,8 @@ class VisionSpec:
 @dataclass(frozen=True, kw_only=True)
 class ModelSpec:
     family: str
-    """Registered family name (``llama``, ``mistral``, ``qwen2``, ``qwen3``, ``qwen3_moe``, ``mixtral``, ``qwen2_moe``)."""
+    """Registered family name (``llama``, ``mistral``, ``qwen2``, ``qwen3``, ``qwen3_moe``, ``mixtral``, ``qwen2_moe``,
+    ``deepseek_v2``, ``deepseek_v3``)."""
     num_layers: int
     hidden_size: int
     ffn_hidden_size: int
@@ -74,6 +108,19 @@ class ModelSpec:
     """Hidden size of the always-on shared expert (Qwen2-MoE); None: no shared expert."""
     moe_shared_expert_gate: bool = False
     """The shared expert's output is scaled by sigmoid(hidden @ gate) (Qwen2-MoE)."""
+    moe_router_score_function: str = "softmax"
+    """"softmax" or "sigmoid" (DeepSeek-V3: sigmoid scores, top-k renormalised)."""
+    moe_router_expert_bias: bool = False
+    """Sigmoid routing picks experts by score + a per-expert bias (HF
+    ``e_score_correction_bias``, megatron's ``expert_bias``); the weights use the raw scores."""
+    moe_router_num_groups: int | None = None
+    """Group-limited routing: experts form this many groups (HF ``n_group``); None: off."""
+    moe_router_group_topk: int | None = None
+    """Groups each token may use (HF ``topk_group``)."""
+    moe_router_topk_scaling_factor: float | None = None
+    """Routing weights are multiplied by this (HF ``routed_scaling_factor``); None: 1."""
+    mla: MlaSpec | None = None
+    """Multi-head latent attention (DeepSeek); None: grouped-query attention of ``head_dim``."""
     vision: VisionSpec | None = None
     """Vision-language checkpoints (LLaVA): the image side; the fields above describe the
     language model (``text_config``). None for text-only models. See ``models/vision.py``."""
@@ -90,6 +137,11 @@ class ModelSpec:
             d["moe_layer_pattern"] = tuple(d["moe_layer_pattern"])
         if d.get("vision"):
             d["vision"] = VisionSpec(**d["vision"])
+        if d.get("mla"):
+            mla = dict(d["mla"])
+            if mla.get("yarn"):
+                mla["yarn"] = YarnScaling(**mla["yarn"])
+            d["mla"] = MlaSpec(**mla)
         return cls(**d)
 
 

@@ -27,6 +27,19 @@ TINY_FAMILIES = {
     "qwen2_moe": ("Qwen2MoeForCausalLM", "qwen2_moe", "chatml", {
         "num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 48,
         "shared_expert_intermediate_size": 80, "norm_topk_prob": False}),
+    # MLA (q_lora 32, kv_lora 24, nope 16 / rope 8 / v 12 per head: K and V head sizes differ),
+    # layer 0 dense, 8 experts in 4 groups (2 used), top-4, one shared expert.
+    "deepseek_v3": ("DeepseekV3ForCausalLM", "deepseek_v3", "llama3", {
+        "num_key_value_heads": 4, "q_lora_rank": 32, "kv_lora_rank": 24, "qk_nope_head_dim": 16,
+        "qk_rope_head_dim": 8, "v_head_dim": 12, "n_routed_experts": 8, "n_group": 4, "topk_group": 2,
+        "num_experts_per_tok": 4, "n_shared_experts": 1, "moe_intermediate_size": 32,
+        "first_k_dense_replace": 1, "routed_scaling_factor": 2.5, "norm_topk_prob": True}),
+    # V2: softmax routing (greedy, not renormalised), no q compression (V2-Lite), two shared experts.
+    "deepseek_v2": ("DeepseekV2ForCausalLM", "deepseek_v2", "llama3", {
+        "num_key_value_heads": 4, "q_lora_rank": None, "kv_lora_rank": 24, "qk_nope_head_dim": 16,
+        "qk_rope_head_dim": 8, "v_head_dim": 12, "n_routed_experts": 8, "num_experts_per_tok": 2,
+        "n_shared_experts": 2, "moe_intermediate_size": 32, "first_k_dense_replace": 1,
+        "routed_scaling_factor": 1.5, "topk_method": "greedy"}),
 }
 
 
@@ -65,8 +78,7 @@ def make_tiny_model(
     arch, model_type, tok_style, extra = TINY_FAMILIES[family]
     out = Path(out_dir)
     tok = build_tiny_tokenizer(out, style=tok_style, vocab_size=vocab_size)
-    cfg = AutoConfig.for_model(
-        model_type,
+    fields = dict(
         architectures=[arch],
         vocab_size=vocab_size,
         hidden_size=hidden_size,
@@ -82,8 +94,10 @@ def make_tiny_model(
         bos_token_id=tok.bos_token_id,
         eos_token_id=tok.eos_token_id,
         pad_token_id=tok.pad_token_id,
-        **{**extra, **({"rope_scaling": rope_scaling} if rope_scaling else {}), **(hf_overrides or {})},
     )
+    # The family's fields, then the caller's, win over the defaults above.
+    fields.update({**extra, **({"rope_scaling": rope_scaling} if rope_scaling else {}), **(hf_overrides or {})})
+    cfg = AutoConfig.for_model(model_type, **fields)
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
     with torch.no_grad():  # norms at 1 +- noise so every weight is exercised by parity tests
@@ -92,6 +106,9 @@ def make_tiny_model(
                 p.copy_(1.0 + 0.1 * torch.randn_like(p))
             elif name.endswith("bias"):
                 p.normal_(0.0, init_std)
+        for name, b in model.named_buffers():
+            if name.endswith("e_score_correction_bias"):  # DeepSeek-V3 routing bias (a buffer, 0 at init)
+                b.normal_(0.0, 0.05)
     model.to(dtype).save_pretrained(out, max_shard_size=max_shard_size)
     model.generation_config.save_pretrained(out)
     return out

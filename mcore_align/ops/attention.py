@@ -108,8 +108,8 @@ class PackedAttentionKernels:
     """Named static helpers: per-backend attention over a packed batch.
 
     Shapes: ``q_TND`` this rank's queries ``[T/CP, N, D]``; ``k_SGD`` / ``v_SGD`` the keys and
-    values of the WHOLE packed batch in global order ``[T, G, D]`` (G = kv groups, N % G == 0).
-    Returns ``[T/CP, N, D]``.
+    values of the WHOLE packed batch in global order ``[T, G, D]`` / ``[T, G, Dv]`` (G = kv
+    groups, N % G == 0; Dv = D except for multi-head latent attention). Returns ``[T/CP, N, Dv]``.
     """
 
     @staticmethod
@@ -140,7 +140,7 @@ class PackedAttentionKernels:
         if lstart != q_TND.shape[0]:
             raise ValueError(f"cu_seqlens cover {lstart} local tokens but the query has {q_TND.shape[0]}")
         if not out:
-            return q_TND.new_zeros(q_TND.shape)
+            return q_TND.new_zeros((*q_TND.shape[:2], v_SGD.shape[-1]))
         return torch.cat(out)
 
     @staticmethod
@@ -248,6 +248,8 @@ class PackedCoreAttention(MegatronModule):
         attention_type: str,
         attention_dropout: Optional[float] = None,
         softmax_scale: Optional[float] = None,
+        k_channels: Optional[int] = None,
+        v_channels: Optional[int] = None,
         cp_comm_type: Optional[str] = None,
         pg_collection: Optional[ProcessGroupCollection] = None,
     ):
@@ -272,7 +274,10 @@ class PackedCoreAttention(MegatronModule):
         tp = group_size(self.tp_group)
         self.num_heads_per_partition = divide(config.num_attention_heads, tp)
         self.num_groups_per_partition = divide(config.num_query_groups, tp)
-        self.head_dim = config.kv_channels
+        # Query/key head size and value head size: equal for GQA (kv_channels); multi-head latent
+        # attention passes k_channels = nope + rope dims and v_channels = v_head_dim.
+        self.head_dim = k_channels or config.kv_channels
+        self.v_head_dim = v_channels or config.kv_channels
         # megatron's apply_query_key_layer_scaling divides by layer_number and multiplies it
         # back inside the fp32 softmax: the net scale is unchanged, so it is not applied here.
         self.softmax_scale = 1.0 / math.sqrt(self.head_dim) if softmax_scale is None else softmax_scale
@@ -292,10 +297,11 @@ class PackedCoreAttention(MegatronModule):
         attention_bias: Optional[torch.Tensor] = None,
         packed_seq_params=None,
     ) -> torch.Tensor:
-        """query ``[s, b, np, hn]``, key/value ``[s, b, ng, hn]`` -> ``[s, b, np*hn]``.
+        """query/key ``[s, b, np|ng, hk]``, value ``[s, b, ng, hv]`` -> ``[s, b, np*hv]``
+        (hk = hv except for multi-head latent attention).
 
-        Packed (``packed_seq_params.qkv_format == "thd"``): ``[t, np, hn]`` or ``[t, 1, np, hn]``
-        -> ``[t, np*hn]`` or ``[t, 1, np*hn]``; ``t`` is this CP rank's token count.
+        Packed (``packed_seq_params.qkv_format == "thd"``): ``[t, np, h]`` or ``[t, 1, np, h]``
+        -> ``[t, np*hv]`` or ``[t, 1, np*hv]``; ``t`` is this CP rank's token count.
         """
         if attention_bias is not None:
             raise ValueError("PackedCoreAttention does not support attention_bias")
@@ -329,7 +335,7 @@ class PackedCoreAttention(MegatronModule):
             enable_gqa=n != k_SBGD.shape[2],
         )
         # Query rows with nothing to attend to (fully padded) come out as 0.
-        return o_BNSD.permute(2, 0, 1, 3).reshape(s, b, n * d)
+        return o_BNSD.permute(2, 0, 1, 3).reshape(s, b, n * v_SBGD.shape[-1])
 
     def _forward_packed(self, q, k, v, attention_mask, mask_type, psp, dropout_p):
         if psp.qkv_format != "thd":
@@ -354,10 +360,10 @@ class PackedCoreAttention(MegatronModule):
         if int(cu[-1]) != q.shape[0] * cp_size:
             raise ValueError(f"cu_seqlens end at {int(cu[-1])} but {cp_size} CP rank(s) x {q.shape[0]} tokens were given")
         # K/V of the whole packed batch in global order (CP: all-gather, backward reduce-scatter).
-        if cp_size > 1:
-            g = k.shape[1]
-            kv = all_gather_cp(torch.cat([k, v], dim=1), cu, self.cp_group)  # one collective for both
-            k, v = kv[:, :g], kv[:, g:]
+        if cp_size > 1:  # [t, g, hk] and [t, g, hv] as one [t, g*(hk+hv)] collective
+            kshape, vshape = k.shape[1:], v.shape[1:]
+            kv = all_gather_cp(torch.cat([k.flatten(1), v.flatten(1)], dim=1), cu, self.cp_group)
+            k, v = kv[:, :k[0].numel()].unflatten(1, kshape), kv[:, k[0].numel():].unflatten(1, vshape)
         if self.backend == "flex":
             out = PackedAttentionKernels.flex(q, k, v, self._block_mask(psp, cu, cp_rank, cp_size, q.device),
                                               scale=self.softmax_scale)

@@ -31,6 +31,9 @@ What megatron-core 0.16 does that fails on a CPU-only torch build, and what we d
   its all-to-all split sizes are moved to the host only when CUDA -> numpy on CPU too;
   ``te_general_gemm`` read unguarded without TE -> None (``bridge_moe_without_te``, also
   called when a MoE model is built on CUDA without TE).
+* Multi-head latent attention without TE: ``multi_latent_attention.HAVE_TE`` is True because
+  TE's stand-in is a MagicMock -> set from the extensions module's real flag
+  (``bridge_mla_without_te``, called when an MLA layer spec is built, CPU or CUDA).
   Uneven all-gather / reduce-scatter over the expert-TP group (ETP > 1 with EP > 1), which
   gloo lacks -> padded all-gather / all-reduce and slice.
 
@@ -247,6 +250,19 @@ def bridge_moe_without_te() -> None:
 
     if not hasattr(moe_utils, "te_general_gemm"):
         moe_utils.te_general_gemm = None
+
+
+def bridge_mla_without_te() -> None:
+    """Needed wherever Transformer Engine does not import: megatron's extensions module then
+    puts a ``MagicMock`` in place of ``te``, so ``multi_latent_attention`` imports
+    ``TELinear`` / ``TEColumnParallelLinear`` (mocks) without error and sets ``HAVE_TE = True``;
+    its ``isinstance(self.linear_proj, TELinear)`` then raises TypeError (a mock is not a type).
+    Copy the extensions module's own flag. Idempotent; a no-op with TE."""
+    from megatron.core.extensions import transformer_engine as te_ext
+    from megatron.core.transformer import multi_latent_attention
+
+    if not te_ext.HAVE_TE:
+        multi_latent_attention.HAVE_TE = False
 
 
 def _uneven_gather_along_first_dim(orig):

@@ -22,6 +22,9 @@ from mcore_align.parallel import ParallelConfig
 
 TOL = 1e-4  # relative to the logit scale (fp32)
 
+YARN = {"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0, "original_max_position_embeddings": 16,
+        "beta_fast": 32, "beta_slow": 1}
+
 # name -> (family, HF config overrides)
 MODELS = {
     "qwen3_moe": ("qwen3_moe", {}),  # norm_topk_prob=True, every layer MoE
@@ -30,6 +33,16 @@ MODELS = {
     "mixtral": ("mixtral", {}),
     # Shared expert with sigmoid gate; decoder_sparse_step=2: layer 0 dense, layer 1 MoE.
     "qwen2_moe": ("qwen2_moe", {"decoder_sparse_step": 2}),
+    # MLA (K head 24, V head 12), sigmoid routing + e_score_correction_bias, 4 groups (2 used),
+    # routed_scaling_factor, shared expert, layer 0 dense; interleaved rope, q_lora_rank 32.
+    "deepseek_v3": ("deepseek_v3", {}),
+    # rotate-half rope (rope rows permuted at conversion), no q compression, YaRN (mscale 1/1).
+    "deepseek_v3_yarn": ("deepseek_v3", {"rope_interleave": False, "q_lora_rank": None, "max_position_embeddings": 64,
+                                         "rope_parameters": {**YARN, "mscale": 1.0, "mscale_all_dim": 1.0}}),
+    # softmax routing without renormalisation, group_limited_greedy (group max), YaRN mscale 0.707.
+    "deepseek_v2": ("deepseek_v2", {"topk_method": "group_limited_greedy", "n_group": 4, "topk_group": 2,
+                                    "max_position_embeddings": 64,
+                                    "rope_parameters": {**YARN, "mscale": 0.707, "mscale_all_dim": 0.707}}),
 }
 
 
@@ -231,7 +244,8 @@ def test_aux_loss_is_off_by_default_and_configurable(converted):
         transformer_config(spec, ParallelConfig(), ModelOptions(moe_aux_loss_coeff=-1), cpu=True)
 
 
-@pytest.mark.parametrize("name", ["qwen3_moe", "qwen3_moe_nonorm", "qwen2_moe"])
+@pytest.mark.parametrize("name", ["qwen3_moe", "qwen3_moe_nonorm", "qwen2_moe", "deepseek_v3", "deepseek_v3_yarn",
+                                  "deepseek_v2"])
 def test_gradients_equal_transformers_autograd(converted, name):
     """Backward through router, experts and shared expert: megatron's parameter gradients
     (mapped to HF names by the adapter) equal transformers' autograd for the same loss,
@@ -280,7 +294,9 @@ def test_gradients_equal_transformers_autograd(converted, name):
             scale = ref.abs().max().clamp_min(1e-12)
             assert (g - ref).abs().max() / scale < 1e-4, (n, ((g - ref).abs().max() / scale).item())
             compared += 1
-    assert compared == len(adapter.hf_names())
+    # Every HF tensor but the buffers (DeepSeek-V3's e_score_correction_bias: no gradient).
+    buffers = [n for n in adapter.hf_names() if n.endswith("e_score_correction_bias")]
+    assert compared == len(adapter.hf_names()) - len(buffers)
     assert any(".experts." in n for n in adapter.hf_names()) and any("mlp.gate.weight" in n for n in adapter.hf_names())
 
 

@@ -72,7 +72,8 @@ def test_cli(tmp_path, capsys):
     assert rows and rows[0]["layout"]["tp"] * rows[0]["layout"]["dp"] * rows[0]["layout"]["pp"] == 8
 
 
-@pytest.mark.parametrize("name", ["qwen3_moe", "qwen3_moe_nonorm", "mixtral", "qwen2_moe"])
+@pytest.mark.parametrize("name", ["qwen3_moe", "qwen3_moe_nonorm", "mixtral", "qwen2_moe", "deepseek_v3",
+                                  "deepseek_v3_yarn"])
 def test_moe_parameter_count_matches_hf_model(tmp_path, name):
     """MoE families (router, experts, shared expert + gate, dense layers of a mixed stack)
     against transformers' count; at EP=2 each rank holds the non-expert parameters and

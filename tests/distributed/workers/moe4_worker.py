@@ -141,3 +141,8 @@ def case_moe_aux_loss_at_pp2_ep2_and_pp2_tp2_sp_matches_dp2():
     for name, r in (("pp2_ep2", row), ("pp2_tp2_sp", sp)):
         for key in ("loss", "grad_norm", "moe/aux_loss"):
             assert abs(r[key] - one[key]) <= 1e-5 * abs(one[key]), (name, key, r[key], one[key])
+
+
+def case_deepseek_v3_tp2_ep2():  # MLA over TP=2 (SP), experts over EP=2, routing bias + groups
+    check("deepseek_v3", tensor_model_parallel_size=2, sequence_parallel=True,
+          expert_model_parallel_size=2, expert_tensor_parallel_size=1)

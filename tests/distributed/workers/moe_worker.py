@@ -67,6 +67,28 @@ def case_qwen2_moe_pp2():  # stage 0 holds the dense layer, stage 1 the MoE laye
     check("qwen2_moe", pipeline_model_parallel_size=2)
 
 
+# DeepSeek (multi-head latent attention with the packed core attention, sigmoid routing with
+# expert bias and group-limited top-k, shared expert, layer 0 dense), same EP=1 checkpoints.
+def case_deepseek_v3_ep2():
+    check("deepseek_v3", expert_model_parallel_size=2)
+
+
+def case_deepseek_v3_tp2_sp():  # q_a/kv_a down projections column-parallel, gathered over TP
+    check("deepseek_v3", tensor_model_parallel_size=2, sequence_parallel=True)
+
+
+def case_deepseek_v3_yarn_tp2_sp():  # no q compression (linear_q_proj), YaRN, rotate-half rope
+    check("deepseek_v3_yarn", tensor_model_parallel_size=2, sequence_parallel=True)
+
+
+def case_deepseek_v2_ep2():  # softmax, group_limited_greedy
+    check("deepseek_v2", expert_model_parallel_size=2)
+
+
+def case_deepseek_v3_pp2():  # stage 0: the dense first layer, stage 1: the MoE layer
+    check("deepseek_v3", pipeline_model_parallel_size=2)
+
+
 def case_tp2_without_sp_is_refused():
     rt = initialize(ParallelConfig(tensor_model_parallel_size=2), device="cpu")
     spec = read_model_spec(ROOT / "qwen3_moe" / "mc")
@@ -85,7 +107,8 @@ def case_expert_layout_must_divide_the_world():
 # -- DPO through the real trainer (tiny Qwen3-MoE) ---------------------------------------------
 # DP=2 (EP=1) and DP=2 x EP=2 (each rank holds 2 of the 4 experts) must give the same losses and
 # grad norms: same data, same order, only where the experts live differs.
-def _train_dpo(name: str, *layout: str, save: str | None = None) -> list[dict]:
+def _train_dpo(name: str, *layout: str, save: str | None = None, model: str = "qwen3_moe",
+               trainer_out: list | None = None) -> list[dict]:
     import json
 
     from mcore_align.config import build_config
@@ -96,7 +119,7 @@ def _train_dpo(name: str, *layout: str, save: str | None = None) -> list[dict]:
     if not data.exists():
         raise SkipCase("shared preference data (dpo_en_demo.json) not found")
     raw = {
-        "model": {"load": str(ROOT / "qwen3_moe" / "mc")},
+        "model": {"load": str(ROOT / model / "mc")},
         "data": {"dataset": [str(data)], "max_length": 320, "truncation_strategy": "right",
                  "max_tokens_per_micro_batch": 1280, "cache_dir": str(ROOT / "cache")},
         "optim": {"learning_rate": 1e-3, "lr_decay_style": "constant", "clip_grad": 1.0},
@@ -106,6 +129,8 @@ def _train_dpo(name: str, *layout: str, save: str | None = None) -> list[dict]:
     }
     tr = Trainer(build_config(raw, layout))
     history = tr.train()["history"]
+    if trainer_out is not None:
+        trainer_out.append(tr)
     if dist.get_rank() == 0:
         (ROOT / f"dpo_{name}.json").write_text(json.dumps(history))
     if save is not None:  # logits of the trained model, for the export check on the pytest side
@@ -159,6 +184,31 @@ def case_dpo_moe_cp2_matches_dp2():
     for a, b in zip(dp, cp, strict=True):
         for key in ("loss", "grad_norm"):
             assert math.isfinite(b[key]) and abs(a[key] - b[key]) <= 1e-4 * max(1.0, abs(a[key])), (key, dp, cp)
+
+
+def case_dpo_deepseek_v3_ep2_matches_dp2():
+    """DPO on the tiny DeepSeek-V3 (packed THD batches through MLA's packed core attention):
+    DP=2 and DP=2 x EP=2 give the same losses and pre-clip grad norms over 3 steps, and the
+    routing bias stays the checkpoint's (transformers never updates e_score_correction_bias;
+    megatron's update runs with rate 0)."""
+    import math
+
+    from safetensors.torch import load_file
+
+    runs = {}
+    for name, layout in (("dsv3_dp2", ()), ("dsv3_ep2", ("expert_model_parallel_size=2",))):
+        trainers: list = []
+        runs[name] = _train_dpo(name, *layout, "train_iters=3", model="deepseek_v3", trainer_out=trainers)
+        hf = load_file(ROOT / "deepseek_v3" / "hf" / "model.safetensors")
+        bias = hf["model.layers.1.mlp.gate.e_score_correction_bias"]
+        router = trainers[0].policy[0].module.decoder.layers[1].mlp.router
+        assert router.expert_bias.dtype == bias.dtype and (router.expert_bias == bias).all(), name
+    dp, ep = runs["dsv3_dp2"], runs["dsv3_ep2"]
+    assert len(dp) == len(ep) == 3
+    for a, b in zip(dp, ep):
+        for key in ("loss", "grad_norm"):
+            assert math.isfinite(b[key]) and abs(a[key] - b[key]) <= 1e-4 * max(1.0, abs(a[key])), (key, dp, ep)
+    assert all(x["grad_norm"] > 0 for x in dp), dp
 
 
 # -- DPO and RM learn at EP=2 (the demo's learnable preference task, held-out topics) ----------
@@ -374,7 +424,7 @@ def case_planner_parameters_per_rank_equal_the_built_models():
     layouts = {"ep2": (dict(expert_model_parallel_size=2), Layout(dp=2, ep=2)),
                "tp2_sp": (dict(tensor_model_parallel_size=2, sequence_parallel=True),
                           Layout(tp=2, sequence_parallel=True))}
-    for name in ("qwen3_moe", "qwen2_moe", "mixtral"):
+    for name in ("qwen3_moe", "qwen2_moe", "mixtral", "deepseek_v3"):
         spec = read_model_spec(ROOT / name / "mc")
         for par, lay in layouts.values():
             rt = initialize(ParallelConfig(**par), device="cpu")
