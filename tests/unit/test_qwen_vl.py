@@ -228,3 +228,36 @@ def test_cached_image_records_keep_per_image_grids(proc, shared_data):
     mb = micro_batch_images([[str(d / "1.jpg")], [str(d / "1.jpg")], [str(d / "2.jpg")]], enc)
     assert mb["image_grid_thw"].tolist() == [[1, 4, 10], [1, 6, 8]]
     assert mb["pixel_values"].shape == (40 + 48, 384) and mb["image_index"].tolist() == [0, 0, 1]
+
+
+HUB_QWEN2_VL_7B = {  # config.json of Qwen/Qwen2-VL-7B-Instruct (flat text fields, rope_scaling "mrope")
+    "architectures": ["Qwen2VLForConditionalGeneration"], "attention_dropout": 0.0, "bos_token_id": 151643,
+    "eos_token_id": 151645, "vision_start_token_id": 151652, "vision_end_token_id": 151653,
+    "vision_token_id": 151654, "image_token_id": 151655, "video_token_id": 151656, "hidden_act": "silu",
+    "hidden_size": 3584, "initializer_range": 0.02, "intermediate_size": 18944, "max_position_embeddings": 32768,
+    "max_window_layers": 28, "model_type": "qwen2_vl", "num_attention_heads": 28, "num_hidden_layers": 28,
+    "num_key_value_heads": 4, "rms_norm_eps": 1e-06, "rope_theta": 1000000.0, "sliding_window": 32768,
+    "tie_word_embeddings": False, "torch_dtype": "bfloat16", "transformers_version": "4.41.2", "use_cache": True,
+    "use_sliding_window": False,
+    "vision_config": {"depth": 32, "embed_dim": 1280, "mlp_ratio": 4, "num_heads": 16, "in_chans": 3,
+                      "hidden_size": 3584, "patch_size": 14, "spatial_merge_size": 2, "temporal_patch_size": 2},
+    "rope_scaling": {"type": "mrope", "mrope_section": [16, 24, 24]}, "vocab_size": 152064,
+}
+
+
+def test_hub_config_maps_to_spec():
+    """The hub's flat Qwen2-VL config (pre-5.x layout): text fields, theta and M-RoPE sections found."""
+    from mcore_align.models.adapter import adapter_for
+    from mcore_align.models.families import spec_from_hf_config
+
+    spec = spec_from_hf_config(HUB_QWEN2_VL_7B)
+    assert (spec.family, spec.vision.family, spec.vision.image_token_id) == ("qwen2", "qwen2_vl", 151655)
+    assert (spec.num_layers, spec.hidden_size, spec.head_dim, spec.num_query_groups) == (28, 3584, 128, 4)
+    assert spec.rope_theta == 1e6 and spec.mrope_section == (16, 24, 24) and spec.qkv_bias
+    assert sum(spec.mrope_section) == spec.head_dim // 2
+    from dataclasses import replace
+
+    spec = replace(spec, vision=replace(spec.vision, hf_key_style="legacy"))
+    names = adapter_for(spec).hf_names()  # hub layout: model.layers.*, visual.*, lm_head.weight
+    assert "visual.blocks.31.attn.qkv.weight" in names and "visual.merger.mlp.2.weight" in names
+    assert "model.layers.27.self_attn.q_proj.bias" in names and "lm_head.weight" in names
