@@ -296,6 +296,8 @@ def multimodal_forward(model, input_ids_BS: torch.Tensor, position_ids: torch.Te
         cu = None
         if psp is not None:
             cu = psp.cu_seqlens_q_padded if psp.cu_seqlens_q_padded is not None else psp.cu_seqlens_q
+        if cu is None and inner.config.context_parallel_size > 1:
+            raise ValueError("M-RoPE with context parallelism needs packed (THD) micro-batches")
         if cu is not None and int(cu[-1]) != ids.shape[1]:
             raise ValueError(f"M-RoPE positions need the whole packed row: {ids.shape[1]} tokens given, "
                              f"cu_seqlens ends at {int(cu[-1])} (pass full_input_ids_BS under CP)")
