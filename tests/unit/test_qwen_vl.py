@@ -48,6 +48,9 @@ def test_round_trip_is_bitwise(qwen, tmp_path, version):
     assert cfg["architectures"] == [VERSIONS[version][1]]
     for f in ("preprocessor_config.json", "chat_template.jinja", "tokenizer.json"):
         assert (tmp_path / "back" / f).read_bytes() == (hf / f).read_bytes(), f
+    from transformers import AutoModelForImageTextToText
+
+    assert type(AutoModelForImageTextToText.from_pretrained(str(tmp_path / "back"))).__name__ == VERSIONS[version][1]
 
 
 def test_module_layout_round_trips(qwen, tmp_path):
