@@ -281,3 +281,7 @@ def case_qwen2_5_vl_packed_pair_logprobs_and_grads_tp2():
 
 def case_qwen2_5_vl_packed_pair_logprobs_and_grads_cp2():
     _packed_pair_case(1, cp=2, fam="qwen2_5_vl")
+
+
+def case_qwen2_vl_packed_pair_logprobs_and_grads_tp2_sp():
+    _packed_pair_case(2, sp=True, fam="qwen2_vl")
