@@ -14,17 +14,25 @@ from mcore_align.checkpoint.verify import LogitComparison, compare_logits
 
 
 def processor_inputs(processor_dir: str | Path, image_paths: list[str | Path], prompt: str) -> dict:
-    """``input_ids`` ``[1, S]`` and ``pixel_values`` for one user turn holding ``<image>``(s),
-    rendered with the chat template and expanded by the checkpoint's own processor."""
+    """The HF model's inputs for one user turn holding ``<image>``(s), rendered with the chat
+    template and expanded by the checkpoint's processor (the family's, ``models.vision.vision_processor``):
+    ``input_ids`` ``[1, S]``, the image tensors (``pixel_values``, ...) and whatever else the HF
+    forward needs (Qwen2-VL: ``mm_token_type_ids``). ``image_keys`` lists the image tensors."""
     from PIL import Image
-    from transformers import AutoProcessor
 
-    proc = AutoProcessor.from_pretrained(str(processor_dir))
-    text = proc.tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
-                                              add_generation_prompt=True)
+    from mcore_align.models.vision import vision_processor
+
+    proc = vision_processor(processor_dir)
+    text = proc.proc.tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
+                                                   add_generation_prompt=True)
     images = [Image.open(p).convert("RGB") for p in image_paths]
-    out = proc(text=[text], images=images, return_tensors="pt", add_special_tokens=False)
-    return {"input_ids": out["input_ids"], "pixel_values": out["pixel_values"]}
+    ids_and_extra, tensors = proc.model_inputs(text, images)
+    return {**ids_and_extra, **tensors, "image_keys": tuple(tensors)}
+
+
+def image_inputs_of(inputs: dict) -> dict:
+    """The image tensors of :func:`processor_inputs`' result (what ``multimodal_forward`` takes)."""
+    return {k: inputs[k] for k in inputs["image_keys"]}
 
 
 def megatron_vlm_logits(chunks, tokens_1S: torch.Tensor, image_inputs: dict, runtime) -> torch.Tensor | None:
@@ -63,8 +71,9 @@ def hf_vlm_logits(hf_dir: str | Path, inputs: dict, dtype: torch.dtype = torch.f
     from transformers import AutoModelForImageTextToText
 
     model = AutoModelForImageTextToText.from_pretrained(str(hf_dir), dtype=dtype).eval()
+    kw = {k: v.to(dtype) if v.is_floating_point() else v for k, v in inputs.items() if k != "image_keys"}
     with torch.no_grad():
-        return model(input_ids=inputs["input_ids"], pixel_values=inputs["pixel_values"].to(dtype)).logits.float()
+        return model(**kw).logits.float()
 
 
 def verify_vision_checkpoint(hf_dir: str | Path, ckpt_dir: str | Path, runtime, image_paths: list, prompt: str,
@@ -82,7 +91,7 @@ def verify_vision_checkpoint(hf_dir: str | Path, ckpt_dir: str | Path, runtime, 
                          opts=ModelOptions(params_dtype=dtype, core_attention="megatron"))
     load_model_weights(chunks, ckpt_dir)
     inputs = processor_inputs(hf_dir, image_paths, prompt)
-    logits = megatron_vlm_logits(chunks, inputs["input_ids"], {"pixel_values": inputs["pixel_values"]}, runtime)
+    logits = megatron_vlm_logits(chunks, inputs["input_ids"], image_inputs_of(inputs), runtime)
     holders = [None] * dist.get_world_size()
     dist.all_gather_object(holders, logits is not None)
     reporter = holders.index(True)

@@ -146,6 +146,18 @@ class VisionProcessor:
 
         return cls(AutoProcessor.from_pretrained(str(path)))
 
+    def image_text(self, n_tokens: int) -> str:
+        """What one ``<image>`` placeholder becomes before templating (families may add markers
+        around the image tokens, e.g. Qwen2-VL's ``<|vision_start|>`` / ``<|vision_end|>``)."""
+        return self.image_token * n_tokens
+
+    def model_inputs(self, text: str, images: list) -> tuple[dict, dict]:
+        """``({"input_ids": [1, S], ...}, image tensors)`` of rendered ``text`` holding ``<image>``
+        placeholders, expanded by the HF processor itself (verification and tests)."""
+        out = self.proc(text=[text], images=images, return_tensors="pt", add_special_tokens=False)
+        tensors = {k: v for k, v in out.items() if k not in ("input_ids", "attention_mask")}
+        return {"input_ids": out["input_ids"]}, tensors
+
     def encode_images(self, images: list) -> tuple[dict, list[int]]:
         """``(image tensors, image tokens per image)``. The counts come from the processor itself:
         each image is expanded alone (``<image>`` -> its tokens) and the image ids are counted."""
@@ -158,13 +170,15 @@ class VisionProcessor:
         return tensors, counts
 
 
-def expand_placeholders(ex: Example, counts: list[int], image_token: str) -> Example:
-    """A copy of ``ex`` whose k-th ``<image>`` is ``image_token * counts[k]``."""
+def expand_placeholders(ex: Example, counts: list[int], image_token) -> Example:
+    """A copy of ``ex`` whose k-th ``<image>`` is ``image_token * counts[k]`` (or
+    ``image_token(counts[k])`` when it is a function, e.g. ``VisionProcessor.image_text``)."""
     it = iter(counts)
+    image_text = image_token if callable(image_token) else (lambda n: image_token * n)
 
     def expand(text: str) -> str:
         parts = text.split(PLACEHOLDER)
-        return parts[0] + "".join(image_token * next(it) + p for p in parts[1:])
+        return parts[0] + "".join(image_text(next(it)) + p for p in parts[1:])
 
     out = copy.copy(ex)
     out.prompt = (expand(ex.prompt) if isinstance(ex.prompt, str)
@@ -190,7 +204,7 @@ def prepare_vision_example(ex: Example, loc: str, base_dir: str | Path | None,
     check_placeholders(ex, loc)
     images = [load_image(r, loc) for r in refs]
     tensors, counts = processor.encode_images(images)
-    return VisionExample(expand_placeholders(ex, counts, processor.image_token), tensors,
+    return VisionExample(expand_placeholders(ex, counts, processor.image_text), tensors,
                          [r.describe() for r in refs], counts)
 
 
@@ -233,7 +247,9 @@ def model_kind_of_tokenizer(tokenizer) -> tuple[str, "VisionProcessor | None"]:
     spec = json.loads(spec_file.read_text()).get("model_spec", {})
     if not spec.get("vision"):
         return VISION_TEXT_MODEL, None
-    return "vision", VisionProcessor.from_pretrained(src)
+    from mcore_align.models.vision import vision_processor
+
+    return "vision", vision_processor(src, spec["vision"]["family"])
 
 
 def processor_fingerprint(processor: "VisionProcessor") -> str:

@@ -116,6 +116,12 @@ def _rope(c: dict) -> tuple[float, RopeScaling | None]:
     raise ValueError(f"config.json: rope scaling type {rtype!r} is not supported (supported: default, llama3)")
 
 
+def _mrope_section(c: dict) -> tuple[int, ...] | None:
+    """Multimodal RoPE sections (Qwen2-VL text configs: ``rope_parameters.mrope_section``)."""
+    sec = (c.get("rope_parameters") or {}).get("mrope_section") or (c.get("rope_scaling") or {}).get("mrope_section")
+    return tuple(int(x) for x in sec) if sec else None
+
+
 def spec_from_hf_config(c: dict) -> ModelSpec:
     """Map an HF ``config.json`` dict onto a :class:`ModelSpec` (strict about what we cannot run)."""
     from mcore_align.models.vision import vision_family_of, vision_spec_from_hf_config
@@ -151,6 +157,7 @@ def spec_from_hf_config(c: dict) -> ModelSpec:
         max_position_embeddings=int(c.get("max_position_embeddings", 4096)),
         rope_theta=theta,
         rope_scaling=scaling,
+        mrope_section=_mrope_section(c),
         norm_eps=float(c.get("rms_norm_eps", 1e-6)),
         qkv_bias=fam.qkv_bias(c),
         qk_norm=fam.qk_norm,

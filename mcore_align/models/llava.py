@@ -80,27 +80,30 @@ class LlavaVision(torch.nn.Module):
         self.vision_tower = AutoModel.from_config(self.config.vision_config)
         self.multi_modal_projector = LlavaMultiModalProjector(self.config)
 
-    def image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """``pixel_values`` ``[N_img, 3, H, W]`` -> features ``[N_img * tokens_per_image, H_text]``."""
+    def image_features(self, pixel_values: torch.Tensor) -> list[torch.Tensor]:
+        """``pixel_values`` ``[N_img, 3, H, W]`` -> one ``[tokens_per_image, H_text]`` tensor per image."""
         from transformers.models.llava.modeling_llava import LlavaModel
 
         out = LlavaModel.get_image_features(
             self, pixel_values=pixel_values.to(self.multi_modal_projector.linear_1.weight.dtype),
             vision_feature_layer=self.config.vision_feature_layer,
             vision_feature_select_strategy=self.config.vision_feature_select_strategy, return_dict=True)
-        return torch.cat(list(out.pooler_output), dim=0)
+        return list(out.pooler_output)
 
 
 class LlavaAdapter:
     """Language-model adapter with LLaVA's prefixes, plus one identity rule per vision tensor."""
 
+    styles = _STYLES
+    """canonical (module-name) prefix -> on-disk prefix, per style (other families reuse the class)."""
+
     def __init__(self, spec: ModelSpec, text_adapter, vision_names: list[str]):
         self.spec = spec
         self.text = text_adapter
         style = spec.vision.hf_key_style
-        if style not in _STYLES:
-            raise ValueError(f"LLaVA HF key style {style!r} unknown; known: {sorted(_STYLES)}")
-        self._prefixes = _STYLES[style]
+        if style not in self.styles:
+            raise ValueError(f"{spec.vision.family} HF key style {style!r} unknown; known: {sorted(self.styles)}")
+        self._prefixes = self.styles[style]
         one = lambda m, h: Rule(m, (h,), lambda x: x, lambda x: (x,))  # noqa: E731
         rules = []
         for r in text_adapter.rules.values():

@@ -11,6 +11,7 @@ to DDP or the optimizer, and refusing to run with autograd enabled (see
 """
 from __future__ import annotations
 
+import functools
 import logging
 from dataclasses import dataclass
 
@@ -187,6 +188,7 @@ def transformer_config(spec: ModelSpec, parallel: ParallelConfig, opts: ModelOpt
         recompute_granularity=opts.recompute_granularity,
         recompute_method="uniform" if opts.recompute_granularity == "full" else None,
         recompute_num_layers=1 if opts.recompute_granularity == "full" else None,
+        mrope_section=list(spec.mrope_section) if spec.mrope_section else None,
         # {} for dense families; grouped GEMM exactly where the TE layer spec is built.
         **moe_config_kwargs(spec, parallel, aux_loss_coeff=opts.moe_aux_loss_coeff,
                             grouped_gemm=select_transformer_impl(opts, cpu=cpu, mla=spec.mla is not None)[0]),
@@ -266,12 +268,14 @@ def build_model(spec: ModelSpec, runtime: Runtime, *, role: str = "policy", opts
             parallel_output=True,
             # A value head has no vocabulary projection to tie to the embeddings.
             share_embeddings_and_output_weights=spec.tie_word_embeddings and opts.head == "lm",
-            position_embedding_type="rope",
+            position_embedding_type="mrope" if spec.mrope_section else "rope",
             rotary_base=spec.rope_theta,
             pg_collection=runtime.pgs,
             vp_stage=stage,
         )
         _apply_rope_scaling(model, spec)
+        if spec.mrope_section:
+            model.rotary_pos_emb.__class__ = whole_row_mrope_class()  # see its docstring (CP + THD)
         if spec.vision is not None:  # first stage only: HF vision tower + projector as model.vision
             from mcore_align.models.vision import attach_vision
 
@@ -347,6 +351,38 @@ def _local_block_spec(lspec, cfg, vp_stage):
     n = get_num_layers_to_build(cfg, vp_stage=vp_stage)
     return ModuleSpec(module=TransformerBlock,
                       submodules=TransformerBlockSubmodules(layer_specs=[lspec] * n, layer_norm=TorchRMSNorm))
+
+
+class _WholeRow:
+    """Stands in for the CP group inside ``MultimodalRotaryEmbedding.forward``: size 1, no slicing."""
+
+    @staticmethod
+    def size() -> int:
+        return 1
+
+
+@functools.lru_cache(maxsize=None)
+def whole_row_mrope_class():
+    from megatron.core.models.common.embeddings.rotary_pos_embedding import MultimodalRotaryEmbedding
+
+    class WholeRowMultimodalRotaryEmbedding(MultimodalRotaryEmbedding):
+        """megatron's M-RoPE, returning the frequencies of EVERY token of the whole packed row.
+
+        megatron's own class cuts its output into ``2*CP`` chunks of the whole row
+        (``get_pos_emb_on_this_cp_rank``), which is right for one unpacked sequence but not for a
+        packed THD row, where CP's chunks are per sequence. Given ``[T_global, 1, 1, D]``
+        frequencies, megatron's unfused THD rotary path (``rope_utils._apply_rotary_pos_emb_thd``,
+        "exact mapping" case: ``freqs.size(0) == cu_seqlens[-1]``) takes, for each sequence, the
+        frequencies of this CP rank's two chunks at the sequence's own offset, so every CP rank
+        rotates its tokens with their own (per-sequence, 3-D) positions. The caller passes the
+        positions of the whole row (``models/vision.py::multimodal_forward``). Packed rows only
+        under CP (the project's CP is packed-only).
+        """
+
+        def forward(self, position_ids, mrope_section, cp_group=None):
+            return super().forward(position_ids, mrope_section, cp_group=_WholeRow())
+
+    return WholeRowMultimodalRotaryEmbedding
 
 
 def _apply_rope_scaling(model, spec: ModelSpec) -> None:

@@ -84,6 +84,9 @@ class ModelSpec:
     max_position_embeddings: int
     rope_theta: float
     rope_scaling: RopeScaling | None = None
+    mrope_section: tuple[int, ...] | None = None
+    """Multimodal RoPE (Qwen2-VL): rotary channel pairs given to the temporal, height and width
+    positions (``rope_parameters.mrope_section``); None: ordinary 1-D RoPE."""
     norm_eps: float = 1e-6
     qkv_bias: bool = False
     qk_norm: bool = False
@@ -133,6 +136,8 @@ class ModelSpec:
         d = dict(d)
         if d.get("rope_scaling"):
             d["rope_scaling"] = RopeScaling(**d["rope_scaling"])
+        if d.get("mrope_section"):
+            d["mrope_section"] = tuple(d["mrope_section"])
         if "moe_layer_pattern" in d:  # JSON lists back to the tuple the dataclass holds
             d["moe_layer_pattern"] = tuple(d["moe_layer_pattern"])
         if d.get("vision"):

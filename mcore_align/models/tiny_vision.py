@@ -99,3 +99,95 @@ def make_tiny_llava(
     )
     processor.save_pretrained(out)
     return out
+
+
+# ---- Qwen2-VL / Qwen2.5-VL --------------------------------------------------------------------
+QWEN_VL_TOKENS = ("<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>")
+
+# Qwen2-VL-7B-Instruct's chat template (an image part -> <|vision_start|><|image_pad|><|vision_end|>).
+QWEN2_VL_CHAT_TEMPLATE = (
+    "{% set image_count = namespace(value=0) %}{% set video_count = namespace(value=0) %}"
+    "{% for message in messages %}{% if loop.first and message['role'] != 'system' %}"
+    "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n{% endif %}"
+    "<|im_start|>{{ message['role'] }}\n{% if message['content'] is string %}{{ message['content'] }}<|im_end|>\n"
+    "{% else %}{% for content in message['content'] %}"
+    "{% if content['type'] == 'image' or 'image' in content or 'image_url' in content %}"
+    "{% set image_count.value = image_count.value + 1 %}{% if add_vision_id %}Picture {{ image_count.value }}: "
+    "{% endif %}<|vision_start|><|image_pad|><|vision_end|>"
+    "{% elif content['type'] == 'video' or 'video' in content %}{% set video_count.value = video_count.value + 1 %}"
+    "{% if add_vision_id %}Video {{ video_count.value }}: {% endif %}<|vision_start|><|video_pad|><|vision_end|>"
+    "{% elif 'text' in content %}{{ content['text'] }}{% endif %}{% endfor %}<|im_end|>\n{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+def make_tiny_qwen2_vl(
+    out_dir: str | Path,
+    version: str = "2",
+    *,
+    num_layers: int = 2,
+    hidden_size: int = 64,
+    ffn_hidden_size: int = 160,
+    num_heads: int = 4,
+    num_kv_heads: int = 2,
+    vocab_size: int = 512,
+    vision_depth: int = 2,
+    vision_hidden: int = 32,
+    patch_size: int = 8,
+    max_pixels: int = 64 * 64,
+    seed: int = 0,
+) -> Path:
+    """Write a random-init Qwen2-VL (``version="2"``) or Qwen2.5-VL (``"2.5"``) checkpoint.
+
+    The last four ids are ``<|vision_start|> <|vision_end|> <|image_pad|> <|video_pad|>``;
+    M-RoPE sections ``[2, 3, 3]`` (head_dim 16 -> 8 rotary pairs), so temporal, height and
+    width positions all matter. Images: patch 8, merge 2, at most ``max_pixels`` (64x64 ->
+    at most 16 image tokens; the demo images become grids (1, 4, 10) and (1, 6, 8), i.e. 10
+    and 12 tokens). Qwen2.5-VL: window attention in block 0 (window 32 px), full in block 1.
+    ``preprocessor_config.json`` holds the ``Qwen2VLImageProcessorPil`` settings.
+    """
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen2VLConfig
+    from transformers import Qwen2VLForConditionalGeneration
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+    if version not in ("2", "2.5"):
+        raise ValueError(f"tiny Qwen-VL version must be '2' or '2.5', got {version!r}")
+    out = Path(out_dir)
+    tok = build_tiny_tokenizer(out, style="chatml", vocab_size=vocab_size - len(QWEN_VL_TOKENS))
+    tok.add_special_tokens({"additional_special_tokens": list(QWEN_VL_TOKENS)})
+    ids = tok.convert_tokens_to_ids(list(QWEN_VL_TOKENS))
+    assert ids == list(range(vocab_size - 4, vocab_size)) and len(tok) == vocab_size, (ids, len(tok))
+    tok.chat_template = QWEN2_VL_CHAT_TEMPLATE
+    tok.save_pretrained(out)
+    text = dict(vocab_size=vocab_size, hidden_size=hidden_size, intermediate_size=ffn_hidden_size,
+                num_hidden_layers=num_layers, num_attention_heads=num_heads, num_key_value_heads=num_kv_heads,
+                max_position_embeddings=4096, rms_norm_eps=1e-6,
+                rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3]},
+                bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    common = dict(text_config=text, image_token_id=ids[2], video_token_id=ids[3], vision_start_token_id=ids[0],
+                  vision_end_token_id=ids[1], tie_word_embeddings=False)
+    if version == "2":
+        vision = dict(depth=vision_depth, embed_dim=vision_hidden, hidden_size=hidden_size, num_heads=4,
+                      patch_size=patch_size, spatial_merge_size=2, temporal_patch_size=2)
+        cfg = Qwen2VLConfig(vision_config=vision, architectures=["Qwen2VLForConditionalGeneration"], **common)
+        cls = Qwen2VLForConditionalGeneration
+    else:
+        vision = dict(depth=vision_depth, hidden_size=vision_hidden, intermediate_size=2 * vision_hidden,
+                      num_heads=4, out_hidden_size=hidden_size, patch_size=patch_size, spatial_merge_size=2,
+                      temporal_patch_size=2, window_size=4 * patch_size, fullatt_block_indexes=[vision_depth - 1],
+                      tokens_per_second=2)
+        cfg = Qwen2_5_VLConfig(vision_config=vision, architectures=["Qwen2_5_VLForConditionalGeneration"], **common)
+        cls = Qwen2_5_VLForConditionalGeneration
+    torch.manual_seed(seed)
+    model = cls(cfg).float()
+    with torch.no_grad():  # norms at 1 +- noise and random biases, so every weight matters
+        for name, p in model.named_parameters():
+            if "norm" in name and name.endswith("weight") or name.endswith("ln_q.weight"):
+                p.copy_(1.0 + 0.1 * torch.randn_like(p))
+            elif name.endswith("bias"):
+                p.normal_(0.0, 0.02)
+    model.save_pretrained(out)
+    model.generation_config.save_pretrained(out)
+    Qwen2VLImageProcessorPil(patch_size=patch_size, merge_size=2, temporal_patch_size=2,
+                             min_pixels=16 * 16, max_pixels=max_pixels).save_pretrained(out)
+    return out

@@ -41,12 +41,20 @@ class VisionFamily:
     image_token_id: Callable[[dict], int]
     build: Callable[[dict], torch.nn.Module]
     """Top-level HF config -> the vision module (fp32, random init). It must provide
-    ``image_features(pixel_values, **image_inputs) -> [num_image_tokens, H]`` (features of
-    every image, in order) and the child-name lists ``vit_children`` / ``aligner_children``."""
+    ``image_features(**image_inputs) -> list of [n_i, H]`` (one feature tensor per image, in
+    order; counts may differ between images) and the submodule-name lists ``vit_children`` /
+    ``aligner_children`` (dotted names allowed)."""
     adapter: Callable
     """``adapter(spec, text_adapter, vision_param_names)``: the family's weight adapter."""
     key_styles: Callable[[], tuple[str, ...]]
     """Names of the HF tensor-naming styles the adapter can read and write."""
+    rope_index: Callable[[dict], Callable] | None = None
+    """Multimodal RoPE families (Qwen2-VL): top-level HF config -> ``f(ids_1S, image_mask_1S,
+    grid_thw) -> [3, 1, S]`` positions of ONE sequence (transformers' ``get_rope_index``);
+    see :func:`mrope_position_ids`. None: 1-D positions."""
+    processor: Callable | None = None
+    """Data side: checkpoint dir -> the family's ``data.images.VisionProcessor``-like object;
+    None: ``VisionProcessor.from_pretrained`` (transformers' ``AutoProcessor``)."""
 
 
 VISION_FAMILIES: dict[str, VisionFamily] = {}
@@ -60,6 +68,7 @@ def register_vision_family(f: VisionFamily) -> VisionFamily:
 
 def _ensure_registered() -> None:
     import mcore_align.models.llava  # noqa: F401 - registers "llava"
+    import mcore_align.models.qwen2_vl  # noqa: F401 - registers "qwen2_vl", "qwen2_5_vl"
 
 
 def vision_family_of(hf_config: dict) -> VisionFamily | None:
@@ -118,22 +127,94 @@ def bind_checkpoint_names(spec: ModelSpec, hf_names: set[str]) -> ModelSpec:
 
 
 def attach_vision(model, spec: ModelSpec, opts) -> None:
-    """Give the first-stage chunk its vision module as ``model.vision`` (no-op elsewhere)."""
-    if spec.vision is None or not model.pre_process:
+    """Give the first-stage chunk its vision module as ``model.vision``; give every chunk of an
+    M-RoPE family its position function as ``model.mrope_index`` (positions are needed on
+    every pipeline stage; it holds no parameters)."""
+    if spec.vision is None:
         return
     _ensure_registered()
     fam = VISION_FAMILIES[spec.vision.family]
+    if fam.rope_index is not None:
+        model.mrope_index = fam.rope_index(spec.hf_config)
+        model.mrope_image_token_id = spec.vision.image_token_id
+    if not model.pre_process:
+        return
     vision = fam.build(spec.hf_config).to(opts.params_dtype)
     vision.image_token_id = spec.vision.image_token_id
     for names, frozen in ((vision.vit_children, opts.freeze_vit), (vision.aligner_children, opts.freeze_aligner)):
         for child in names:
-            for p in getattr(vision, child).parameters():
+            for p in vision.get_submodule(child).parameters():
                 p.requires_grad_(not frozen)
     model.vision = vision
 
 
 def has_vision(model) -> bool:
     return getattr(model, "vision", None) is not None
+
+
+def is_multimodal(model) -> bool:
+    """The chunk needs :func:`multimodal_forward` (vision module here, or M-RoPE positions)."""
+    return has_vision(model) or getattr(model, "mrope_index", None) is not None
+
+
+def vision_processor(path, spec_vision_family: str | None = None):
+    """The data side's processor of a checkpoint dir (its family's, or ``AutoProcessor``'s)."""
+    from mcore_align.data.images import VisionProcessor
+
+    if spec_vision_family is None:
+        from mcore_align.models.spec import read_hf_config
+
+        fam = vision_family_of(read_hf_config(path))
+    else:
+        _ensure_registered()
+        fam = VISION_FAMILIES[spec_vision_family]
+    if fam is not None and fam.processor is not None:
+        return fam.processor(path)
+    return VisionProcessor.from_pretrained(path)
+
+
+def mrope_position_ids(rope_index, image_token_id: int, ids_BS: torch.Tensor, image_inputs: dict | None,
+                       cu_seqlens: torch.Tensor | None) -> torch.Tensor:
+    """3-D M-RoPE positions ``[3, B, S]`` of the WHOLE rows, each packed sequence on its own.
+
+    ``rope_index`` (the family's, transformers' ``get_rope_index``) runs on every sequence
+    alone: with ``cu_seqlens`` (packed THD, ``B == 1``) each segment ``[cu[i], cu[i+1])``
+    restarts at position 0, exactly as if it were a batch of its own (a chosen/rejected pair
+    gets two identical prompt position runs); without, each row is one sequence. Image runs
+    take their ``image_grid_thw`` in order: ``image_inputs["image_grid_thw"][image_index]``.
+
+    Example (merge 2, one image of grid (1, 4, 6) = 6 tokens, text ``a b`` before, ``c`` after):
+    t positions ``0 1 | 2 2 2 2 2 2 | 5``, h ``0 1 | 2 2 2 3 3 3 | 5``, w ``0 1 | 2 3 4 2 3 4 | 5``.
+    """
+    B, S = ids_BS.shape
+    grids = None
+    if image_inputs and "image_grid_thw" in image_inputs:
+        grids = image_inputs["image_grid_thw"]
+        if image_inputs.get("image_index") is not None:
+            grids = grids.index_select(0, image_inputs["image_index"].to(grids.device))
+    if cu_seqlens is None:
+        segments = [(b, 0, S) for b in range(B)]
+    else:
+        assert B == 1, "packed rows are [1, T]"
+        cu = cu_seqlens.tolist()
+        segments = [(0, a, b) for a, b in zip(cu[:-1], cu[1:]) if b > a]
+    out = torch.zeros(3, B, S, dtype=torch.long, device=ids_BS.device)
+    used = 0
+    for b, s0, s1 in segments:
+        seq = ids_BS[b, s0:s1]
+        mask = seq == image_token_id
+        runs = int((mask & ~torch.cat([mask.new_zeros(1), mask[:-1]])).sum())
+        g = None
+        if runs:
+            if grids is None or used + runs > len(grids):
+                raise ValueError(f"image token runs in input_ids exceed the {0 if grids is None else len(grids)} "
+                                 "image_grid_thw rows given")
+            g = grids[used:used + runs]
+            used += runs
+        out[:, b, s0:s1] = rope_index(seq[None], mask[None], g)[:, 0].to(out.device)
+    if grids is not None and used != len(grids):
+        raise ValueError(f"{len(grids)} image_grid_thw rows but {used} image token runs in input_ids")
+    return out
 
 
 def vision_decoder_input(model, input_ids_BS: torch.Tensor, image_inputs: dict,
@@ -169,19 +250,19 @@ def vision_decoder_input(model, input_ids_BS: torch.Tensor, image_inputs: dict,
     x_BSH = x
     image_inputs = dict(image_inputs)
     index = image_inputs.pop("image_index", None)
-    feats_NH = model.vision.image_features(**image_inputs)
+    feats = model.vision.image_features(**image_inputs)  # one [n_i, H] per distinct image
+    n_img = len(feats)
     if index is not None:
         # Each distinct image went through the tower once; image_index [N_runs] gives the image
-        # of every placeholder run (a pair's two sequences repeat their prompt's image). Images
-        # of one micro-batch have the same token count here (LLaVA-1.5: fixed resolution).
-        n_img = int(next(iter(image_inputs.values())).shape[0])
-        feats_NH = feats_NH.reshape(n_img, -1, feats_NH.shape[-1]).index_select(
-            0, index.to(feats_NH.device)).reshape(-1, feats_NH.shape[-1])
+        # of every placeholder run (a pair's two sequences repeat their prompt's image; the
+        # gradient of a repeated image sums both uses).
+        feats = [feats[i] for i in index.tolist()]
+    feats_NH = torch.cat(feats)
     mask_BS = input_ids_BS == model.vision.image_token_id
     n_tok, n_feat = int(mask_BS.sum()), int(feats_NH.shape[0])
     if n_tok != n_feat:
         raise ValueError(f"image placeholders and image features disagree: {n_tok} image tokens in input_ids, "
-                         f"{n_feat} features from {len(next(iter(image_inputs.values())))} image(s); expand "
+                         f"{n_feat} features from {n_img} image(s); expand "
                          "placeholders with the model's processor")
     # masked_scatter fills the masked positions in row-major (b, s) order: image i's
     # features go to its placeholders, like transformers' LlavaModel.forward.
@@ -206,6 +287,21 @@ def multimodal_forward(model, input_ids_BS: torch.Tensor, position_ids: torch.Te
     """
     decoder_input = None
     inner = unwrap(model)
+    rope_index = getattr(inner, "mrope_index", None)
+    if rope_index is not None:
+        # M-RoPE: [3, B, S] positions of the WHOLE rows (under CP too: megatron's THD rotary path
+        # then picks each CP rank's chunks of every sequence, see provider.whole_row_mrope_class).
+        ids = input_ids_BS if full_input_ids_BS is None else full_input_ids_BS
+        psp = kwargs.get("packed_seq_params")
+        cu = None
+        if psp is not None:
+            cu = psp.cu_seqlens_q_padded if psp.cu_seqlens_q_padded is not None else psp.cu_seqlens_q
+        if cu is None and inner.config.context_parallel_size > 1:
+            raise ValueError("M-RoPE with context parallelism needs packed (THD) micro-batches")
+        if cu is not None and int(cu[-1]) != ids.shape[1]:
+            raise ValueError(f"M-RoPE positions need the whole packed row: {ids.shape[1]} tokens given, "
+                             f"cu_seqlens ends at {int(cu[-1])} (pass full_input_ids_BS under CP)")
+        position_ids = mrope_position_ids(rope_index, inner.mrope_image_token_id, ids, image_inputs, cu)
     if image_inputs and has_vision(inner):
         ids = input_ids_BS if full_input_ids_BS is None else full_input_ids_BS
         decoder_input = vision_decoder_input(inner, ids, image_inputs, cp_index_S)

@@ -36,7 +36,7 @@ import torch.distributed as dist
 from mcore_align.algorithms import GlobalCounts, SequenceStats
 from mcore_align.algorithms.base import TOKEN_EXTRAS
 from mcore_align.data.batch import ROLE_CHOSEN, ROLE_KL
-from mcore_align.models.vision import has_vision, multimodal_forward, unwrap
+from mcore_align.models.vision import is_multimodal, multimodal_forward, unwrap
 from mcore_align.ops.context_parallel import cp_local_token_index, packed_seq_params, split_packed_for_cp
 from mcore_align.models.heads import emits_hidden_states, lm_logprobs
 from mcore_align.ops.logprobs import vocab_parallel_logprobs
@@ -109,9 +109,10 @@ class Stepper:
                 cu_seqlens=moved.cu_seqlens, cp_rank=self.cp_group.rank(), cp_size=self.cp_size,
             )
             psp = packed_seq_params(moved.cu_seqlens, cp_group=self.cp_group)
-            vision = {}
+            # The whole row goes along (M-RoPE positions are computed on it, per sequence).
+            vision = dict(full_tokens=moved.tokens)
             if images:  # image features are merged on the whole row, then this rank's tokens picked
-                vision = dict(images=images, full_tokens=moved.tokens, cp_index=cp_local_token_index(
+                vision.update(images=images, cp_index=cp_local_token_index(
                     moved.cu_seqlens, self.cp_group.rank(), self.cp_size).to(dev))
             moved = replace(moved, tokens=tok, labels=lab, loss_mask=mask, position_ids=pos)
             out.append(DeviceBatch(moved, psp=psp, seg_cu=cu_local, padding_mask=self._padding_mask(moved, cu_local),
@@ -133,11 +134,12 @@ class Stepper:
 
     # -- forward pieces -------------------------------------------------------------
     def _model_forward(self, model, b: "DeviceBatch"):
-        if b.images or has_vision(unwrap(model)):
+        if b.images or is_multimodal(unwrap(model)):
             if b.padding_mask is not None:
                 raise ValueError("model.moe_aux_loss_coeff > 0 is not supported for vision-language models")
             # Vision-language model: image features merged into the embeddings on the first
-            # stage (models/vision.py); text-only micro-batches run the text forward there.
+            # stage (models/vision.py), M-RoPE positions on every stage; text-only
+            # micro-batches run the text forward there.
             return multimodal_forward(model, b.mb.tokens, b.mb.position_ids, None, image_inputs=b.images,
                                       full_input_ids_BS=b.full_tokens, cp_index_S=b.cp_index,
                                       packed_seq_params=b.psp)

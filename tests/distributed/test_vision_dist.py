@@ -3,7 +3,7 @@ on real images (2 gloo ranks, one torchrun launch)."""
 import pytest
 
 from mcore_align.checkpoint import convert_hf_to_mcore
-from mcore_align.models.tiny_vision import make_tiny_llava
+from mcore_align.models.tiny_vision import make_tiny_llava, make_tiny_qwen2_vl
 from tests.dist_utils import dist_cases, run_dist_module
 
 WORKER = "tests.distributed.workers.vision_worker"
@@ -14,6 +14,9 @@ def results(tmp_path_factory, shared_data):
     root = tmp_path_factory.mktemp("vision_dist")
     for fam in ("llama", "qwen2"):
         make_tiny_llava(root / fam / "hf", fam)
+        convert_hf_to_mcore(root / fam / "hf", root / fam / "mc", dtype="fp32")
+    for fam, version in (("qwen2_vl", "2"), ("qwen2_5_vl", "2.5")):  # M-RoPE families
+        make_tiny_qwen2_vl(root / fam / "hf", version)
         convert_hf_to_mcore(root / fam / "hf", root / fam / "mc", dtype="fp32")
     return run_dist_module(WORKER, nproc=2, env={"MCA_VISION_ROOT": str(root), "MCORE_ALIGN_DATA": str(shared_data)})
 

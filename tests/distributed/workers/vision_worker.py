@@ -61,13 +61,20 @@ BETA = 0.5
 ATOL = 2e-5
 
 
-def _pair():
+# family dir -> (HF vision parameters frozen like freeze_vit, the trainable aligner's HF prefix)
+FROZEN = {"llama": (("model.vision_tower.",), "model.multi_modal_projector."),
+          "qwen2_vl": (("model.visual.patch_embed.", "model.visual.blocks."), "model.visual.merger."),
+          "qwen2_5_vl": (("model.visual.patch_embed.", "model.visual.blocks."), "model.visual.merger.")}
+
+
+def _pair(fam: str = "llama"):
     """One ms-swift record through the data side: expanded, templated, tokenized (chosen, rejected)."""
     from mcore_align.data.formats import Example
-    from mcore_align.data.images import VisionProcessor, prepare_vision_example
+    from mcore_align.data.images import prepare_vision_example
     from mcore_align.data.tokenization import RecordTokenizer
+    from mcore_align.models.vision import vision_processor
 
-    proc = VisionProcessor.from_pretrained(ROOT / "llama" / "hf")
+    proc = vision_processor(ROOT / fam / "hf")
     ex = Example([{"role": "user", "content": "<image>Who is he?"}], "He is a football player.", "A small cat.",
                  images=[str(IMAGES / "2.jpg")])
     v = prepare_vision_example(ex, "pair", None, proc)
@@ -76,16 +83,21 @@ def _pair():
     return [torch.as_tensor(t, dtype=torch.long) for t in rec.tokens], [torch.as_tensor(g) for g in rec.targets], v
 
 
-def _hf_reference(seqs, tgts, pixel_values):
-    """transformers' LLaVA, each sequence alone: per-sequence sums, DPO-style loss, gradients of
-    the LM and the projector (vision tower frozen, as freeze_vit does)."""
-    from transformers import LlavaForConditionalGeneration
+def _hf_reference(seqs, tgts, image_inputs, fam="llama", image_token=None):
+    """transformers' model, each sequence alone: per-sequence sums, DPO-style loss, gradients of
+    the LM and the projector / merger (vision tower frozen, as freeze_vit does)."""
+    from transformers import AutoModelForImageTextToText
 
-    m = LlavaForConditionalGeneration.from_pretrained(str(ROOT / "llama" / "hf"), dtype=torch.float32)
-    m.model.vision_tower.requires_grad_(False)
+    m = AutoModelForImageTextToText.from_pretrained(str(ROOT / fam / "hf"), dtype=torch.float32)
+    frozen, _ = FROZEN[fam]
+    for n, p in m.named_parameters():
+        p.requires_grad_(not n.startswith(frozen))
     sums = []
     for tok, tgt in zip(seqs, tgts):
-        logits = m(input_ids=tok[None], pixel_values=pixel_values).logits[0].float()
+        kw = dict(image_inputs)
+        if fam != "llama":  # Qwen2-VL's processor also returns mm_token_type_ids (its M-RoPE needs them)
+            kw["mm_token_type_ids"] = (tok == image_token).int()[None]
+        logits = m(input_ids=tok[None], **kw).logits[0].float()
         lp = torch.log_softmax(logits[:-1], -1).gather(-1, tok[1:, None])[:, 0]
         sums.append((lp * tgt[1:].float()).sum())
     sums = torch.stack(sums)
@@ -95,7 +107,7 @@ def _hf_reference(seqs, tgts, pixel_values):
     return sums.detach(), grads
 
 
-def _packed_pair_case(tp: int, sp: bool = False, cp: int = 1):
+def _packed_pair_case(tp: int, sp: bool = False, cp: int = 1, fam: str = "llama"):
     from megatron.core import parallel_state
 
     from mcore_align.checkpoint import load_model_weights, read_model_spec
@@ -113,15 +125,14 @@ def _packed_pair_case(tp: int, sp: bool = False, cp: int = 1):
     from mcore_align.ops.segments import allreduce_segment_sums, segment_sums
     from tests.distributed.workers.attention_worker import _shard
 
-    seqs, tgts, v = _pair()
-    pixel_values = v.image_inputs["pixel_values"]
-    ref_sums, ref_grads = _hf_reference(seqs, tgts, pixel_values)
+    seqs, tgts, v = _pair(fam)
+    spec = read_model_spec(ROOT / fam / "mc")
+    ref_sums, ref_grads = _hf_reference(seqs, tgts, v.image_inputs, fam, spec.vision.image_token_id)
 
     rt = initialize(ParallelConfig(tensor_model_parallel_size=tp, sequence_parallel=sp,
                                    context_parallel_size=cp), device="cpu")
-    spec = read_model_spec(ROOT / "llama" / "mc")
     (model,) = build_model(spec, rt, opts=ModelOptions(core_attention="packed", freeze_aligner=False))
-    load_model_weights([model], ROOT / "llama" / "mc")
+    load_model_weights([model], ROOT / fam / "mc")
     # Pack [chosen | rejected], each padded at its end to a multiple of m = 2*CP (CP's chunking)
     # and the whole row to a multiple of TP (SP): e.g. lengths 40, 37, CP=1, TP=2 ->
     # cu_seqlens [0, 40, 77, 78] (a 1-token padding segment); CP=2 -> [0, 40, 80] (3 pad tokens
@@ -140,8 +151,10 @@ def _packed_pair_case(tp: int, sp: bool = False, cp: int = 1):
     cu = torch.tensor([0, lens[0], total] + ([total + row_pad] if row_pad else []), dtype=torch.int32)
     labels = torch.roll(tokens, -1)
     pos = packed_position_ids(cu)
-    # every image placeholder run gets its image: the shared image once per sequence
-    images = micro_batch_image_inputs([v.image_inputs, v.image_inputs])
+    if fam == "llama":  # every image placeholder run gets its image: the shared image once per sequence
+        images = micro_batch_image_inputs([v.image_inputs, v.image_inputs])
+    else:  # as the loader collates a pair: the image once, image_index repeats it for both runs
+        images = {**v.image_inputs, "image_index": torch.tensor([0, 0])}
     cp_group = rt.pgs.cp if cp > 1 else None
     if cp > 1:  # local tokens to the model, the whole row to the merge (split after it)
         idx = cp_local_token_index(cu, rt.pgs.cp.rank(), cp)
@@ -169,9 +182,10 @@ def _packed_pair_case(tp: int, sp: bool = False, cp: int = 1):
     want = _shard(model, {n: want_full.get(n, p.detach()) for n, p in model.named_parameters()},
                   parallel_state.get_tensor_model_parallel_rank(), tp)
     checked = 0
+    frozen, aligner = FROZEN[fam]
     for n, p in model.named_parameters():
         if not p.requires_grad:
-            assert n.startswith("vision.vision_tower."), n
+            assert n.startswith(tuple("vision." + f[len("model."):] for f in frozen)), n
             assert p.grad is None, n
             continue
         g = p.grad.detach().clone()
@@ -181,7 +195,7 @@ def _packed_pair_case(tp: int, sp: bool = False, cp: int = 1):
             dist.all_reduce(g, group=rt.pgs.cp)
         torch.testing.assert_close(g, want[n], atol=ATOL, rtol=1e-4, msg=lambda m, n=n: f"{n}: {m}")
         checked += 1
-    assert any(n.startswith("vision.multi_modal_projector.") for n in want_full) and checked == len(want_full)
+    assert any(n.startswith("vision." + aligner[len("model."):]) for n in want_full) and checked == len(want_full)
 
 
 def case_packed_pair_logprobs_and_grads_tp1():
@@ -198,3 +212,76 @@ def case_packed_pair_logprobs_and_grads_tp2_sp():
 
 def case_packed_pair_logprobs_and_grads_cp2():
     _packed_pair_case(1, cp=2)
+
+
+# -- Qwen2-VL / Qwen2.5-VL: M-RoPE --------------------------------------------------------------
+TWO = dict(images=("1.jpg", "2.jpg"), prompt="<image>Compare<image> them.")  # 10 and 12 image tokens
+
+
+def case_qwen2_vl_tp1_pp1():
+    _check("qwen2_vl", **TWO)
+
+
+def case_qwen2_vl_tp2():
+    _check("qwen2_vl", tp=2, **TWO)
+
+
+def case_qwen2_vl_pp2():
+    _check("qwen2_vl", pp=2, **TWO)
+
+
+def case_qwen2_5_vl_tp1_pp1():
+    _check("qwen2_5_vl", **TWO)
+
+
+def case_qwen2_5_vl_tp2():
+    _check("qwen2_5_vl", tp=2, **TWO)
+
+
+def case_qwen2_5_vl_pp2():
+    _check("qwen2_5_vl", pp=2, **TWO)
+
+
+def case_qwen2_vl_positions_matter():
+    """Control: the same converted model with plain 1-D positions (what a text model would use)
+    misses transformers' logits by far more than the tolerance, so the cases above test M-RoPE."""
+    from mcore_align.checkpoint.layout import read_model_spec
+    from mcore_align.checkpoint.loading import load_model_weights
+    from mcore_align.checkpoint.verify_vision import (
+        hf_vlm_logits,
+        image_inputs_of,
+        megatron_vlm_logits,
+        processor_inputs,
+    )
+    from mcore_align.models.provider import ModelOptions, build_model
+
+    rt = initialize(ParallelConfig(), device="cpu")
+    hf, mc = ROOT / "qwen2_vl" / "hf", ROOT / "qwen2_vl" / "mc"
+    chunks = build_model(read_model_spec(mc), rt, role="reference", opts=ModelOptions(core_attention="megatron"))
+    load_model_weights(chunks, mc)
+    inputs = processor_inputs(hf, [IMAGES / i for i in TWO["images"]], TWO["prompt"])
+    ref = hf_vlm_logits(hf, inputs)
+    assert compare_logits(ref, megatron_vlm_logits(chunks, inputs["input_ids"], image_inputs_of(inputs), rt)).ok(TOL)
+    chunks[0].mrope_index = lambda ids, mask, grid: torch.arange(ids.shape[1]).expand(3, 1, -1)
+    res = compare_logits(ref, megatron_vlm_logits(chunks, inputs["input_ids"], image_inputs_of(inputs), rt))
+    assert res.rel_diff > 10 * TOL, res  # observed 3.5e-3 (tiny random model)
+
+
+def case_qwen2_vl_packed_pair_logprobs_and_grads_tp2():
+    _packed_pair_case(2, fam="qwen2_vl")
+
+
+def case_qwen2_vl_packed_pair_logprobs_and_grads_cp2():
+    _packed_pair_case(1, cp=2, fam="qwen2_vl")
+
+
+def case_qwen2_5_vl_packed_pair_logprobs_and_grads_tp2():
+    _packed_pair_case(2, fam="qwen2_5_vl")
+
+
+def case_qwen2_5_vl_packed_pair_logprobs_and_grads_cp2():
+    _packed_pair_case(1, cp=2, fam="qwen2_5_vl")
+
+
+def case_qwen2_vl_packed_pair_logprobs_and_grads_tp2_sp():
+    _packed_pair_case(2, sp=True, fam="qwen2_vl")
