@@ -14,7 +14,8 @@ from mcore_align.checkpoint.verify import LogitComparison, compare_logits
 
 
 def processor_inputs(processor_dir: str | Path, image_paths: list[str | Path], prompt: str) -> dict:
-    """``input_ids`` ``[1, S]`` and ``pixel_values`` for one user turn holding ``<image>``(s),
+    """``input_ids`` ``[1, S]`` and the image tensors (``pixel_values``, and the family's other
+    image inputs such as LLaVA-NeXT's ``image_sizes``) for one user turn holding ``<image>``(s),
     rendered with the chat template and expanded by the checkpoint's own processor."""
     from PIL import Image
     from transformers import AutoProcessor
@@ -24,7 +25,12 @@ def processor_inputs(processor_dir: str | Path, image_paths: list[str | Path], p
                                               add_generation_prompt=True)
     images = [Image.open(p).convert("RGB") for p in image_paths]
     out = proc(text=[text], images=images, return_tensors="pt", add_special_tokens=False)
-    return {"input_ids": out["input_ids"], "pixel_values": out["pixel_values"]}
+    return {k: v for k, v in out.items() if k != "attention_mask"}
+
+
+def image_tensors(inputs: dict) -> dict:
+    """The image part of :func:`processor_inputs` (everything but ``input_ids``)."""
+    return {k: v for k, v in inputs.items() if k != "input_ids"}
 
 
 def megatron_vlm_logits(chunks, tokens_1S: torch.Tensor, image_inputs: dict, runtime) -> torch.Tensor | None:
@@ -64,7 +70,8 @@ def hf_vlm_logits(hf_dir: str | Path, inputs: dict, dtype: torch.dtype = torch.f
 
     model = AutoModelForImageTextToText.from_pretrained(str(hf_dir), dtype=dtype).eval()
     with torch.no_grad():
-        return model(input_ids=inputs["input_ids"], pixel_values=inputs["pixel_values"].to(dtype)).logits.float()
+        images = {k: v.to(dtype) if v.is_floating_point() else v for k, v in image_tensors(inputs).items()}
+        return model(input_ids=inputs["input_ids"], **images).logits.float()
 
 
 def verify_vision_checkpoint(hf_dir: str | Path, ckpt_dir: str | Path, runtime, image_paths: list, prompt: str,
@@ -82,7 +89,7 @@ def verify_vision_checkpoint(hf_dir: str | Path, ckpt_dir: str | Path, runtime, 
                          opts=ModelOptions(params_dtype=dtype, core_attention="megatron"))
     load_model_weights(chunks, ckpt_dir)
     inputs = processor_inputs(hf_dir, image_paths, prompt)
-    logits = megatron_vlm_logits(chunks, inputs["input_ids"], {"pixel_values": inputs["pixel_values"]}, runtime)
+    logits = megatron_vlm_logits(chunks, inputs["input_ids"], image_tensors(inputs), runtime)
     holders = [None] * dist.get_world_size()
     dist.all_gather_object(holders, logits is not None)
     reporter = holders.index(True)

@@ -178,7 +178,8 @@ class VisionExample:
     example: Example
     """The record with placeholders expanded into image tokens (ready for templating)."""
     image_inputs: dict
-    """The processor's image tensors (``pixel_values`` ``[N_img, 3, H, W]``, ...)."""
+    """The processor's image tensors (``pixel_values`` ``[N_img, 3, H, W]``; LLaVA-NeXT:
+    ``[N_img, tiles, 3, H, W]`` and ``image_sizes`` ``[N_img, 2]``)."""
     image_paths: list[str]
     tokens_per_image: list[int]
 
@@ -201,11 +202,29 @@ def micro_batch_image_inputs(per_sequence: list[dict]) -> dict:
     A chosen/rejected pair that shares one image lists it once per sequence: both sequences
     hold its placeholder run, and each run needs its features.
     Sequences without images contribute nothing; ``{}`` when no sequence has one.
+
+    Tensors whose other dimensions differ are zero-padded at the end of each dimension to the
+    largest, as HF image processors pad a batch (LLaVA-NeXT's ``pixel_values`` ``[1, tiles, 3,
+    H, W]`` with tile counts 5 and 4 -> ``[2, 5, 3, H, W]``; the model reads each image's real
+    tile count from ``image_sizes``, so the padding is never used).
     """
-    keys = {k for d in per_sequence for k in d}
     import torch
 
-    return {k: torch.cat([d[k] for d in per_sequence if k in d], dim=0) for k in sorted(keys)}
+    keys = {k for d in per_sequence for k in d}
+    out = {}
+    for k in sorted(keys):
+        parts = [d[k] for d in per_sequence if k in d]
+        if len({p.shape[1:] for p in parts}) > 1:
+            assert len({p.dim() for p in parts}) == 1, f"{k}: image tensors of different ranks"
+            big = [max(p.shape[i] for p in parts) for i in range(1, parts[0].dim())]
+            padded = []
+            for p in parts:
+                q = p.new_zeros(p.shape[0], *big)
+                q[(slice(None), *(slice(0, n) for n in p.shape[1:]))] = p
+                padded.append(q)
+            parts = padded
+        out[k] = torch.cat(parts, dim=0)
+    return out
 
 
 # ---- the trainer's side: which model the data is for, images of cached records -------------

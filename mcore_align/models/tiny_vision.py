@@ -1,4 +1,4 @@
-"""Tiny random-init LLaVA-1.5 checkpoints, written by transformers alone, offline.
+"""Tiny random-init LLaVA-1.5 and LLaVA-NeXT checkpoints, written by transformers alone, offline.
 
 ``make_tiny_llava`` writes what a hub LLaVA-1.5 directory holds: ``config.json``
 (``LlavaForConditionalGeneration``), safetensors, the tokenizer with an ``<image>``
@@ -45,19 +45,102 @@ def make_tiny_llava(
     second-to-last one (``vision_feature_layer=-2``), so the last layer is unused, as in
     the real LLaVA-1.5.
     """
-    from transformers import (
-        AutoConfig,
-        CLIPImageProcessorPil,
-        CLIPVisionConfig,
-        LlavaConfig,
-        LlavaForConditionalGeneration,
-        LlavaProcessor,
+    from transformers import CLIPImageProcessorPil, LlavaConfig, LlavaForConditionalGeneration, LlavaProcessor
+
+    out = Path(out_dir)
+    tok, text_cfg, vision_cfg = _tiny_parts(out, text_family, num_layers, hidden_size, ffn_hidden_size, num_heads,
+                                            num_kv_heads, vocab_size, vision_layers, vision_hidden, image_size,
+                                            patch_size)
+    cfg = LlavaConfig(
+        vision_config=vision_cfg, text_config=text_cfg, image_token_index=vocab_size - 1,
+        image_seq_length=(image_size // patch_size) ** 2, projector_hidden_act="gelu",
+        vision_feature_select_strategy="default", vision_feature_layer=-2,
+        architectures=["LlavaForConditionalGeneration"],
     )
+    _save_random(LlavaForConditionalGeneration, cfg, out, seed)
+    image_processor = CLIPImageProcessorPil(
+        size={"shortest_edge": image_size}, crop_size={"height": image_size, "width": image_size},
+    )
+    LlavaProcessor(
+        image_processor=image_processor, tokenizer=tok, patch_size=patch_size,
+        vision_feature_select_strategy="default", num_additional_image_tokens=1,
+        chat_template=tok.chat_template,
+    ).save_pretrained(out)
+    return out
+
+
+NEXT_GRID_PINPOINTS = ((32, 64), (64, 32), (64, 64), (32, 96), (96, 32))
+"""Tiny anyres grid (in pixels, [height, width]; tiles are 32 x 32): the demo photos
+(``mllm_demo_data/*.jpg``, 300 wide, 166-199 high) fit 64 x 64 best -> 4 tiles + the base
+image; a tall image picks 96 x 32 -> 3 tiles + the base image."""
+
+
+def make_tiny_llava_next(
+    out_dir: str | Path,
+    text_family: str = "llama",
+    *,
+    num_layers: int = 2,
+    hidden_size: int = 64,
+    ffn_hidden_size: int = 160,
+    num_heads: int = 4,
+    num_kv_heads: int = 2,
+    vocab_size: int = 512,
+    vision_layers: int = 3,
+    vision_hidden: int = 32,
+    image_size: int = 32,
+    patch_size: int = 8,
+    grid_pinpoints=NEXT_GRID_PINPOINTS,
+    seed: int = 0,
+) -> Path:
+    """Write a random-init LLaVA-NeXT (``LlavaNextForConditionalGeneration``) checkpoint +
+    ``LlavaNextProcessor`` files to ``out_dir``; returns the path.
+
+    Same tiny CLIP tower and language model as :func:`make_tiny_llava`, with anyres tiling:
+    ``image_grid_pinpoints`` (default :data:`NEXT_GRID_PINPOINTS`) makes the real demo images
+    several 32 x 32 tiles; an image becomes 16 base tokens + its unpadded tile grid with one
+    ``image_newline`` per grid row, so the token count depends on the image's size
+    (``mllm_demo_data/1.jpg``: 16 + 4 rows x (8 + 1) = 52).
+    """
+    from transformers import (
+        LlavaNextConfig,
+        LlavaNextForConditionalGeneration,
+        LlavaNextImageProcessorPil,
+        LlavaNextProcessor,
+    )
+
+    out = Path(out_dir)
+    tok, text_cfg, vision_cfg = _tiny_parts(out, text_family, num_layers, hidden_size, ffn_hidden_size, num_heads,
+                                            num_kv_heads, vocab_size, vision_layers, vision_hidden, image_size,
+                                            patch_size)
+    pinpoints = [list(p) for p in grid_pinpoints]
+    cfg = LlavaNextConfig(
+        vision_config=vision_cfg, text_config=text_cfg, image_token_index=vocab_size - 1,
+        image_grid_pinpoints=pinpoints, image_seq_length=(image_size // patch_size) ** 2,
+        projector_hidden_act="gelu", vision_feature_select_strategy="default", vision_feature_layer=-2,
+        architectures=["LlavaNextForConditionalGeneration"],
+    )
+    _save_random(LlavaNextForConditionalGeneration, cfg, out, seed)
+    image_processor = LlavaNextImageProcessorPil(
+        size={"shortest_edge": image_size}, crop_size={"height": image_size, "width": image_size},
+        image_grid_pinpoints=pinpoints,
+    )
+    LlavaNextProcessor(
+        image_processor=image_processor, tokenizer=tok, patch_size=patch_size,
+        vision_feature_select_strategy="default", num_additional_image_tokens=1,
+        chat_template=tok.chat_template,
+    ).save_pretrained(out)
+    return out
+
+
+def _tiny_parts(out: Path, text_family, num_layers, hidden_size, ffn_hidden_size, num_heads, num_kv_heads,
+                vocab_size, vision_layers, vision_hidden, image_size, patch_size):
+    """The tokenizer (with ``<image>`` as the last id, ``vocab_size - 1``), the text config
+    and the CLIP vision config shared by the tiny LLaVA checkpoints."""
+    from transformers import AutoConfig, CLIPVisionConfig
 
     if text_family not in ("llama", "qwen2"):
         raise ValueError(f"tiny LLaVA text family must be llama or qwen2, got {text_family!r}")
     arch, model_type, tok_style, extra = TINY_FAMILIES[text_family]
-    out = Path(out_dir)
     tok = build_tiny_tokenizer(out, style=tok_style, vocab_size=vocab_size - 1)
     tok.add_special_tokens({"additional_special_tokens": [IMAGE_TOKEN]})
     image_token_id = tok.convert_tokens_to_ids(IMAGE_TOKEN)
@@ -73,14 +156,12 @@ def make_tiny_llava(
         hidden_size=vision_hidden, intermediate_size=2 * vision_hidden, num_hidden_layers=vision_layers,
         num_attention_heads=4, image_size=image_size, patch_size=patch_size, projection_dim=vision_hidden,
     )
-    cfg = LlavaConfig(
-        vision_config=vision_cfg, text_config=text_cfg, image_token_index=image_token_id,
-        image_seq_length=(image_size // patch_size) ** 2, projector_hidden_act="gelu",
-        vision_feature_select_strategy="default", vision_feature_layer=-2,
-        architectures=["LlavaForConditionalGeneration"],
-    )
+    return tok, text_cfg, vision_cfg
+
+
+def _save_random(model_cls, cfg, out: Path, seed: int) -> None:
     torch.manual_seed(seed)
-    model = LlavaForConditionalGeneration(cfg).float()
+    model = model_cls(cfg).float()
     with torch.no_grad():  # norms at 1 +- noise and random biases, so every weight matters
         for name, p in model.named_parameters():
             if "norm" in name and name.endswith("weight"):
@@ -89,13 +170,3 @@ def make_tiny_llava(
                 p.normal_(0.0, 0.02)
     model.save_pretrained(out)
     model.generation_config.save_pretrained(out)
-    image_processor = CLIPImageProcessorPil(
-        size={"shortest_edge": image_size}, crop_size={"height": image_size, "width": image_size},
-    )
-    processor = LlavaProcessor(
-        image_processor=image_processor, tokenizer=tok, patch_size=patch_size,
-        vision_feature_select_strategy="default", num_additional_image_tokens=1,
-        chat_template=tok.chat_template,
-    )
-    processor.save_pretrained(out)
-    return out

@@ -41,8 +41,9 @@ class VisionFamily:
     image_token_id: Callable[[dict], int]
     build: Callable[[dict], torch.nn.Module]
     """Top-level HF config -> the vision module (fp32, random init). It must provide
-    ``image_features(pixel_values, **image_inputs) -> [num_image_tokens, H]`` (features of
-    every image, in order) and the child-name lists ``vit_children`` / ``aligner_children``."""
+    ``image_features(**image_inputs) -> list of [n_i, H]`` (one feature tensor per image of
+    ``image_inputs``, in order; ``n_i`` is image i's token count) and the child-name lists
+    ``vit_children`` / ``aligner_children`` (submodules or parameters)."""
     adapter: Callable
     """``adapter(spec, text_adapter, vision_param_names)``: the family's weight adapter."""
     key_styles: Callable[[], tuple[str, ...]]
@@ -60,6 +61,7 @@ def register_vision_family(f: VisionFamily) -> VisionFamily:
 
 def _ensure_registered() -> None:
     import mcore_align.models.llava  # noqa: F401 - registers "llava"
+    import mcore_align.models.llava_next  # noqa: F401 - registers "llava_next"
 
 
 def vision_family_of(hf_config: dict) -> VisionFamily | None:
@@ -127,7 +129,8 @@ def attach_vision(model, spec: ModelSpec, opts) -> None:
     vision.image_token_id = spec.vision.image_token_id
     for names, frozen in ((vision.vit_children, opts.freeze_vit), (vision.aligner_children, opts.freeze_aligner)):
         for child in names:
-            for p in getattr(vision, child).parameters():
+            part = getattr(vision, child)
+            for p in ([part] if isinstance(part, torch.nn.Parameter) else part.parameters()):
                 p.requires_grad_(not frozen)
     model.vision = vision
 
@@ -144,8 +147,10 @@ def vision_decoder_input(model, input_ids_BS: torch.Tensor, image_inputs: dict,
         model: the first-stage ``GPTModel`` chunk with ``model.vision`` (:func:`attach_vision`).
         input_ids_BS: the WHOLE (not CP-split) token ids ``[B, S]``, image placeholders already
             expanded by the processor (one id per image feature).
-        image_inputs: the processor's image tensors (``pixel_values`` ``[N_img, 3, H, W]``, ...),
-            images in the order their placeholders appear in ``input_ids_BS`` (row-major).
+        image_inputs: the processor's image tensors (``pixel_values`` ``[N_img, ...]``, and e.g.
+            ``image_sizes`` ``[N_img, 2]``), images in the order their placeholders appear in
+            ``input_ids_BS`` (row-major); optional ``image_index`` ``[N_runs]``: the image of each
+            placeholder run, when runs repeat images.
         cp_index_S: with context parallelism, this CP rank's token positions
             (``ops.context_parallel.cp_local_token_index``); applied after the merge.
 
@@ -169,19 +174,20 @@ def vision_decoder_input(model, input_ids_BS: torch.Tensor, image_inputs: dict,
     x_BSH = x
     image_inputs = dict(image_inputs)
     index = image_inputs.pop("image_index", None)
-    feats_NH = model.vision.image_features(**image_inputs)
+    # One [n_i, H] tensor per distinct image, in order; n_i may differ between images (anyres).
+    feats = model.vision.image_features(**image_inputs)
+    n_img = len(feats)
     if index is not None:
         # Each distinct image went through the tower once; image_index [N_runs] gives the image
-        # of every placeholder run (a pair's two sequences repeat their prompt's image). Images
-        # of one micro-batch have the same token count here (LLaVA-1.5: fixed resolution).
-        n_img = int(next(iter(image_inputs.values())).shape[0])
-        feats_NH = feats_NH.reshape(n_img, -1, feats_NH.shape[-1]).index_select(
-            0, index.to(feats_NH.device)).reshape(-1, feats_NH.shape[-1])
+        # of every placeholder run (a pair's two sequences repeat their prompt's image); the
+        # gradient of a repeated image's features sums both uses.
+        feats = [feats[i] for i in index.tolist()]
+    feats_NH = torch.cat(feats)
     mask_BS = input_ids_BS == model.vision.image_token_id
     n_tok, n_feat = int(mask_BS.sum()), int(feats_NH.shape[0])
     if n_tok != n_feat:
         raise ValueError(f"image placeholders and image features disagree: {n_tok} image tokens in input_ids, "
-                         f"{n_feat} features from {len(next(iter(image_inputs.values())))} image(s); expand "
+                         f"{n_feat} features from {n_img} image(s); expand "
                          "placeholders with the model's processor")
     # masked_scatter fills the masked positions in row-major (b, s) order: image i's
     # features go to its placeholders, like transformers' LlavaModel.forward.
