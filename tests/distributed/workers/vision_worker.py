@@ -1,7 +1,9 @@
-"""2-rank cases: one converted tiny LLaVA-1.5 matches transformers' logits on a real image.
+"""2-rank cases: one converted tiny LLaVA-1.5 / LLaVA-NeXT matches transformers' logits on a real image.
 
 Checkpoints are made and converted once by ``tests/distributed/test_vision_dist.py`` into
-$MCA_VISION_ROOT/<family>/{hf,mc}; every case reshards on load. fp32; tolerance 1e-4
+$MCA_VISION_ROOT/<family>/{hf,mc} (``llama``, ``qwen2``: LLaVA-1.5; ``next``: LLaVA-NeXT over
+the tiny Llama, anyres tiles), plus ``small.png`` (a demo photo shrunk to 40 x 30, so
+LLaVA-NeXT tiles it into 3 tiles where the demo photos take 5); every case reshards on load. fp32; tolerance 1e-4
 relative to the logit scale (as for the text families).
 """
 import dataclasses
@@ -61,31 +63,32 @@ BETA = 0.5
 ATOL = 2e-5
 
 
-def _pair():
+def _pair(fam="llama", images=(IMAGES / "2.jpg",), prompt="<image>Who is he?"):
     """One ms-swift record through the data side: expanded, templated, tokenized (chosen, rejected)."""
     from mcore_align.data.formats import Example
     from mcore_align.data.images import VisionProcessor, prepare_vision_example
     from mcore_align.data.tokenization import RecordTokenizer
 
-    proc = VisionProcessor.from_pretrained(ROOT / "llama" / "hf")
-    ex = Example([{"role": "user", "content": "<image>Who is he?"}], "He is a football player.", "A small cat.",
-                 images=[str(IMAGES / "2.jpg")])
+    proc = VisionProcessor.from_pretrained(ROOT / fam / "hf")
+    ex = Example([{"role": "user", "content": prompt}], "He is a football player.", "A small cat.",
+                 images=[str(i) for i in images])
     v = prepare_vision_example(ex, "pair", None, proc)
     rt = RecordTokenizer(proc.proc.tokenizer, "paired", 4096, "delete", False)
     rec = rt.tokenize([[rt.templater.render(v.example, r, "pair") for r in (ex.chosen, ex.rejected)]])[0]
     return [torch.as_tensor(t, dtype=torch.long) for t in rec.tokens], [torch.as_tensor(g) for g in rec.targets], v
 
 
-def _hf_reference(seqs, tgts, pixel_values):
-    """transformers' LLaVA, each sequence alone: per-sequence sums, DPO-style loss, gradients of
-    the LM and the projector (vision tower frozen, as freeze_vit does)."""
-    from transformers import LlavaForConditionalGeneration
+def _hf_reference(seqs, tgts, image_inputs, fam="llama"):
+    """transformers' LLaVA / LLaVA-NeXT, each sequence alone, on the processor's own image
+    tensors: per-sequence sums, DPO-style loss, gradients of the LM and the aligner (projector,
+    LLaVA-NeXT's image_newline; vision tower frozen, as freeze_vit does)."""
+    from transformers import AutoModelForImageTextToText
 
-    m = LlavaForConditionalGeneration.from_pretrained(str(ROOT / "llama" / "hf"), dtype=torch.float32)
+    m = AutoModelForImageTextToText.from_pretrained(str(ROOT / fam / "hf"), dtype=torch.float32)
     m.model.vision_tower.requires_grad_(False)
     sums = []
     for tok, tgt in zip(seqs, tgts):
-        logits = m(input_ids=tok[None], pixel_values=pixel_values).logits[0].float()
+        logits = m(input_ids=tok[None], **image_inputs).logits[0].float()
         lp = torch.log_softmax(logits[:-1], -1).gather(-1, tok[1:, None])[:, 0]
         sums.append((lp * tgt[1:].float()).sum())
     sums = torch.stack(sums)
@@ -95,11 +98,13 @@ def _hf_reference(seqs, tgts, pixel_values):
     return sums.detach(), grads
 
 
-def _packed_pair_case(tp: int, sp: bool = False, cp: int = 1):
+def _packed_pair_case(tp: int, sp: bool = False, cp: int = 1, fam: str = "llama", images=(IMAGES / "2.jpg",),
+                      prompt="<image>Who is he?"):
     from megatron.core import parallel_state
 
     from mcore_align.checkpoint import load_model_weights, read_model_spec
-    from mcore_align.data.images import micro_batch_image_inputs
+    from mcore_align.data.batch import micro_batch_images
+    from mcore_align.data.images import ImageEncoder, VisionProcessor
     from mcore_align.models.adapter import adapter_for
     from mcore_align.models.provider import ModelOptions, build_model
     from mcore_align.models.vision import multimodal_forward
@@ -113,15 +118,14 @@ def _packed_pair_case(tp: int, sp: bool = False, cp: int = 1):
     from mcore_align.ops.segments import allreduce_segment_sums, segment_sums
     from tests.distributed.workers.attention_worker import _shard
 
-    seqs, tgts, v = _pair()
-    pixel_values = v.image_inputs["pixel_values"]
-    ref_sums, ref_grads = _hf_reference(seqs, tgts, pixel_values)
+    seqs, tgts, v = _pair(fam, images, prompt)
+    ref_sums, ref_grads = _hf_reference(seqs, tgts, v.image_inputs, fam)
 
     rt = initialize(ParallelConfig(tensor_model_parallel_size=tp, sequence_parallel=sp,
                                    context_parallel_size=cp), device="cpu")
-    spec = read_model_spec(ROOT / "llama" / "mc")
+    spec = read_model_spec(ROOT / fam / "mc")
     (model,) = build_model(spec, rt, opts=ModelOptions(core_attention="packed", freeze_aligner=False))
-    load_model_weights([model], ROOT / "llama" / "mc")
+    load_model_weights([model], ROOT / fam / "mc")
     # Pack [chosen | rejected], each padded at its end to a multiple of m = 2*CP (CP's chunking)
     # and the whole row to a multiple of TP (SP): e.g. lengths 40, 37, CP=1, TP=2 ->
     # cu_seqlens [0, 40, 77, 78] (a 1-token padding segment); CP=2 -> [0, 40, 80] (3 pad tokens
@@ -140,8 +144,10 @@ def _packed_pair_case(tp: int, sp: bool = False, cp: int = 1):
     cu = torch.tensor([0, lens[0], total] + ([total + row_pad] if row_pad else []), dtype=torch.int32)
     labels = torch.roll(tokens, -1)
     pos = packed_position_ids(cu)
-    # every image placeholder run gets its image: the shared image once per sequence
-    images = micro_batch_image_inputs([v.image_inputs, v.image_inputs])
+    # as the trainer's loader collates: each distinct image encoded alone and stored once
+    # (differing LLaVA-NeXT tile counts zero-padded), image_index repeats them for the rejected
+    images = micro_batch_images([v.image_paths, v.image_paths],
+                                ImageEncoder(VisionProcessor.from_pretrained(ROOT / fam / "hf")))
     cp_group = rt.pgs.cp if cp > 1 else None
     if cp > 1:  # local tokens to the model, the whole row to the merge (split after it)
         idx = cp_local_token_index(cu, rt.pgs.cp.rank(), cp)
@@ -182,6 +188,7 @@ def _packed_pair_case(tp: int, sp: bool = False, cp: int = 1):
         torch.testing.assert_close(g, want[n], atol=ATOL, rtol=1e-4, msg=lambda m, n=n: f"{n}: {m}")
         checked += 1
     assert any(n.startswith("vision.multi_modal_projector.") for n in want_full) and checked == len(want_full)
+    return want_full
 
 
 def case_packed_pair_logprobs_and_grads_tp1():
@@ -198,3 +205,49 @@ def case_packed_pair_logprobs_and_grads_tp2_sp():
 
 def case_packed_pair_logprobs_and_grads_cp2():
     _packed_pair_case(1, cp=2)
+
+
+# -- LLaVA-NeXT: anyres tiles, unpadding, image_newline --------------------------------------
+def case_next_tp1_pp1():
+    _check("next", images=("2.jpg",))  # 300 x 199: 5 tiles, 70 image tokens
+
+
+def case_next_tp2():
+    _check("next", tp=2, images=("2.jpg",))
+
+
+def case_next_pp2():
+    _check("next", pp=2, images=("2.jpg",))
+
+
+def case_next_tp2_two_images_of_different_sizes():
+    """2.jpg (5 tiles, 70 tokens) and a 40 x 30 image (3 tiles, 44 tokens) in one prompt."""
+    _check("next", tp=2, images=("2.jpg", ROOT / "small.png"), prompt="<image>Compare<image> them.")
+
+
+def case_next_image_newline_matters():
+    """Control: the logits comparison sees image_newline (HF with it zeroed moves far beyond the
+    tolerance); unpadding is checked by the token count (without it the features outnumber
+    the processor's placeholders, an error in vision_decoder_input)."""
+    from transformers import AutoModelForImageTextToText
+
+    hf = ROOT / "next" / "hf"
+    inputs = processor_inputs(hf, [IMAGES / "2.jpg"], "<image>Who are they?")
+    a = hf_vlm_logits(hf, inputs)
+    m = AutoModelForImageTextToText.from_pretrained(str(hf), dtype=torch.float32).eval()
+    with torch.no_grad():
+        m.model.image_newline.zero_()
+        b = m(**inputs).logits.float()
+    assert compare_logits(a, b).rel_diff > 100 * TOL
+
+
+def case_next_packed_pair_two_images_grads_tp2():
+    """A pair whose prompt holds two images of different sizes (5 and 3 tiles, padded in the
+    micro-batch); image_newline and the projector train and match HF autograd."""
+    want = _packed_pair_case(2, fam="next", images=(IMAGES / "2.jpg", ROOT / "small.png"),
+                             prompt="<image>Which<image> is bigger?")
+    assert "vision.image_newline" in want
+
+
+def case_next_packed_pair_grads_cp2():
+    _packed_pair_case(1, cp=2, fam="next")
