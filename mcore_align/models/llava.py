@@ -46,7 +46,8 @@ _STYLES: dict[str, tuple[tuple[str, str], ...]] = {
                ("model.image_newline", "image_newline")),
     "legacy_clip": (("model.language_model.", "language_model.model."), ("lm_head.", "language_model.lm_head."),
                     ("model.vision_tower.", "vision_tower.vision_model."),
-                    ("model.multi_modal_projector.", "multi_modal_projector."), ("model.image_newline", "image_newline")),
+                    ("model.multi_modal_projector.", "multi_modal_projector."),
+                    ("model.image_newline", "image_newline")),
 }
 """``image_newline``: LLaVA-NeXT's row separator (``models/llava_next.py``), a top-level tensor."""
 

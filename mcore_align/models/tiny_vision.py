@@ -72,7 +72,7 @@ def make_tiny_llava(
 NEXT_GRID_PINPOINTS = ((32, 64), (64, 32), (64, 64), (32, 96), (96, 32))
 """Tiny anyres grid (in pixels, [height, width]; tiles are 32 x 32): the demo photos
 (``mllm_demo_data/*.jpg``, 300 wide, 166-199 high) fit 64 x 64 best -> 4 tiles + the base
-image; a tall image picks 96 x 32 -> 3 tiles + the base image."""
+image; a 40 x 30 image fits 32 x 64 -> 2 tiles + the base image."""
 
 
 def make_tiny_llava_next(
