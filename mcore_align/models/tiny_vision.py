@@ -132,6 +132,64 @@ def make_tiny_llava_next(
     return out
 
 
+INTERNVL_TOKENS = {"start_image_token": "<img>", "end_image_token": "</img>",
+                   "context_image_token": "<IMG_CONTEXT>", "video_token": "<video>"}
+"""InternVL's image tokens (tokenizer attributes that ``InternVLProcessor`` reads)."""
+
+
+def make_tiny_internvl(out_dir: str | Path, *, vocab_size: int = 512, seed: int = 0) -> Path:
+    """Write a random-init InternVL (``InternVLForConditionalGeneration``, transformers' format)
+    with the tiny Qwen2 language model to ``out_dir``; returns the path.
+
+    InternViT 2 layers / hidden 32 / 32 x 32 tiles / patch 8 -> 16 patches -> pixel shuffle
+    (``downsample_ratio`` 0.5) -> ``image_seq_length`` 4 tokens per tile; the image processor
+    (``GotOcr2ImageProcessorPil``, ``preprocessor_config.json``) cuts up to 4 tiles + a
+    thumbnail. The tokenizer holds ``<img>``, ``</img>``, ``<IMG_CONTEXT>`` (the image token,
+    ``vocab_size - 2``) and ``<video>`` as the last ids. ``InternVLProcessor`` itself cannot be
+    built here (it needs torchvision for its video processor), so its ``processor_config.json``
+    is written by hand.
+    """
+    import json
+
+    from transformers import (
+        AutoConfig,
+        AutoTokenizer,
+        GotOcr2ImageProcessorPil,
+        InternVLConfig,
+        InternVLForConditionalGeneration,
+    )
+    from transformers.models.internvl.configuration_internvl import InternVLVisionConfig
+
+    arch, model_type, tok_style, extra = TINY_FAMILIES["qwen2"]
+    out = Path(out_dir)
+    tok = build_tiny_tokenizer(out, style=tok_style, vocab_size=vocab_size - len(INTERNVL_TOKENS))
+    tok.add_special_tokens({"additional_special_tokens": list(INTERNVL_TOKENS.values())})
+    tok.save_pretrained(out)
+    # reloaded with the named tokens, so tokenizer_config.json maps them (tok.context_image_token, ...)
+    tok = AutoTokenizer.from_pretrained(out, extra_special_tokens=dict(INTERNVL_TOKENS))
+    image_token_id = tok.convert_tokens_to_ids(INTERNVL_TOKENS["context_image_token"])
+    assert image_token_id == vocab_size - 2 and len(tok) == vocab_size, (image_token_id, len(tok))
+    tok.save_pretrained(out)
+    text_cfg = AutoConfig.for_model(
+        model_type, architectures=[arch], vocab_size=vocab_size, hidden_size=64, intermediate_size=160,
+        num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096,
+        rms_norm_eps=1e-6, tie_word_embeddings=False, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id, **extra,
+    )
+    vision_cfg = InternVLVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                      image_size=[32, 32], patch_size=[8, 8])
+    cfg = InternVLConfig(vision_config=vision_cfg, text_config=text_cfg, image_token_id=image_token_id,
+                         image_seq_length=4, downsample_ratio=0.5, vision_feature_layer=-1,
+                         vision_feature_select_strategy="default", tie_word_embeddings=False,
+                         architectures=["InternVLForConditionalGeneration"])
+    _save_random(InternVLForConditionalGeneration, cfg, out, seed)
+    GotOcr2ImageProcessorPil(size={"height": 32, "width": 32}, crop_to_patches=True, min_patches=1,
+                             max_patches=4).save_pretrained(out)
+    (out / "processor_config.json").write_text(json.dumps({"processor_class": "InternVLProcessor",
+                                                           "image_seq_length": 4}, indent=2) + "\n")
+    return out
+
+
 def _tiny_parts(out: Path, text_family, num_layers, hidden_size, ffn_hidden_size, num_heads, num_kv_heads,
                 vocab_size, vision_layers, vision_hidden, image_size, patch_size):
     """The tokenizer (with ``<image>`` as the last id, ``vocab_size - 1``), the text config

@@ -62,6 +62,7 @@ def register_vision_family(f: VisionFamily) -> VisionFamily:
 def _ensure_registered() -> None:
     import mcore_align.models.llava  # noqa: F401 - registers "llava"
     import mcore_align.models.llava_next  # noqa: F401 - registers "llava_next"
+    import mcore_align.models.internvl  # noqa: F401 - registers "internvl"
 
 
 def vision_family_of(hf_config: dict) -> VisionFamily | None:
