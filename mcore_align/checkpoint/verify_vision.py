@@ -6,6 +6,7 @@ into the embeddings (``models.vision.multimodal_forward``).
 """
 from __future__ import annotations
 
+import inspect
 from pathlib import Path
 
 import torch
@@ -14,18 +15,21 @@ from mcore_align.checkpoint.verify import LogitComparison, compare_logits
 
 
 def processor_inputs(processor_dir: str | Path, image_paths: list[str | Path], prompt: str) -> dict:
-    """``input_ids`` ``[1, S]`` and the image tensors (``pixel_values``, and the family's other
-    image inputs such as LLaVA-NeXT's ``image_sizes``) for one user turn holding ``<image>``(s),
-    rendered with the chat template and expanded by the checkpoint's own processor."""
+    """``input_ids`` ``[1, S]`` and the image tensors (the image processor's: ``pixel_values``,
+    and the family's other image inputs such as LLaVA-NeXT's ``image_sizes`` or InternVL's
+    ``num_patches``) for one user turn holding ``<image>``(s), rendered with the chat template
+    and expanded by the checkpoint's own processor (``data.images.VisionProcessor``)."""
     from PIL import Image
-    from transformers import AutoProcessor
 
-    proc = AutoProcessor.from_pretrained(str(processor_dir))
-    text = proc.tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
-                                              add_generation_prompt=True)
+    from mcore_align.data.images import PLACEHOLDER, VisionProcessor
+
+    vp = VisionProcessor.from_pretrained(processor_dir)
+    proc = vp.proc
+    turn = {"role": "user", "content": prompt.replace(PLACEHOLDER, vp.image_token)}
+    text = proc.tokenizer.apply_chat_template([turn], tokenize=False, add_generation_prompt=True)
     images = [Image.open(p).convert("RGB") for p in image_paths]
     out = proc(text=[text], images=images, return_tensors="pt", add_special_tokens=False)
-    return {k: v for k, v in out.items() if k != "attention_mask"}
+    return {"input_ids": out["input_ids"], **proc.image_processor(images=images, return_tensors="pt")}
 
 
 def image_tensors(inputs: dict) -> dict:
@@ -70,7 +74,11 @@ def hf_vlm_logits(hf_dir: str | Path, inputs: dict, dtype: torch.dtype = torch.f
 
     model = AutoModelForImageTextToText.from_pretrained(str(hf_dir), dtype=dtype).eval()
     with torch.no_grad():
-        images = {k: v.to(dtype) if v.is_floating_point() else v for k, v in image_tensors(inputs).items()}
+        # the image tensors the HF forward takes (InternVL's takes pixel_values only: its
+        # processor drops num_patches)
+        accepted = inspect.signature(model.forward).parameters
+        images = {k: v.to(dtype) if v.is_floating_point() else v for k, v in image_tensors(inputs).items()
+                  if k in accepted}
         return model(input_ids=inputs["input_ids"], **images).logits.float()
 
 

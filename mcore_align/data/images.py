@@ -139,18 +139,34 @@ class VisionProcessor:
         self.proc = processor
         self.image_token: str = processor.image_token
         self.image_token_id: int = processor.tokenizer.convert_tokens_to_ids(self.image_token)
+        # Tokens the processor puts around an image's run (InternVL: <img> ... </img>; LLaVA: none)
+        self.image_start: str = getattr(processor, "start_image_token", None) or ""
+        self.image_end: str = getattr(processor, "end_image_token", None) or ""
 
     @classmethod
     def from_pretrained(cls, path: str | Path) -> "VisionProcessor":
+        """``AutoProcessor``, or the vision family's stand-in for a processor class that cannot
+        be built here (``processor_config.json``'s ``processor_class``; InternVL: torchvision)."""
+        import json
+
         from transformers import AutoProcessor
 
-        return cls(AutoProcessor.from_pretrained(str(path)))
+        from mcore_align.models.vision import processor_standin
+
+        cfg = Path(path) / "processor_config.json"
+        name = json.loads(cfg.read_text()).get("processor_class") if cfg.is_file() else None
+        standin = processor_standin(name) if name else None
+        return cls(standin(path) if standin is not None else AutoProcessor.from_pretrained(str(path)))
+
+    def image_text(self, count: int) -> str:
+        """What the processor makes of one image of ``count`` tokens."""
+        return self.image_start + self.image_token * count + self.image_end
 
     def encode_images(self, images: list) -> tuple[dict, list[int]]:
         """``(image tensors, image tokens per image)``. The counts come from the processor itself:
         each image is expanded alone (``<image>`` -> its tokens) and the image ids are counted."""
         counts = []
-        for img in images:
+        for img in images:  # the processor's own expansion of one image: count its image tokens
             ids = self.proc(text=[self.image_token], images=[img], return_tensors="np",
                             add_special_tokens=False)["input_ids"][0]
             counts.append(int((ids == self.image_token_id).sum()))
@@ -158,13 +174,14 @@ class VisionProcessor:
         return tensors, counts
 
 
-def expand_placeholders(ex: Example, counts: list[int], image_token: str) -> Example:
-    """A copy of ``ex`` whose k-th ``<image>`` is ``image_token * counts[k]``."""
+def expand_placeholders(ex: Example, counts: list[int], image_text) -> Example:
+    """A copy of ``ex`` whose k-th ``<image>`` is ``image_text(counts[k])`` (``image_token *
+    counts[k]``, with the processor's start / end tokens around it if it has any)."""
     it = iter(counts)
 
     def expand(text: str) -> str:
         parts = text.split(PLACEHOLDER)
-        return parts[0] + "".join(image_token * next(it) + p for p in parts[1:])
+        return parts[0] + "".join(image_text(next(it)) + p for p in parts[1:])
 
     out = copy.copy(ex)
     out.prompt = (expand(ex.prompt) if isinstance(ex.prompt, str)
@@ -191,7 +208,7 @@ def prepare_vision_example(ex: Example, loc: str, base_dir: str | Path | None,
     check_placeholders(ex, loc)
     images = [load_image(r, loc) for r in refs]
     tensors, counts = processor.encode_images(images)
-    return VisionExample(expand_placeholders(ex, counts, processor.image_token), tensors,
+    return VisionExample(expand_placeholders(ex, counts, processor.image_text), tensors,
                          [r.describe() for r in refs], counts)
 
 
@@ -266,6 +283,8 @@ def processor_fingerprint(processor: "VisionProcessor") -> str:
            "patch_size": getattr(processor.proc, "patch_size", None),
            "strategy": getattr(processor.proc, "vision_feature_select_strategy", None),
            "extra": getattr(processor.proc, "num_additional_image_tokens", None)}
+    if getattr(processor.proc, "image_seq_length", None) is not None:  # InternVL: tokens per tile
+        doc["seq"] = processor.proc.image_seq_length
     return hashlib.sha256(json.dumps(doc, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 

@@ -1,5 +1,5 @@
-"""InternVL in transformers' format (``InternVLForConditionalGeneration``): family data and
-the HF vision module (model side only; see docs/vision.md "InternVL" for the data side).
+"""InternVL in transformers' format (``InternVLForConditionalGeneration``): family data, the
+HF vision module and a processor stand-in (``InternVLProcessor`` needs torchvision).
 
 InternVL's image processor (``GotOcr2ImageProcessor``) cuts an image into ``num_patches``
 tiles (``crop_to_patches``: a grid of up to ``max_patches`` tiles plus a thumbnail); each
@@ -70,6 +70,55 @@ class InternVLVision(torch.nn.Module):
         return [f.reshape(-1, f.shape[-1]) for f in per_image]
 
 
+class InternVLImageProcessing:
+    """Stand-in for ``InternVLProcessor`` where it cannot be built (it always loads a video
+    processor, which needs torchvision; this machine's CPU torch has none).
+
+    The checkpoint's image processor (``AutoImageProcessor``: ``GotOcr2ImageProcessor``, PIL
+    backend) with ``InternVLProcessor``'s image defaults (``crop_to_patches=True``), and
+    transformers' own ``InternVLProcessor.replace_image_token`` bound to this object for the
+    text: the i-th ``<IMG_CONTEXT>`` becomes ``<img>`` + ``<IMG_CONTEXT>`` x
+    (``image_seq_length`` x ``num_patches[i]``) + ``</img>``. Provides what ``data/images.py``
+    uses: ``tokenizer``, ``image_processor``, ``image_token``, ``start_image_token``,
+    ``end_image_token``, ``image_seq_length`` and ``__call__(text=, images=, ...)`` (which, like
+    the real processor, returns ``input_ids`` and ``pixel_values`` only).
+    """
+
+    def __init__(self, path):
+        import json
+        from pathlib import Path
+
+        from transformers import AutoImageProcessor, AutoTokenizer, InternVLProcessor
+
+        self.tokenizer = AutoTokenizer.from_pretrained(str(path))
+        self.image_processor = AutoImageProcessor.from_pretrained(str(path))
+        for k, v in InternVLProcessor.images_kwargs.items():  # what the processor passes by default
+            setattr(self.image_processor, k, v)
+        cfg = json.loads((Path(path) / "processor_config.json").read_text())
+        self.image_seq_length = int(cfg.get("image_seq_length", 256))
+        self.image_token = self.tokenizer.context_image_token
+        self.start_image_token = self.tokenizer.start_image_token
+        self.end_image_token = self.tokenizer.end_image_token
+
+    def replace_image_token(self, image_inputs: dict, image_idx: int) -> str:
+        from transformers import InternVLProcessor
+
+        return InternVLProcessor.replace_image_token(self, image_inputs, image_idx)
+
+    def __call__(self, text: list[str], images: list, return_tensors: str = "pt", **tok_kwargs) -> dict:
+        pix = dict(self.image_processor(images=images, return_tensors="pt"))  # pixel_values, num_patches
+        idx = iter(range(len(images)))
+        texts = []
+        for t in text:
+            parts = t.split(self.image_token)
+            texts.append(parts[0] + "".join(self.replace_image_token(pix, next(idx)) + p for p in parts[1:]))
+        assert next(idx, None) is None, "one image token per image"
+        pix.pop("num_patches")  # as InternVLProcessor does: the model takes pixel_values only
+        out = dict(self.tokenizer(texts, return_tensors=return_tensors, **tok_kwargs))
+        out.update({k: (v.numpy() if return_tensors == "np" else v) for k, v in pix.items()})
+        return out
+
+
 register_vision_family(VisionFamily(
     name="internvl",
     architectures=("InternVLForConditionalGeneration",),
@@ -78,4 +127,5 @@ register_vision_family(VisionFamily(
     build=InternVLVision,
     adapter=LlavaAdapter,
     key_styles=lambda: tuple(_STYLES),
+    processor_standins={"InternVLProcessor": InternVLImageProcessing},
 ))

@@ -48,6 +48,9 @@ class VisionFamily:
     """``adapter(spec, text_adapter, vision_param_names)``: the family's weight adapter."""
     key_styles: Callable[[], tuple[str, ...]]
     """Names of the HF tensor-naming styles the adapter can read and write."""
+    processor_standins: dict[str, Callable] = dataclasses.field(default_factory=dict)
+    """HF processor class name -> ``f(path)``: an object with the processor's interface that
+    ``data/images.py`` uses, for processors that cannot be built here (missing packages)."""
 
 
 VISION_FAMILIES: dict[str, VisionFamily] = {}
@@ -75,6 +78,15 @@ def vision_family_of(hf_config: dict) -> VisionFamily | None:
     if "vision_config" in hf_config or "text_config" in hf_config:
         raise ValueError(f"config.json: vision-language architecture {archs!r} is not supported; supported: "
                          + ", ".join(f"{f.name} ({'/'.join(f.architectures)})" for f in VISION_FAMILIES.values()))
+    return None
+
+
+def processor_standin(processor_class: str) -> Callable | None:
+    """A family's stand-in for the HF processor class ``processor_class`` (or None)."""
+    _ensure_registered()
+    for f in VISION_FAMILIES.values():
+        if processor_class in f.processor_standins:
+            return f.processor_standins[processor_class]
     return None
 
 

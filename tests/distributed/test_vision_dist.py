@@ -1,9 +1,9 @@
-"""Tiny LLaVA-1.5 and LLaVA-NeXT converted once, logits equal transformers' at (TP, PP) = (1,1),
+"""Tiny LLaVA-1.5, LLaVA-NeXT and InternVL converted once, logits equal transformers' at (TP, PP) = (1,1),
 (2,1), (1,2) on real images (2 gloo ranks, one torchrun launch)."""
 import pytest
 
 from mcore_align.checkpoint import convert_hf_to_mcore
-from mcore_align.models.tiny_vision import make_tiny_llava, make_tiny_llava_next
+from mcore_align.models.tiny_vision import make_tiny_internvl, make_tiny_llava, make_tiny_llava_next
 from tests.dist_utils import dist_cases, run_dist_module
 
 WORKER = "tests.distributed.workers.vision_worker"
@@ -17,6 +17,8 @@ def results(tmp_path_factory, shared_data):
         convert_hf_to_mcore(root / fam / "hf", root / fam / "mc", dtype="fp32")
     make_tiny_llava_next(root / "next" / "hf", "llama")
     convert_hf_to_mcore(root / "next" / "hf", root / "next" / "mc", dtype="fp32")
+    make_tiny_internvl(root / "internvl" / "hf")
+    convert_hf_to_mcore(root / "internvl" / "hf", root / "internvl" / "mc", dtype="fp32")
     from PIL import Image  # a smaller real image: LLaVA-NeXT picks another grid (3 tiles, not 5)
 
     Image.open(shared_data / "mllm_demo_data" / "1.jpg").convert("RGB").resize((40, 30)).save(root / "small.png")

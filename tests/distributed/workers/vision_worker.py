@@ -2,11 +2,12 @@
 
 Checkpoints are made and converted once by ``tests/distributed/test_vision_dist.py`` into
 $MCA_VISION_ROOT/<family>/{hf,mc} (``llama``, ``qwen2``: LLaVA-1.5; ``next``: LLaVA-NeXT over
-the tiny Llama, anyres tiles), plus ``small.png`` (a demo photo shrunk to 40 x 30, so
+the tiny Llama, anyres tiles; ``internvl``: InternVL, transformers' format, over the tiny Qwen2), plus ``small.png`` (a demo photo shrunk to 40 x 30, so
 LLaVA-NeXT tiles it into 3 tiles where the demo photos take 5); every case reshards on load. fp32; tolerance 1e-4
 relative to the logit scale (as for the text families).
 """
 import dataclasses
+import inspect
 import os
 from pathlib import Path
 
@@ -86,6 +87,8 @@ def _hf_reference(seqs, tgts, image_inputs, fam="llama"):
 
     m = AutoModelForImageTextToText.from_pretrained(str(ROOT / fam / "hf"), dtype=torch.float32)
     m.model.vision_tower.requires_grad_(False)
+    accepted = inspect.signature(m.forward).parameters  # InternVL's forward takes pixel_values only
+    image_inputs = {k: v for k, v in image_inputs.items() if k in accepted}
     sums = []
     for tok, tgt in zip(seqs, tgts):
         logits = m(input_ids=tok[None], **image_inputs).logits[0].float()
@@ -251,3 +254,21 @@ def case_next_packed_pair_two_images_grads_tp2():
 
 def case_next_packed_pair_grads_cp2():
     _packed_pair_case(1, cp=2, fam="next")
+
+
+# -- InternVL (transformers' format; processor stand-in: InternVLProcessor needs torchvision) --
+def case_internvl_tp1_pp1():
+    _check("internvl", images=("2.jpg",))  # 3 tiles x 4 tokens between <img> and </img>
+
+
+def case_internvl_tp2_two_images_of_different_sizes():
+    _check("internvl", tp=2, images=("1.jpg", ROOT / "small.png"), prompt="<image>Compare<image> them.")
+
+
+def case_internvl_pp2():
+    _check("internvl", pp=2, images=("2.jpg",))
+
+
+def case_internvl_packed_pair_grads_tp2():
+    _packed_pair_case(2, fam="internvl", images=(IMAGES / "2.jpg", ROOT / "small.png"),
+                      prompt="<image>Which<image> is bigger?")
