@@ -1,9 +1,11 @@
-"""2-rank cases: one converted tiny LLaVA-1.5 / LLaVA-NeXT matches transformers' logits on a real image.
+"""2-rank cases: one converted tiny LLaVA-1.5 / LLaVA-NeXT / InternVL matches transformers' logits
+on a real image.
 
 Checkpoints are made and converted once by ``tests/distributed/test_vision_dist.py`` into
 $MCA_VISION_ROOT/<family>/{hf,mc} (``llama``, ``qwen2``: LLaVA-1.5; ``next``: LLaVA-NeXT over
-the tiny Llama, anyres tiles; ``internvl``: InternVL, transformers' format, over the tiny Qwen2), plus ``small.png`` (a demo photo shrunk to 40 x 30, so
-LLaVA-NeXT tiles it into 3 tiles where the demo photos take 5); every case reshards on load. fp32; tolerance 1e-4
+the tiny Llama, anyres tiles; ``internvl``: InternVL, transformers' format, over the tiny
+Qwen2), plus ``small.png`` (a demo photo shrunk to 40 x 30, so LLaVA-NeXT tiles it into 3
+tiles where the demo photos take 5); every case reshards on load. fp32; tolerance 1e-4
 relative to the logit scale (as for the text families).
 """
 import dataclasses
