@@ -49,13 +49,15 @@ def make_colour_task(root, sizes=((32, 32),)) -> str:
 @pytest.fixture(scope="module")
 def work(tmp_path_factory):
     from mcore_align.checkpoint import convert_hf_to_mcore
-    from mcore_align.models.tiny_vision import make_tiny_llava, make_tiny_llava_next
+    from mcore_align.models.tiny_vision import make_tiny_internvl, make_tiny_llava, make_tiny_llava_next
 
     root = tmp_path_factory.mktemp("vision_train")
     make_tiny_llava(root / "hf", "qwen2")
     convert_hf_to_mcore(root / "hf", root / "mc", dtype="fp32")
     make_tiny_llava_next(root / "next_hf", "qwen2")
     convert_hf_to_mcore(root / "next_hf", root / "next_mc", dtype="fp32")
+    make_tiny_internvl(root / "internvl_hf")
+    convert_hf_to_mcore(root / "internvl_hf", root / "internvl_mc", dtype="fp32")
     (root / "data").mkdir()
     return root
 
@@ -64,7 +66,7 @@ def work(tmp_path_factory):
 def results(work):
     env = {"MA_TEST_CKPT": str(work / "mc"), "MA_TEST_WORK": str(work), "MA_TEST_DATA": make_colour_task(work / "data"),
            # LLaVA-NeXT: 32x32 -> 3 tiles, 36 image tokens; 64x32 -> 3 tiles, 52; 64x64 -> 5 tiles, 88
-           "MA_TEST_NEXT_CKPT": str(work / "next_mc"),
+           "MA_TEST_NEXT_CKPT": str(work / "next_mc"), "MA_TEST_INTERNVL_CKPT": str(work / "internvl_mc"),
            "MA_TEST_NEXT_DATA": make_colour_task(work / "data_next", sizes=((32, 32), (64, 32), (64, 64)))}
     return run_dist_module(WORKER, nproc=2, env=env)
 
