@@ -258,6 +258,10 @@ def case_next_packed_pair_grads_cp2():
     _packed_pair_case(1, cp=2, fam="next")
 
 
+def case_next_packed_pair_grads_tp2_sp():
+    _packed_pair_case(2, sp=True, fam="next")
+
+
 # -- InternVL (transformers' format; processor stand-in: InternVLProcessor needs torchvision) --
 def case_internvl_tp1_pp1():
     _check("internvl", images=("2.jpg",))  # 3 tiles x 4 tokens between <img> and </img>
