@@ -6,6 +6,7 @@ into the embeddings (``models.vision.multimodal_forward``).
 """
 from __future__ import annotations
 
+import inspect
 from pathlib import Path
 
 import torch
@@ -71,7 +72,9 @@ def hf_vlm_logits(hf_dir: str | Path, inputs: dict, dtype: torch.dtype = torch.f
     from transformers import AutoModelForImageTextToText
 
     model = AutoModelForImageTextToText.from_pretrained(str(hf_dir), dtype=dtype).eval()
-    kw = {k: v.to(dtype) if v.is_floating_point() else v for k, v in inputs.items() if k != "image_keys"}
+    # the inputs the HF forward takes (InternVL's takes pixel_values, not num_patches)
+    accepted = inspect.signature(model.forward).parameters
+    kw = {k: v.to(dtype) if v.is_floating_point() else v for k, v in inputs.items() if k in accepted}
     with torch.no_grad():
         return model(**kw).logits.float()
 

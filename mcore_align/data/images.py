@@ -139,30 +139,39 @@ class VisionProcessor:
         self.proc = processor
         self.image_token: str = processor.image_token
         self.image_token_id: int = processor.tokenizer.convert_tokens_to_ids(self.image_token)
+        # Tokens the processor puts around an image's run (InternVL: <img> ... </img>; LLaVA: none)
+        self.image_start: str = getattr(processor, "start_image_token", None) or ""
+        self.image_end: str = getattr(processor, "end_image_token", None) or ""
 
     @classmethod
     def from_pretrained(cls, path: str | Path) -> "VisionProcessor":
+        """transformers' ``AutoProcessor`` of ``path`` (families whose processor cannot be built
+        here give their own: ``VisionFamily.processor``, ``models.vision.vision_processor``)."""
         from transformers import AutoProcessor
 
         return cls(AutoProcessor.from_pretrained(str(path)))
 
-    def image_text(self, n_tokens: int) -> str:
-        """What one ``<image>`` placeholder becomes before templating (families may add markers
-        around the image tokens, e.g. Qwen2-VL's ``<|vision_start|>`` / ``<|vision_end|>``)."""
-        return self.image_token * n_tokens
+    def image_text(self, count: int) -> str:
+        """What one ``<image>`` placeholder of ``count`` image tokens becomes before templating:
+        the tokens, with the processor's start / end markers around them if it has any
+        (InternVL: ``<img>`` ... ``</img>``; families may override, e.g. Qwen2-VL)."""
+        return self.image_start + self.image_token * count + self.image_end
 
     def model_inputs(self, text: str, images: list) -> tuple[dict, dict]:
         """``({"input_ids": [1, S], ...}, image tensors)`` of rendered ``text`` holding ``<image>``
         placeholders, expanded by the HF processor itself (verification and tests)."""
-        out = self.proc(text=[text], images=images, return_tensors="pt", add_special_tokens=False)
-        tensors = {k: v for k, v in out.items() if k not in ("input_ids", "attention_mask")}
+        out = self.proc(text=[text.replace(PLACEHOLDER, self.image_token)], images=images, return_tensors="pt",
+                        add_special_tokens=False)
+        # the image processor's tensors: all the megatron side needs (InternVL's processor drops
+        # num_patches, which its feature split uses)
+        tensors = dict(self.proc.image_processor(images=images, return_tensors="pt"))
         return {"input_ids": out["input_ids"]}, tensors
 
     def encode_images(self, images: list) -> tuple[dict, list[int]]:
         """``(image tensors, image tokens per image)``. The counts come from the processor itself:
         each image is expanded alone (``<image>`` -> its tokens) and the image ids are counted."""
         counts = []
-        for img in images:
+        for img in images:  # the processor's own expansion of one image: count its image tokens
             ids = self.proc(text=[self.image_token], images=[img], return_tensors="np",
                             add_special_tokens=False)["input_ids"][0]
             counts.append(int((ids == self.image_token_id).sum()))
@@ -192,7 +201,8 @@ class VisionExample:
     example: Example
     """The record with placeholders expanded into image tokens (ready for templating)."""
     image_inputs: dict
-    """The processor's image tensors (``pixel_values`` ``[N_img, 3, H, W]``, ...)."""
+    """The processor's image tensors (``pixel_values`` ``[N_img, 3, H, W]``; LLaVA-NeXT:
+    ``[N_img, tiles, 3, H, W]`` and ``image_sizes`` ``[N_img, 2]``)."""
     image_paths: list[str]
     tokens_per_image: list[int]
 
@@ -215,11 +225,29 @@ def micro_batch_image_inputs(per_sequence: list[dict]) -> dict:
     A chosen/rejected pair that shares one image lists it once per sequence: both sequences
     hold its placeholder run, and each run needs its features.
     Sequences without images contribute nothing; ``{}`` when no sequence has one.
+
+    Tensors whose other dimensions differ are zero-padded at the end of each dimension to the
+    largest, as HF image processors pad a batch (LLaVA-NeXT's ``pixel_values`` ``[1, tiles, 3,
+    H, W]`` with tile counts 5 and 4 -> ``[2, 5, 3, H, W]``; the model reads each image's real
+    tile count from ``image_sizes``, so the padding is never used).
     """
-    keys = {k for d in per_sequence for k in d}
     import torch
 
-    return {k: torch.cat([d[k] for d in per_sequence if k in d], dim=0) for k in sorted(keys)}
+    keys = {k for d in per_sequence for k in d}
+    out = {}
+    for k in sorted(keys):
+        parts = [d[k] for d in per_sequence if k in d]
+        if len({p.shape[1:] for p in parts}) > 1:
+            assert len({p.dim() for p in parts}) == 1, f"{k}: image tensors of different ranks"
+            big = [max(p.shape[i] for p in parts) for i in range(1, parts[0].dim())]
+            padded = []
+            for p in parts:
+                q = p.new_zeros(p.shape[0], *big)
+                q[(slice(None), *(slice(0, n) for n in p.shape[1:]))] = p
+                padded.append(q)
+            parts = padded
+        out[k] = torch.cat(parts, dim=0)
+    return out
 
 
 # ---- the trainer's side: which model the data is for, images of cached records -------------
@@ -263,6 +291,8 @@ def processor_fingerprint(processor: "VisionProcessor") -> str:
            "patch_size": getattr(processor.proc, "patch_size", None),
            "strategy": getattr(processor.proc, "vision_feature_select_strategy", None),
            "extra": getattr(processor.proc, "num_additional_image_tokens", None)}
+    if getattr(processor.proc, "image_seq_length", None) is not None:  # InternVL: tokens per tile
+        doc["seq"] = processor.proc.image_seq_length
     return hashlib.sha256(json.dumps(doc, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 

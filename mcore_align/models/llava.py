@@ -30,6 +30,8 @@ and export writes the same one, so a round trip reproduces the input files.
 """
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 
 from mcore_align.models.adapter import Rule
@@ -40,11 +42,14 @@ from mcore_align.models.vision import VisionFamily, register_vision_family
 _STYLES: dict[str, tuple[tuple[str, str], ...]] = {
     "transformers": (),
     "legacy": (("model.language_model.", "language_model.model."), ("lm_head.", "language_model.lm_head."),
-               ("model.vision_tower.", "vision_tower."), ("model.multi_modal_projector.", "multi_modal_projector.")),
+               ("model.vision_tower.", "vision_tower."), ("model.multi_modal_projector.", "multi_modal_projector."),
+               ("model.image_newline", "image_newline")),
     "legacy_clip": (("model.language_model.", "language_model.model."), ("lm_head.", "language_model.lm_head."),
                     ("model.vision_tower.", "vision_tower.vision_model."),
-                    ("model.multi_modal_projector.", "multi_modal_projector.")),
+                    ("model.multi_modal_projector.", "multi_modal_projector."),
+                    ("model.image_newline", "image_newline")),
 }
+"""``image_newline``: LLaVA-NeXT's row separator (``models/llava_next.py``), a top-level tensor."""
 
 
 def _llava_config(c: dict):
@@ -53,13 +58,18 @@ def _llava_config(c: dict):
     return LlavaConfig.from_dict(c)
 
 
-def _text_config(c: dict) -> dict:
-    """The language model's config with transformers' defaults filled in (hub LLaVA configs
-    carry only the non-default text fields)."""
-    text = _llava_config(c).text_config.to_dict()
-    if not text.get("architectures"):
-        text.pop("architectures", None)  # selected by model_type then
-    return text
+def text_config_of(config: Callable[[dict], object]) -> Callable[[dict], dict]:
+    """``VisionFamily.text_config`` for a LLaVA-style config: the language model's config
+    with transformers' defaults filled in (hub LLaVA configs carry only the non-default
+    text fields). ``config``: top-level dict -> the transformers config object."""
+
+    def text_config(c: dict) -> dict:
+        text = config(c).text_config.to_dict()
+        if not text.get("architectures"):
+            text.pop("architectures", None)  # selected by model_type then
+        return text
+
+    return text_config
 
 
 class LlavaVision(torch.nn.Module):
@@ -92,7 +102,8 @@ class LlavaVision(torch.nn.Module):
 
 
 class LlavaAdapter:
-    """Language-model adapter with LLaVA's prefixes, plus one identity rule per vision tensor."""
+    """Language-model adapter with LLaVA's prefixes, plus one identity rule per vision tensor
+    (LLaVA-1.5 and LLaVA-NeXT: the vision module's parameter names are LlavaModel's children)."""
 
     styles = _STYLES
     """canonical (module-name) prefix -> on-disk prefix, per style (other families reuse the class)."""
@@ -148,7 +159,7 @@ class LlavaAdapter:
 register_vision_family(VisionFamily(
     name="llava",
     architectures=("LlavaForConditionalGeneration",),
-    text_config=_text_config,
+    text_config=text_config_of(_llava_config),
     image_token_id=lambda c: _llava_config(c).image_token_id,
     build=LlavaVision,
     adapter=LlavaAdapter,

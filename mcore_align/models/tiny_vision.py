@@ -1,4 +1,4 @@
-"""Tiny random-init LLaVA-1.5 checkpoints, written by transformers alone, offline.
+"""Tiny random-init LLaVA-1.5 and LLaVA-NeXT checkpoints, written by transformers alone, offline.
 
 ``make_tiny_llava`` writes what a hub LLaVA-1.5 directory holds: ``config.json``
 (``LlavaForConditionalGeneration``), safetensors, the tokenizer with an ``<image>``
@@ -45,19 +45,160 @@ def make_tiny_llava(
     second-to-last one (``vision_feature_layer=-2``), so the last layer is unused, as in
     the real LLaVA-1.5.
     """
+    from transformers import CLIPImageProcessorPil, LlavaConfig, LlavaForConditionalGeneration, LlavaProcessor
+
+    out = Path(out_dir)
+    tok, text_cfg, vision_cfg = _tiny_parts(out, text_family, num_layers, hidden_size, ffn_hidden_size, num_heads,
+                                            num_kv_heads, vocab_size, vision_layers, vision_hidden, image_size,
+                                            patch_size)
+    cfg = LlavaConfig(
+        vision_config=vision_cfg, text_config=text_cfg, image_token_index=vocab_size - 1,
+        image_seq_length=(image_size // patch_size) ** 2, projector_hidden_act="gelu",
+        vision_feature_select_strategy="default", vision_feature_layer=-2,
+        architectures=["LlavaForConditionalGeneration"],
+    )
+    _save_random(LlavaForConditionalGeneration, cfg, out, seed)
+    image_processor = CLIPImageProcessorPil(
+        size={"shortest_edge": image_size}, crop_size={"height": image_size, "width": image_size},
+    )
+    LlavaProcessor(
+        image_processor=image_processor, tokenizer=tok, patch_size=patch_size,
+        vision_feature_select_strategy="default", num_additional_image_tokens=1,
+        chat_template=tok.chat_template,
+    ).save_pretrained(out)
+    return out
+
+
+NEXT_GRID_PINPOINTS = ((32, 64), (64, 32), (64, 64), (32, 96), (96, 32))
+"""Tiny anyres grid (in pixels, [height, width]; tiles are 32 x 32): the demo photos
+(``mllm_demo_data/*.jpg``, 300 wide, 166-199 high) fit 64 x 64 best -> 4 tiles + the base
+image; a 40 x 30 image fits 32 x 64 -> 2 tiles + the base image."""
+
+
+def make_tiny_llava_next(
+    out_dir: str | Path,
+    text_family: str = "llama",
+    *,
+    num_layers: int = 2,
+    hidden_size: int = 64,
+    ffn_hidden_size: int = 160,
+    num_heads: int = 4,
+    num_kv_heads: int = 2,
+    vocab_size: int = 512,
+    vision_layers: int = 3,
+    vision_hidden: int = 32,
+    image_size: int = 32,
+    patch_size: int = 8,
+    grid_pinpoints=NEXT_GRID_PINPOINTS,
+    seed: int = 0,
+) -> Path:
+    """Write a random-init LLaVA-NeXT (``LlavaNextForConditionalGeneration``) checkpoint +
+    ``LlavaNextProcessor`` files to ``out_dir``; returns the path.
+
+    Same tiny CLIP tower and language model as :func:`make_tiny_llava`, with anyres tiling:
+    ``image_grid_pinpoints`` (default :data:`NEXT_GRID_PINPOINTS`) makes the real demo images
+    several 32 x 32 tiles; an image becomes 16 base tokens + its unpadded tile grid with one
+    ``image_newline`` per grid row, so the token count depends on the image's size
+    (``mllm_demo_data/1.jpg``: 16 + 4 rows x (8 + 1) = 52).
+    """
+    from transformers import (
+        LlavaNextConfig,
+        LlavaNextForConditionalGeneration,
+        LlavaNextImageProcessorPil,
+        LlavaNextProcessor,
+    )
+
+    out = Path(out_dir)
+    tok, text_cfg, vision_cfg = _tiny_parts(out, text_family, num_layers, hidden_size, ffn_hidden_size, num_heads,
+                                            num_kv_heads, vocab_size, vision_layers, vision_hidden, image_size,
+                                            patch_size)
+    pinpoints = [list(p) for p in grid_pinpoints]
+    cfg = LlavaNextConfig(
+        vision_config=vision_cfg, text_config=text_cfg, image_token_index=vocab_size - 1,
+        image_grid_pinpoints=pinpoints, image_seq_length=(image_size // patch_size) ** 2,
+        projector_hidden_act="gelu", vision_feature_select_strategy="default", vision_feature_layer=-2,
+        architectures=["LlavaNextForConditionalGeneration"],
+    )
+    _save_random(LlavaNextForConditionalGeneration, cfg, out, seed)
+    image_processor = LlavaNextImageProcessorPil(
+        size={"shortest_edge": image_size}, crop_size={"height": image_size, "width": image_size},
+        image_grid_pinpoints=pinpoints,
+    )
+    LlavaNextProcessor(
+        image_processor=image_processor, tokenizer=tok, patch_size=patch_size,
+        vision_feature_select_strategy="default", num_additional_image_tokens=1,
+        chat_template=tok.chat_template,
+    ).save_pretrained(out)
+    return out
+
+
+INTERNVL_TOKENS = {"start_image_token": "<img>", "end_image_token": "</img>",
+                   "context_image_token": "<IMG_CONTEXT>", "video_token": "<video>"}
+"""InternVL's image tokens (tokenizer attributes that ``InternVLProcessor`` reads)."""
+
+
+def make_tiny_internvl(out_dir: str | Path, *, vocab_size: int = 512, seed: int = 0) -> Path:
+    """Write a random-init InternVL (``InternVLForConditionalGeneration``, transformers' format)
+    with the tiny Qwen2 language model to ``out_dir``; returns the path.
+
+    InternViT 2 layers / hidden 32 / 32 x 32 tiles / patch 8 -> 16 patches -> pixel shuffle
+    (``downsample_ratio`` 0.5) -> ``image_seq_length`` 4 tokens per tile; the image processor
+    (``GotOcr2ImageProcessorPil``, ``preprocessor_config.json``) cuts up to 4 tiles + a
+    thumbnail. The tokenizer holds ``<img>``, ``</img>``, ``<IMG_CONTEXT>`` (the image token,
+    ``vocab_size - 2``) and ``<video>`` as the last ids. ``InternVLProcessor`` itself cannot be
+    built here (it needs torchvision for its video processor), so its ``processor_config.json``
+    is written by hand.
+    """
+    import json
+
     from transformers import (
         AutoConfig,
-        CLIPImageProcessorPil,
-        CLIPVisionConfig,
-        LlavaConfig,
-        LlavaForConditionalGeneration,
-        LlavaProcessor,
+        AutoTokenizer,
+        GotOcr2ImageProcessorPil,
+        InternVLConfig,
+        InternVLForConditionalGeneration,
     )
+    from transformers.models.internvl.configuration_internvl import InternVLVisionConfig
+
+    arch, model_type, tok_style, extra = TINY_FAMILIES["qwen2"]
+    out = Path(out_dir)
+    tok = build_tiny_tokenizer(out, style=tok_style, vocab_size=vocab_size - len(INTERNVL_TOKENS))
+    tok.add_special_tokens({"additional_special_tokens": list(INTERNVL_TOKENS.values())})
+    tok.save_pretrained(out)
+    # reloaded with the named tokens, so tokenizer_config.json maps them (tok.context_image_token, ...)
+    tok = AutoTokenizer.from_pretrained(out, extra_special_tokens=dict(INTERNVL_TOKENS))
+    image_token_id = tok.convert_tokens_to_ids(INTERNVL_TOKENS["context_image_token"])
+    assert image_token_id == vocab_size - 2 and len(tok) == vocab_size, (image_token_id, len(tok))
+    tok.save_pretrained(out)
+    text_cfg = AutoConfig.for_model(
+        model_type, architectures=[arch], vocab_size=vocab_size, hidden_size=64, intermediate_size=160,
+        num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096,
+        rms_norm_eps=1e-6, tie_word_embeddings=False, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id, **extra,
+    )
+    vision_cfg = InternVLVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                      image_size=[32, 32], patch_size=[8, 8])
+    cfg = InternVLConfig(vision_config=vision_cfg, text_config=text_cfg, image_token_id=image_token_id,
+                         image_seq_length=4, downsample_ratio=0.5, vision_feature_layer=-1,
+                         vision_feature_select_strategy="default", tie_word_embeddings=False,
+                         architectures=["InternVLForConditionalGeneration"])
+    _save_random(InternVLForConditionalGeneration, cfg, out, seed)
+    GotOcr2ImageProcessorPil(size={"height": 32, "width": 32}, crop_to_patches=True, min_patches=1,
+                             max_patches=4).save_pretrained(out)
+    (out / "processor_config.json").write_text(json.dumps({"processor_class": "InternVLProcessor",
+                                                           "image_seq_length": 4}, indent=2) + "\n")
+    return out
+
+
+def _tiny_parts(out: Path, text_family, num_layers, hidden_size, ffn_hidden_size, num_heads, num_kv_heads,
+                vocab_size, vision_layers, vision_hidden, image_size, patch_size):
+    """The tokenizer (with ``<image>`` as the last id, ``vocab_size - 1``), the text config
+    and the CLIP vision config shared by the tiny LLaVA checkpoints."""
+    from transformers import AutoConfig, CLIPVisionConfig
 
     if text_family not in ("llama", "qwen2"):
         raise ValueError(f"tiny LLaVA text family must be llama or qwen2, got {text_family!r}")
     arch, model_type, tok_style, extra = TINY_FAMILIES[text_family]
-    out = Path(out_dir)
     tok = build_tiny_tokenizer(out, style=tok_style, vocab_size=vocab_size - 1)
     tok.add_special_tokens({"additional_special_tokens": [IMAGE_TOKEN]})
     image_token_id = tok.convert_tokens_to_ids(IMAGE_TOKEN)
@@ -73,14 +214,12 @@ def make_tiny_llava(
         hidden_size=vision_hidden, intermediate_size=2 * vision_hidden, num_hidden_layers=vision_layers,
         num_attention_heads=4, image_size=image_size, patch_size=patch_size, projection_dim=vision_hidden,
     )
-    cfg = LlavaConfig(
-        vision_config=vision_cfg, text_config=text_cfg, image_token_index=image_token_id,
-        image_seq_length=(image_size // patch_size) ** 2, projector_hidden_act="gelu",
-        vision_feature_select_strategy="default", vision_feature_layer=-2,
-        architectures=["LlavaForConditionalGeneration"],
-    )
+    return tok, text_cfg, vision_cfg
+
+
+def _save_random(model_cls, cfg, out: Path, seed: int) -> None:
     torch.manual_seed(seed)
-    model = LlavaForConditionalGeneration(cfg).float()
+    model = model_cls(cfg).float()
     with torch.no_grad():  # norms at 1 +- noise and random biases, so every weight matters
         for name, p in model.named_parameters():
             if "norm" in name and name.endswith("weight"):
@@ -89,16 +228,6 @@ def make_tiny_llava(
                 p.normal_(0.0, 0.02)
     model.save_pretrained(out)
     model.generation_config.save_pretrained(out)
-    image_processor = CLIPImageProcessorPil(
-        size={"shortest_edge": image_size}, crop_size={"height": image_size, "width": image_size},
-    )
-    processor = LlavaProcessor(
-        image_processor=image_processor, tokenizer=tok, patch_size=patch_size,
-        vision_feature_select_strategy="default", num_additional_image_tokens=1,
-        chat_template=tok.chat_template,
-    )
-    processor.save_pretrained(out)
-    return out
 
 
 # ---- Qwen2-VL / Qwen2.5-VL --------------------------------------------------------------------

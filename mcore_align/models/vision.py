@@ -69,6 +69,8 @@ def register_vision_family(f: VisionFamily) -> VisionFamily:
 def _ensure_registered() -> None:
     import mcore_align.models.llava  # noqa: F401 - registers "llava"
     import mcore_align.models.qwen2_vl  # noqa: F401 - registers "qwen2_vl", "qwen2_5_vl"
+    import mcore_align.models.llava_next  # noqa: F401 - registers "llava_next"
+    import mcore_align.models.internvl  # noqa: F401 - registers "internvl"
 
 
 def vision_family_of(hf_config: dict) -> VisionFamily | None:
@@ -143,7 +145,11 @@ def attach_vision(model, spec: ModelSpec, opts) -> None:
     vision.image_token_id = spec.vision.image_token_id
     for names, frozen in ((vision.vit_children, opts.freeze_vit), (vision.aligner_children, opts.freeze_aligner)):
         for child in names:
-            for p in vision.get_submodule(child).parameters():
+            try:
+                params = list(vision.get_submodule(child).parameters())
+            except AttributeError:  # a bare parameter (LLaVA-NeXT's image_newline)
+                params = [vision.get_parameter(child)]
+            for p in params:
                 p.requires_grad_(not frozen)
     model.vision = vision
 
@@ -225,8 +231,10 @@ def vision_decoder_input(model, input_ids_BS: torch.Tensor, image_inputs: dict,
         model: the first-stage ``GPTModel`` chunk with ``model.vision`` (:func:`attach_vision`).
         input_ids_BS: the WHOLE (not CP-split) token ids ``[B, S]``, image placeholders already
             expanded by the processor (one id per image feature).
-        image_inputs: the processor's image tensors (``pixel_values`` ``[N_img, 3, H, W]``, ...),
-            images in the order their placeholders appear in ``input_ids_BS`` (row-major).
+        image_inputs: the processor's image tensors (``pixel_values`` ``[N_img, ...]``, and e.g.
+            ``image_sizes`` ``[N_img, 2]``), images in the order their placeholders appear in
+            ``input_ids_BS`` (row-major); optional ``image_index`` ``[N_runs]``: the image of each
+            placeholder run, when runs repeat images.
         cp_index_S: with context parallelism, this CP rank's token positions
             (``ops.context_parallel.cp_local_token_index``); applied after the merge.
 

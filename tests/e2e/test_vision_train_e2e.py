@@ -21,9 +21,10 @@ QUESTIONS = ["What colour is this picture?", "Which colour do you see?", "Name t
              "Tell me the colour shown.", "What is the main colour here?", "Say which colour this is."]
 
 
-def make_colour_task(root) -> str:
+def make_colour_task(root, sizes=((32, 32),)) -> str:
     """72 ms-swift records: one jittered solid-colour image each (relative path), chosen names
-    its colour, rejected another; each (colour, wrong colour, question) once."""
+    its colour, rejected another; each (colour, wrong colour, question) once. ``sizes``: image
+    (width, height), cycled over the records (LLaVA-NeXT: different sizes, different token counts)."""
     from PIL import Image
 
     rng = random.Random(0)
@@ -36,7 +37,7 @@ def make_colour_task(root) -> str:
                     continue
                 name = f"images/{len(recs)}.png"
                 shade = tuple(max(0, min(255, v + rng.randint(-25, 25))) for v in rgb)
-                Image.new("RGB", (32, 32), shade).save(root / name)
+                Image.new("RGB", sizes[len(recs) % len(sizes)], shade).save(root / name)
                 recs.append({"query": f"<image>{q}", "response": f"It is {c}.", "rejected_response": f"It is {w}.",
                              "images": [name]})
     rng.shuffle(recs)
@@ -48,18 +49,25 @@ def make_colour_task(root) -> str:
 @pytest.fixture(scope="module")
 def work(tmp_path_factory):
     from mcore_align.checkpoint import convert_hf_to_mcore
-    from mcore_align.models.tiny_vision import make_tiny_llava
+    from mcore_align.models.tiny_vision import make_tiny_internvl, make_tiny_llava, make_tiny_llava_next
 
     root = tmp_path_factory.mktemp("vision_train")
     make_tiny_llava(root / "hf", "qwen2")
     convert_hf_to_mcore(root / "hf", root / "mc", dtype="fp32")
+    make_tiny_llava_next(root / "next_hf", "qwen2")
+    convert_hf_to_mcore(root / "next_hf", root / "next_mc", dtype="fp32")
+    make_tiny_internvl(root / "internvl_hf")
+    convert_hf_to_mcore(root / "internvl_hf", root / "internvl_mc", dtype="fp32")
     (root / "data").mkdir()
     return root
 
 
 @pytest.fixture(scope="module")
 def results(work):
-    env = {"MA_TEST_CKPT": str(work / "mc"), "MA_TEST_WORK": str(work), "MA_TEST_DATA": make_colour_task(work / "data")}
+    env = {"MA_TEST_CKPT": str(work / "mc"), "MA_TEST_WORK": str(work), "MA_TEST_DATA": make_colour_task(work / "data"),
+           # LLaVA-NeXT: 32x32 -> 3 tiles, 36 image tokens; 64x32 -> 3 tiles, 52; 64x64 -> 5 tiles, 88
+           "MA_TEST_NEXT_CKPT": str(work / "next_mc"), "MA_TEST_INTERNVL_CKPT": str(work / "internvl_mc"),
+           "MA_TEST_NEXT_DATA": make_colour_task(work / "data_next", sizes=((32, 32), (64, 32), (64, 64)))}
     return run_dist_module(WORKER, nproc=2, env=env)
 
 

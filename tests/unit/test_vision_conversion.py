@@ -89,8 +89,8 @@ def test_unsupported_vision_architecture_is_refused(llava, tmp_path):
     from mcore_align.models.spec import read_hf_config
 
     c = read_hf_config(llava["llama"])
-    c["architectures"] = ["LlavaNextForConditionalGeneration"]
-    with pytest.raises(ValueError, match="LlavaNextForConditionalGeneration.*not supported.*llava"):
+    c["architectures"] = ["Idefics3ForConditionalGeneration"]
+    with pytest.raises(ValueError, match="Idefics3ForConditionalGeneration.*not supported.*llava"):
         spec_from_hf_config(c)
 
 

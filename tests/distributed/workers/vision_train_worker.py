@@ -22,6 +22,9 @@ from mcore_align.trainer.trainer import Trainer
 CKPT = os.environ.get("MA_TEST_CKPT", "")
 WORK = Path(os.environ.get("MA_TEST_WORK", "/tmp/ma_vision_train"))
 DATA = os.environ.get("MA_TEST_DATA", "")
+NEXT_CKPT = os.environ.get("MA_TEST_NEXT_CKPT", "")
+NEXT_DATA = os.environ.get("MA_TEST_NEXT_DATA", "")
+INTERNVL_CKPT = os.environ.get("MA_TEST_INTERNVL_CKPT", "")
 
 
 def _cfg(algo: str, save: str | None, *overrides: str):
@@ -85,6 +88,20 @@ def case_dpo_lora_cp2_matches_tp2():
 
 def case_dpo_lora_pp2_learns_image_task():
     _train("dpo_lora_pp2", "dpo", "pipeline_model_parallel_size=2", *LORA_DPO)
+
+
+def case_llava_next_dpo_lora_tp2_learns_image_task():
+    """LLaVA-NeXT: the same task with images of three sizes (anyres: 3 or 5 tiles, 36 to 88
+    image tokens), so micro-batches mix token and tile counts."""
+    _train("next_dpo_lora_tp2", "dpo", "tensor_model_parallel_size=2", f"load={NEXT_CKPT}", f"dataset=[{NEXT_DATA}]",
+           f"cache_dir={WORK / 'cache_next'}", "max_length=160", "max_tokens_per_micro_batch=640", *LORA_DPO)
+
+
+def case_internvl_dpo_lora_tp2_learns_image_task():
+    """InternVL through the trainer: the cache expands with the processor stand-in (images of
+    three sizes: 1, 3 or 5 tiles of 4 tokens between <img> and </img>)."""
+    _train("internvl_dpo_lora_tp2", "dpo", "tensor_model_parallel_size=2", f"load={INTERNVL_CKPT}",
+           f"dataset=[{NEXT_DATA}]", f"cache_dir={WORK / 'cache_internvl'}", *LORA_DPO)
 
 
 def _sequences(mb, image_token_id: int) -> list[dict]:

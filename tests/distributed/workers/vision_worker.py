@@ -1,10 +1,15 @@
-"""2-rank cases: one converted tiny LLaVA-1.5 matches transformers' logits on a real image.
+"""2-rank cases: one converted tiny LLaVA-1.5 / LLaVA-NeXT / InternVL matches transformers' logits
+on a real image.
 
 Checkpoints are made and converted once by ``tests/distributed/test_vision_dist.py`` into
-$MCA_VISION_ROOT/<family>/{hf,mc}; every case reshards on load. fp32; tolerance 1e-4
+$MCA_VISION_ROOT/<family>/{hf,mc} (``llama``, ``qwen2``: LLaVA-1.5; ``next``: LLaVA-NeXT over
+the tiny Llama, anyres tiles; ``internvl``: InternVL, transformers' format, over the tiny
+Qwen2), plus ``small.png`` (a demo photo shrunk to 40 x 30, so LLaVA-NeXT tiles it into 3
+tiles where the demo photos take 5); every case reshards on load. fp32; tolerance 1e-4
 relative to the logit scale (as for the text families).
 """
 import dataclasses
+import inspect
 import os
 from pathlib import Path
 
@@ -62,12 +67,13 @@ ATOL = 2e-5
 
 
 # family dir -> (HF vision parameters frozen like freeze_vit, the trainable aligner's HF prefix)
-FROZEN = {"llama": (("model.vision_tower.",), "model.multi_modal_projector."),
+_LLAVA_LIKE = (("model.vision_tower.",), "model.multi_modal_projector.")
+FROZEN = {"llama": _LLAVA_LIKE, "qwen2": _LLAVA_LIKE, "next": _LLAVA_LIKE, "internvl": _LLAVA_LIKE,
           "qwen2_vl": (("model.visual.patch_embed.", "model.visual.blocks."), "model.visual.merger."),
           "qwen2_5_vl": (("model.visual.patch_embed.", "model.visual.blocks."), "model.visual.merger.")}
 
 
-def _pair(fam: str = "llama"):
+def _pair(fam="llama", images=(IMAGES / "2.jpg",), prompt="<image>Who is he?"):
     """One ms-swift record through the data side: expanded, templated, tokenized (chosen, rejected)."""
     from mcore_align.data.formats import Example
     from mcore_align.data.images import prepare_vision_example
@@ -75,8 +81,8 @@ def _pair(fam: str = "llama"):
     from mcore_align.models.vision import vision_processor
 
     proc = vision_processor(ROOT / fam / "hf")
-    ex = Example([{"role": "user", "content": "<image>Who is he?"}], "He is a football player.", "A small cat.",
-                 images=[str(IMAGES / "2.jpg")])
+    ex = Example([{"role": "user", "content": prompt}], "He is a football player.", "A small cat.",
+                 images=[str(i) for i in images])
     v = prepare_vision_example(ex, "pair", None, proc)
     rt = RecordTokenizer(proc.proc.tokenizer, "paired", 4096, "delete", False)
     rec = rt.tokenize([[rt.templater.render(v.example, r, "pair") for r in (ex.chosen, ex.rejected)]])[0]
@@ -84,18 +90,21 @@ def _pair(fam: str = "llama"):
 
 
 def _hf_reference(seqs, tgts, image_inputs, fam="llama", image_token=None):
-    """transformers' model, each sequence alone: per-sequence sums, DPO-style loss, gradients of
-    the LM and the projector / merger (vision tower frozen, as freeze_vit does)."""
+    """transformers' model, each sequence alone, on the processor's own image tensors:
+    per-sequence sums, DPO-style loss, gradients of the LM and the aligner (projector / merger,
+    LLaVA-NeXT's image_newline; vision tower frozen, as freeze_vit does)."""
     from transformers import AutoModelForImageTextToText
 
     m = AutoModelForImageTextToText.from_pretrained(str(ROOT / fam / "hf"), dtype=torch.float32)
     frozen, _ = FROZEN[fam]
     for n, p in m.named_parameters():
         p.requires_grad_(not n.startswith(frozen))
+    accepted = inspect.signature(m.forward).parameters  # InternVL's forward takes pixel_values only
+    image_inputs = {k: v for k, v in image_inputs.items() if k in accepted}
     sums = []
     for tok, tgt in zip(seqs, tgts):
         kw = dict(image_inputs)
-        if fam != "llama":  # Qwen2-VL's processor also returns mm_token_type_ids (its M-RoPE needs them)
+        if "mm_token_type_ids" in accepted:  # Qwen2-VL's processor returns them (its M-RoPE needs them)
             kw["mm_token_type_ids"] = (tok == image_token).int()[None]
         logits = m(input_ids=tok[None], **kw).logits[0].float()
         lp = torch.log_softmax(logits[:-1], -1).gather(-1, tok[1:, None])[:, 0]
@@ -107,14 +116,16 @@ def _hf_reference(seqs, tgts, image_inputs, fam="llama", image_token=None):
     return sums.detach(), grads
 
 
-def _packed_pair_case(tp: int, sp: bool = False, cp: int = 1, fam: str = "llama"):
+def _packed_pair_case(tp: int, sp: bool = False, cp: int = 1, fam: str = "llama", images=(IMAGES / "2.jpg",),
+                      prompt="<image>Who is he?"):
     from megatron.core import parallel_state
 
     from mcore_align.checkpoint import load_model_weights, read_model_spec
-    from mcore_align.data.images import micro_batch_image_inputs
+    from mcore_align.data.batch import micro_batch_images
+    from mcore_align.data.images import ImageEncoder
     from mcore_align.models.adapter import adapter_for
     from mcore_align.models.provider import ModelOptions, build_model
-    from mcore_align.models.vision import multimodal_forward
+    from mcore_align.models.vision import multimodal_forward, vision_processor
     from mcore_align.ops.context_parallel import (
         cp_local_token_index,
         packed_position_ids,
@@ -125,7 +136,7 @@ def _packed_pair_case(tp: int, sp: bool = False, cp: int = 1, fam: str = "llama"
     from mcore_align.ops.segments import allreduce_segment_sums, segment_sums
     from tests.distributed.workers.attention_worker import _shard
 
-    seqs, tgts, v = _pair(fam)
+    seqs, tgts, v = _pair(fam, images, prompt)
     spec = read_model_spec(ROOT / fam / "mc")
     ref_sums, ref_grads = _hf_reference(seqs, tgts, v.image_inputs, fam, spec.vision.image_token_id)
 
@@ -151,10 +162,9 @@ def _packed_pair_case(tp: int, sp: bool = False, cp: int = 1, fam: str = "llama"
     cu = torch.tensor([0, lens[0], total] + ([total + row_pad] if row_pad else []), dtype=torch.int32)
     labels = torch.roll(tokens, -1)
     pos = packed_position_ids(cu)
-    if fam == "llama":  # every image placeholder run gets its image: the shared image once per sequence
-        images = micro_batch_image_inputs([v.image_inputs, v.image_inputs])
-    else:  # as the loader collates a pair: the image once, image_index repeats it for both runs
-        images = {**v.image_inputs, "image_index": torch.tensor([0, 0])}
+    # as the trainer's loader collates: each distinct image encoded alone and stored once
+    # (differing LLaVA-NeXT tile counts zero-padded), image_index repeats them for the rejected
+    images = micro_batch_images([v.image_paths, v.image_paths], ImageEncoder(vision_processor(ROOT / fam / "hf")))
     cp_group = rt.pgs.cp if cp > 1 else None
     if cp > 1:  # local tokens to the model, the whole row to the merge (split after it)
         idx = cp_local_token_index(cu, rt.pgs.cp.rank(), cp)
@@ -196,6 +206,7 @@ def _packed_pair_case(tp: int, sp: bool = False, cp: int = 1, fam: str = "llama"
         torch.testing.assert_close(g, want[n], atol=ATOL, rtol=1e-4, msg=lambda m, n=n: f"{n}: {m}")
         checked += 1
     assert any(n.startswith("vision." + aligner[len("model."):]) for n in want_full) and checked == len(want_full)
+    return want_full
 
 
 def case_packed_pair_logprobs_and_grads_tp1():
@@ -285,3 +296,71 @@ def case_qwen2_5_vl_packed_pair_logprobs_and_grads_cp2():
 
 def case_qwen2_vl_packed_pair_logprobs_and_grads_tp2_sp():
     _packed_pair_case(2, sp=True, fam="qwen2_vl")
+
+
+# -- LLaVA-NeXT: anyres tiles, unpadding, image_newline --------------------------------------
+def case_next_tp1_pp1():
+    _check("next", images=("2.jpg",))  # 300 x 199: 5 tiles, 70 image tokens
+
+
+def case_next_tp2():
+    _check("next", tp=2, images=("2.jpg",))
+
+
+def case_next_pp2():
+    _check("next", pp=2, images=("2.jpg",))
+
+
+def case_next_tp2_two_images_of_different_sizes():
+    """2.jpg (5 tiles, 70 tokens) and a 40 x 30 image (3 tiles, 44 tokens) in one prompt."""
+    _check("next", tp=2, images=("2.jpg", ROOT / "small.png"), prompt="<image>Compare<image> them.")
+
+
+def case_next_image_newline_matters():
+    """Control: the logits comparison sees image_newline (HF with it zeroed moves far beyond the
+    tolerance); unpadding is checked by the token count (without it the features outnumber
+    the processor's placeholders, an error in vision_decoder_input)."""
+    from transformers import AutoModelForImageTextToText
+
+    hf = ROOT / "next" / "hf"
+    inputs = processor_inputs(hf, [IMAGES / "2.jpg"], "<image>Who are they?")
+    a = hf_vlm_logits(hf, inputs)
+    m = AutoModelForImageTextToText.from_pretrained(str(hf), dtype=torch.float32).eval()
+    with torch.no_grad():
+        m.model.image_newline.zero_()
+        b = m(**inputs).logits.float()
+    assert compare_logits(a, b).rel_diff > 100 * TOL
+
+
+def case_next_packed_pair_two_images_grads_tp2():
+    """A pair whose prompt holds two images of different sizes (5 and 3 tiles, padded in the
+    micro-batch); image_newline and the projector train and match HF autograd."""
+    want = _packed_pair_case(2, fam="next", images=(IMAGES / "2.jpg", ROOT / "small.png"),
+                             prompt="<image>Which<image> is bigger?")
+    assert "vision.image_newline" in want
+
+
+def case_next_packed_pair_grads_cp2():
+    _packed_pair_case(1, cp=2, fam="next")
+
+
+def case_next_packed_pair_grads_tp2_sp():
+    _packed_pair_case(2, sp=True, fam="next")
+
+
+# -- InternVL (transformers' format; processor stand-in: InternVLProcessor needs torchvision) --
+def case_internvl_tp1_pp1():
+    _check("internvl", images=("2.jpg",))  # 3 tiles x 4 tokens between <img> and </img>
+
+
+def case_internvl_tp2_two_images_of_different_sizes():
+    _check("internvl", tp=2, images=("1.jpg", ROOT / "small.png"), prompt="<image>Compare<image> them.")
+
+
+def case_internvl_pp2():
+    _check("internvl", pp=2, images=("2.jpg",))
+
+
+def case_internvl_packed_pair_grads_tp2():
+    _packed_pair_case(2, fam="internvl", images=(IMAGES / "2.jpg", ROOT / "small.png"),
+                      prompt="<image>Which<image> is bigger?")
