@@ -143,6 +143,9 @@ class LlavaAdapter:
     def hf_optional(self) -> set[str]:
         return {self._disk(self._lm(h)) for h in self.text.hf_optional()}
 
+    def hf_ignored_prefixes(self) -> tuple[str, ...]:
+        return tuple(self._disk(self._lm(p)) for p in self.text.hf_ignored_prefixes())
+
     def virtual_hf_tensors(self, stored_shapes) -> dict:
         """No LLaVA checkpoint stores fused tensors (MoE language models are not supported here)."""
         return {}
