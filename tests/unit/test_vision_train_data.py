@@ -133,10 +133,16 @@ def test_text_only_checkpoint_refuses_image_records(tmp_path, shared_data, tok):
     assert data.train.image_encoder is None
 
 
-def test_vit_lr_is_refused():
+def test_vit_lr_needs_a_trainable_tower():
     from mcore_align.config import ModelConfig
 
-    with pytest.raises(ValueError, match="vit_lr is not supported"):
+    with pytest.raises(ValueError, match=r"model\.vit_lr=1e-05 has no effect: the vision tower is frozen "
+                                         r"\(freeze_vit=true\); set model\.freeze_vit=false"):
         ModelConfig(load="x", vit_lr=1e-5)
+    with pytest.raises(ValueError, match=r"frozen \(train_type=lora freezes the whole base\)"):
+        ModelConfig(load="x", vit_lr=1e-5, freeze_vit=False, train_type="lora")
+    with pytest.raises(ValueError, match=r"model\.vit_lr must be > 0, got -1"):
+        ModelConfig(load="x", vit_lr=-1.0, freeze_vit=False)
+    assert ModelConfig(load="x", vit_lr=1e-5, freeze_vit=False).vit_lr == 1e-5
     m = ModelConfig(load="x", freeze_vit="false")
     assert m.freeze_vit is False and m.freeze_aligner is True

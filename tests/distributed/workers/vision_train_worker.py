@@ -185,3 +185,51 @@ def case_trainable_projector_with_text_only_micro_batches():
     other = w.clone()
     dist.broadcast(other, src=0)
     torch.testing.assert_close(w, other, rtol=0, atol=0)
+
+
+def case_vit_lr_param_group_scales_the_tower_update_and_follows_the_schedule():
+    """freeze_vit=false with model.vit_lr (TP=2): megatron's optimizer puts the tower in param
+    groups whose peak is vit_lr. One Adam step (its first: update = -lr_g * g / (|g| + eps), g the
+    clipped gradient each parameter holds) moves every tower element by vit_lr's amount and every
+    LM / projector element by learning_rate's; over a warmup + linear decay schedule every group's
+    learning rate equals the independent formula scaled to its own peak and end value."""
+    from mcore_align.models.vision import unwrap
+    from mcore_align.trainer.setup import build_optimizer
+
+    lr, vit_lr, eps = 1e-3, 2.5e-4, 1e-8
+    cfg = _cfg("dpo", None, "tensor_model_parallel_size=2", "freeze_vit=false", "freeze_aligner=false",
+               f"vit_lr={vit_lr}", f"learning_rate={lr}", "beta=0.1", "rpo_alpha=null", "train_iters=1")
+    tr = Trainer(cfg)
+    vision = unwrap(tr.policy[0]).vision
+    tower = {id(p) for p in vision.vision_tower.parameters()}
+    assert tower and all(p.requires_grad for p in vision.vision_tower.parameters())
+    groups = [g for g in tr.optimizer.param_groups if g["params"]]
+    for g in groups:
+        assert {id(p) in tower for p in g["params"]} in ({True}, {False}), "a group mixes tower and LM parameters"
+        assert g["max_lr"] == (vit_lr if id(g["params"][0]) in tower else lr)
+    assert any(g["max_lr"] == vit_lr for g in groups) and any(g["max_lr"] == lr for g in groups)
+    params = [p for m in tr.policy for p in m.parameters() if p.requires_grad]
+    before = [p.detach().clone() for p in params]
+    res = tr.stepper.train_step(next(tr.data.train), tr.optimizer, tr.scheduler)
+    assert not res.skipped
+    moved = {"tower": 0, "lm": 0}
+    for p, p0 in zip(params, before):
+        g = p.main_grad.detach()  # the reduced, clipped gradient Adam used (zeroed only at the next step)
+        peak = vit_lr if id(p) in tower else lr
+        want = p0 - peak * g / (g.abs() + eps)
+        torch.testing.assert_close(p.detach(), want, rtol=0, atol=peak * 1e-4)
+        moved["tower" if id(p) in tower else "lm"] += int((g.abs() > 1e-5).sum())
+    assert moved["tower"] > 100 and moved["lm"] > 100, moved  # both sides really stepped
+    # the schedule: warmup 2 steps from 0, then linear decay to min_lr over 10 steps, per group
+    min_lr, T, W = 1e-4, 10, 2
+    cfg2 = _cfg("dpo", None, "tensor_model_parallel_size=2", "freeze_vit=false", f"vit_lr={vit_lr}",
+                f"learning_rate={lr}", f"min_lr={min_lr}", "warmup_ratio=0.2", "lr_decay_style=linear",
+                f"train_iters={T}")
+    opt, sched = build_optimizer(tr.policy, tr.rt, cfg2, T)
+    for k in range(1, T + 1):
+        sched.step(increment=1)
+        for g in (g for g in opt.param_groups if g["params"]):
+            scale = vit_lr / lr if id(g["params"][0]) in tower else 1.0
+            peak, end = lr * scale, min_lr * scale
+            want = peak * k / W if k <= W else end + (peak - end) * (1 - (k - W) / (T - W))
+            assert abs(g["lr"] - want) <= 1e-12, (k, scale, g["lr"], want)
