@@ -126,3 +126,54 @@ def test_rm_step1_loss_matches_transformers_float64(results, work):
     for role, key in ((0, "rewards/chosen"), (1, "rewards/rejected")):
         want = float(sum(rewards[(p, role)] for p in pairs) / len(pairs))
         assert abs(step1[key] - want) <= 1e-5 * max(1.0, abs(want)), (key, step1[key], want)
+
+
+@pytest.fixture(scope="module")
+def hf64(work):
+    from transformers import LlavaForConditionalGeneration
+
+    return LlavaForConditionalGeneration.from_pretrained(work / "hf", dtype=torch.float64).eval()
+
+
+def _hf_sequence_logps(model, r) -> tuple[torch.Tensor, ...]:
+    """One sequence through transformers' LLaVA (float64, its image): (sum of the scored tokens'
+    log-probs, their count, sum over every predicted token, the count of those)."""
+    tok = r["tokens"]
+    logits = model(input_ids=tok[None], pixel_values=r["pixel_values"].double()).logits[0]
+    lp = torch.log_softmax(logits[:-1], -1).gather(-1, tok[1:, None])[:, 0]  # log p(tok[t+1]) at t
+    mask = r["loss_mask"][:len(tok) - 1].double()  # loss_mask[t] = 1: tok[t+1] is a response token
+    return (lp * mask).sum(), mask.sum(), lp.sum(), torch.tensor(float(len(tok) - 1), dtype=torch.float64)
+
+
+@pytest.mark.parametrize("algo", ["sft", "cpo", "orpo", "simpo"])
+def test_step1_loss_on_images_matches_transformers_float64(results, work, hf64, algo):
+    """The logged step-1 loss (TP=2, full fine-tuning) equals the objective's formula evaluated
+    on transformers' LLaVA in float64 on the same first global batch, images included
+    (settings in the worker's OBJECTIVES_STEP1)."""
+    import torch.nn.functional as F
+
+    results.check("case_sft_cpo_orpo_simpo_first_steps_on_images")
+    d = torch.load(work / f"{algo}_tp2_step1.pt")
+    with torch.no_grad():
+        s = {(r["pair"], r["role"]): _hf_sequence_logps(hf64, r) for r in d["rows"]}
+    assert len(s) == len(d["rows"]) and d["num_pairs"] == 8
+    if algo == "sft":  # token-mean NLL over every response token of the batch
+        expected = -sum(v[0] for v in s.values()) / sum(v[1] for v in s.values())
+    else:
+        pairs = sorted({p for p, _ in s})
+        assert len(pairs) == 8
+        c, rj = [s[(p, 0)] for p in pairs], [s[(p, 1)] for p in pairs]
+        lp_c, lp_r = torch.stack([x[0] for x in c]), torch.stack([x[0] for x in rj])
+        a_c, a_r = lp_c / torch.stack([x[1] for x in c]), lp_r / torch.stack([x[1] for x in rj])
+        nll = -lp_c.sum() / sum(x[1] for x in c)  # token mean over the chosen responses
+        if algo == "cpo":  # beta 0.1, cpo_alpha 1
+            expected = (-F.logsigmoid(0.1 * (lp_c - lp_r))).mean() + 1.0 * nll
+        elif algo == "simpo":  # beta 2, gamma 1, cpo_alpha 0.5
+            expected = (-F.logsigmoid(2.0 * (a_c - a_r) - 1.0)).mean() + 0.5 * nll
+        else:  # orpo, lambda 0.1: NLL over the chosen's prompt and response tokens + odds ratio
+            log_odds = (a_c - a_r) - (torch.log(-torch.expm1(a_c)) - torch.log(-torch.expm1(a_r)))
+            nll_seq = -sum(x[2] for x in c) / sum(x[3] for x in c)
+            expected = nll_seq - 0.1 * F.logsigmoid(log_odds).mean()
+    expected = float(expected)
+    got = d["history"][0]["loss"]
+    assert abs(got - expected) <= 2e-5 * max(1.0, abs(expected)), (algo, got, expected)

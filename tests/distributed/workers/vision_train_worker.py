@@ -95,7 +95,8 @@ def _sequences(mb, image_token_id: int) -> list[dict]:
         tok = mb.tokens.reshape(-1)[a:a + n]
         k = int((tok == image_token_id).sum()) // 16  # 16 tokens per tiny image
         out.append({"tokens": tok.clone(), "pixel_values": mb.images["pixel_values"][idx[run:run + k]].clone(),
-                    "role": int(mb.seq_role[i]), "pair": int(mb.pair_index[i])})
+                    "role": int(mb.seq_role[i]), "pair": int(mb.pair_index[i]),
+                    "loss_mask": mb.loss_mask.reshape(-1)[a:a + n].clone()})
         run += k
     return out
 
@@ -233,3 +234,82 @@ def case_vit_lr_param_group_scales_the_tower_update_and_follows_the_schedule():
             peak, end = lr * scale, min_lr * scale
             want = peak * k / W if k <= W else end + (peak - end) * (1 - (k - W) / (T - W))
             assert abs(g["lr"] - want) <= 1e-12, (k, scale, g["lr"], want)
+
+
+# ---- other objectives with images (each against an independent reference) --------------------
+# Step-1 losses of SFT, CPO, ORPO and SimPO (full fine-tuning, TP=2) are compared with transformers'
+# LLaVA in float64 on the same first batch (tests/e2e/test_vision_train_e2e.py).
+OBJECTIVES_STEP1 = {"sft": (), "cpo": ("beta=0.1", "cpo_alpha=1.0"), "orpo": ("beta=0.1",),
+                    "simpo": ("beta=2.0", "simpo_gamma=1.0", "cpo_alpha=0.5")}
+
+
+def _first_step(name: str, algo: str, *overrides: str) -> None:
+    tr = Trainer(_cfg(algo, None, "tensor_model_parallel_size=2", "train_iters=2", "learning_rate=1e-4", *overrides))
+    assert tr.data.train.image_encoder is not None
+    state = tr.data.train.state_dict()
+    gb = next(tr.data.train)
+    tr.data.train.load_state_dict(state)  # training starts from this same batch
+    rows = [r for mb in gb.micro_batches for r in _sequences(mb, tr.spec.vision.image_token_id)]
+    h = tr.train()["history"]
+    assert all(math.isfinite(x["loss"]) and math.isfinite(x["grad_norm"]) for x in h), h
+    if dist.get_rank() == 0:
+        torch.save({"rows": rows, "num_pairs": gb.num_pairs, "history": h}, WORK / f"{name}_step1.pt")
+
+
+def case_sft_cpo_orpo_simpo_first_steps_on_images():
+    for algo, extra in OBJECTIVES_STEP1.items():
+        _first_step(f"{algo}_tp2", algo, *extra)
+
+
+def _kto_dataset() -> str:
+    """The colour task as unpaired KTO records: chosen answers desirable, rejected undesirable."""
+    path = WORK / "kto.jsonl"
+    if dist.get_rank() == 0:
+        base, out = Path(DATA).parent, []
+        for r in (json.loads(x) for x in Path(DATA).read_text().splitlines()):
+            for resp, label in ((r["response"], True), (r["rejected_response"], False)):
+                out.append({"messages": [{"role": "user", "content": r["query"]}, {"role": "assistant", "content": resp}],
+                            "label": label, "images": [str(base / p) for p in r["images"]]})
+        path.write_text("".join(json.dumps(r) + "\n" for r in out))
+    dist.barrier()
+    return str(path)
+
+
+def case_kto_with_images_pp2_matches_tp2():
+    """KTO on image records (each KL sequence takes its prompt's image): PP=2 gives the TP=2 run's
+    losses, KL estimates and grad norms over 3 steps; step 1 (policy == reference) is exactly
+    desirable/undesirable weight * (1 - sigmoid(0)) = 0.5."""
+    ds = _kto_dataset()
+    hist = {}
+    for layout in ("tensor_model_parallel_size=2", "pipeline_model_parallel_size=2"):
+        tr = Trainer(_cfg("kto", None, f"dataset=[{ds}]", layout, "train_iters=3", "learning_rate=1e-4", "beta=0.1"))
+        hist[layout] = tr.train()["history"]
+    tp, pp = hist.values()
+    assert abs(tp[0]["loss"] - 0.5) < 1e-6, tp[0]
+    for key in ("loss", "kl", "grad_norm"):
+        torch.testing.assert_close(torch.tensor([x[key] for x in pp], dtype=torch.float64),
+                                   torch.tensor([x[key] for x in tp], dtype=torch.float64),
+                                   rtol=1e-4, atol=1e-6, msg=lambda m: f"{key}: {m}")
+    assert len({round(x["loss"], 6) for x in tp}) > 1  # it trains
+
+
+def _matches_tp2(*overrides: str) -> None:
+    tr = Trainer(_cfg("dpo", None, "train_iters=4", *LORA_DPO, *overrides))
+    h = tr.train()["history"]
+    ref = json.loads((WORK / "dpo_lora_tp2_history.json").read_text())["history"][:4]
+    for key in ("loss", "rewards/margins", "logps/chosen", "grad_norm"):
+        torch.testing.assert_close(torch.tensor([x[key] for x in h], dtype=torch.float64),
+                                   torch.tensor([x[key] for x in ref], dtype=torch.float64),
+                                   rtol=1e-4, atol=1e-6, msg=lambda m: f"{key}: {m}")
+
+
+def case_dpo_lora_sequence_parallel_matches_tp2():
+    """TP=2 with sequence parallelism (the SP split after the image merge): the TP=2 run's losses,
+    margins, log-probs and grad norms over 4 steps."""
+    _matches_tp2("tensor_model_parallel_size=2", "sequence_parallel=true")
+
+
+def case_dpo_lora_padded_batches_match_packed_tp2():
+    """Padded (non-packed) micro-batches of 4 pairs with images ([B, S] rows, images row-major):
+    the packed TP=2 run's losses, margins, log-probs and grad norms over 4 steps."""
+    _matches_tp2("tensor_model_parallel_size=2", "packing=false", "micro_batch_size=4")
