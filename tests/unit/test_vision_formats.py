@@ -256,3 +256,46 @@ def test_pil_images_in_records_are_cached_as_png(tmp_path, shared_data, tok, pro
     import io
 
     torch.testing.assert_close(_pixels(proc, Image.open(io.BytesIO(png))), _pixels(proc, im), rtol=0, atol=0)
+
+
+# ---- tools/preprocess_data.py on image datasets ----------------------------------------------
+@pytest.mark.parametrize("workers,chunk", [(1, 1024), (2, 2)])
+def test_preprocess_builds_the_trainers_image_cache(tmp_path, shared_data, ckpt, tok, workers, chunk):
+    """A vision checkpoint's tokenizer: tools/preprocess_data.py expands images exactly as the
+    trainer's own build: same cache folder (key includes the image processor), arrays, meta,
+    image references and in-memory image files; the trainer then opens it without building."""
+    import sys
+
+    from tests.conftest import ROOT
+
+    sys.path.insert(0, str(ROOT / "tools"))
+    from preprocess_data import preprocess
+
+    from mcore_align.data.images import model_kind_of_tokenizer
+    from mcore_align.data.store import _ARRAYS, load_or_build_store
+
+    files = _jsonl(tmp_path, shared_data, [
+        {"query": "<image>What is it?", "response": "A.", "rejected_response": "B.", "images": ["imgs/1.jpg"],
+         "rejected_images": ["imgs/2.jpg"]},
+        {"query": "No image.", "response": "C.", "rejected_response": "D."},
+        {"query": "<image>Missing?", "response": "E.", "rejected_response": "F.", "images": ["imgs/nope.jpg"]},
+        {"query": "<image><image>Two?", "response": "G.", "rejected_response": "H.",
+         "images": ["imgs/3.jpg", "imgs/4.jpg"]}])
+    mem = _write_parquet(tmp_path / "rlaif.parquet", _rlaif_rows(shared_data))
+    ref_cfg = DataConfig(dataset=[files, mem], cache_dir=str(tmp_path / "ref"), max_length=256, on_bad_record="skip")
+    kind, vision = model_kind_of_tokenizer(tok)
+    assert kind == "vision"
+    ref = load_or_build_store(ref_cfg, tok, "paired", vision=vision, model_kind=kind)
+    assert ref.meta["dropped"] == {"missing_image": 1} and ref.num_records == 6
+    mine = DataConfig(dataset=[files, mem], cache_dir=str(tmp_path / "mine"), max_length=256, on_bad_record="skip")
+    stats = preprocess(mine, str(ckpt / "tokenizer"), "paired", workers=workers, chunk=chunk, log=lambda m: None)
+    built = tmp_path / "mine" / ref.path.name
+    assert stats["built"] and stats["cache"] == str(built)  # the same cache key
+    for n, t in _ARRAYS.items():
+        np.testing.assert_array_equal(np.fromfile(built / f"{n}.bin", dtype=t),
+                                      np.fromfile(ref.path / f"{n}.bin", dtype=t), err_msg=n)
+    assert json.loads((built / "meta.json").read_text()) == ref.meta
+    assert json.loads((built / "image_paths.json").read_text()) == ref.image_paths
+    ref_imgs = sorted(p.name for p in (ref.path / "images").iterdir())
+    assert len(ref_imgs) == 3 and sorted(p.name for p in (built / "images").iterdir()) == ref_imgs
+    assert load_or_build_store(mine, tok, "paired", vision=vision, model_kind=kind).path == built
