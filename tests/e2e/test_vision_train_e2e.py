@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from tests.conftest import ROOT
-from tests.dist_utils import dist_cases, run_dist_module
+from tests.dist_utils import _free_port, dist_cases, run_dist_module
 
 WORKER = "tests.distributed.workers.vision_train_worker"
 COLOURS = {"red": (220, 40, 40), "green": (40, 190, 60), "blue": (40, 60, 220), "yellow": (230, 210, 30)}
@@ -177,3 +177,52 @@ def test_step1_loss_on_images_matches_transformers_float64(results, work, hf64, 
     expected = float(expected)
     got = d["history"][0]["loss"]
     assert abs(got - expected) <= 2e-5 * max(1.0, abs(expected)), (algo, got, expected)
+
+
+def test_score_cli_scores_image_records_like_transformers(results, work):
+    """``python -m mcore_align.score`` on image records: the Megatron RM (TP=2, torchrun) and the
+    exported HF model (``--hf``) both give, for every chosen and rejected sequence, the score of
+    transformers' LLaVA in float64 (backbone last hidden state at the last token x
+    value_head.safetensors) on token ids expanded independently by the HF processor."""
+    from PIL import Image
+    from safetensors.torch import load_file
+    from transformers import AutoProcessor, LlavaForConditionalGeneration
+
+    results.check("case_rm_tp2_learns_image_task")
+    data = work / "data"
+    recs = [json.loads(x) for x in (data / "colours.jsonl").read_text().splitlines()[:6]]
+    ds = work / "score_records.jsonl"
+    ds.write_text("".join(json.dumps({**r, "images": [str(data / p) for p in r["images"]]}) + "\n" for r in recs))
+    out = work / "rm_tp2_score_hf"
+    env = {**__import__("os").environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    run = lambda *a: subprocess.run([sys.executable, *a], cwd=ROOT, capture_output=True, text=True, env=env)  # noqa: E731
+    p = run("tools/convert_mcore_to_hf.py", "--ckpt", str(work / "rm_tp2"), "--out", str(out), "--overwrite")
+    assert p.returncode == 0, p.stderr[-4000:]
+    p = run("-m", "torch.distributed.run", "--nproc-per-node=2", "--master-addr=127.0.0.1", f"--master-port={_free_port()}",
+            "-m", "mcore_align.score", "--ckpt", str(work / "rm_tp2"), "--dataset", str(ds), "--pairs",
+            "--out", str(work / "scores_mc.jsonl"), "--tp", "2", "--device", "cpu")
+    assert p.returncode == 0, p.stderr[-4000:]
+    p = run("-m", "mcore_align.score", "--hf", str(out), "--dataset", str(ds), "--pairs",
+            "--out", str(work / "scores_hf.jsonl"))
+    assert p.returncode == 0, p.stderr[-4000:]
+    # independent reference: HF processor expansion + transformers float64
+    proc = AutoProcessor.from_pretrained(out)
+    model = LlavaForConditionalGeneration.from_pretrained(out, dtype=torch.float64).eval()
+    head = load_file(out / "value_head.safetensors")["value_head.weight"].double()[0]
+    want = []
+    with torch.no_grad():
+        for r in recs:
+            img = Image.open(data / r["images"][0]).convert("RGB")
+            pair = []
+            for resp in (r["response"], r["rejected_response"]):
+                text = proc.tokenizer.apply_chat_template([{"role": "user", "content": r["query"]},
+                                                           {"role": "assistant", "content": resp}], tokenize=False)
+                enc = proc(text=[text], images=[img], return_tensors="pt", add_special_tokens=False)
+                h = model.model(input_ids=enc["input_ids"], pixel_values=enc["pixel_values"].double()).last_hidden_state
+                pair.append(float(h[0, -1] @ head))
+            want.append(pair)
+    want = torch.tensor(want, dtype=torch.float64)
+    for name in ("scores_mc.jsonl", "scores_hf.jsonl"):
+        rows = [json.loads(x) for x in (work / name).read_text().splitlines()]
+        got = torch.tensor([[x["chosen"], x["rejected"]] for x in rows], dtype=torch.float64)
+        torch.testing.assert_close(got, want, rtol=0, atol=1e-4, msg=lambda m: f"{name}: {m}")
