@@ -107,6 +107,14 @@ class ModelConfig:
             raise ValueError(f"model.train_type must be 'full' or 'lora', got {self.train_type!r}")
         if self.train_type == "lora":
             self.lora_config()  # LoRA: validate rank, dropout and target names now
+            if not (self.freeze_vit and self.freeze_aligner):
+                # ms-swift would put adapters on the ViT / aligner linears; here adapters wrap
+                # megatron's TP linears only and the whole base (vision side included) is frozen,
+                # so the setting would be silently ignored (docs/vision.md, "What does not work yet").
+                which = "freeze_vit" if not self.freeze_vit else "freeze_aligner"
+                raise ValueError(f"model.{which}=false cannot be used with train_type=lora: LoRA adapters go on "
+                                 "the language model only and the vision tower and projector stay frozen; use "
+                                 f"train_type=full to train them, or set {which}=true")
             if self.ref_load is not None:
                 raise ValueError("model.ref_load cannot be used with train_type=lora: the reference is the "
                                  "base model (model.load) with the adapters switched off")

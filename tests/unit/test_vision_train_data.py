@@ -146,3 +146,12 @@ def test_vit_lr_needs_a_trainable_tower():
     assert ModelConfig(load="x", vit_lr=1e-5, freeze_vit=False).vit_lr == 1e-5
     m = ModelConfig(load="x", freeze_vit="false")
     assert m.freeze_vit is False and m.freeze_aligner is True
+
+
+@pytest.mark.parametrize("key", ["freeze_vit", "freeze_aligner"])
+def test_lora_with_a_trainable_vision_side_is_refused(key):
+    from mcore_align.config import ModelConfig
+
+    with pytest.raises(ValueError, match=rf"model\.{key}=false cannot be used with train_type=lora: LoRA adapters "
+                                         "go on the language model only"):
+        ModelConfig(load="x", train_type="lora", **{key: False})
