@@ -11,7 +11,10 @@ Record formats (parsed by ``formats.py``; every format keeps ``images``, or a si
   becomes one ``<image>`` placeholder (:func:`content_parts_to_text`).
 
 An image entry is a path (absolute, or relative to the folder of the dataset file), a
-``{"path": ...}`` / ``{"bytes": ...}`` dict (HF datasets' Image feature) or a PIL image.
+``{"path": ...}`` / ``{"bytes": ...}`` dict (HF datasets' Image feature, as parquet / arrow
+files store it), raw bytes, or a PIL image. In-memory images are cached as their encoded
+bytes in the tokenized cache folder (``store.py``: ``images/<hash>``). ms-swift's
+``rejected_images`` give the rejected sequence its own images for the same placeholders.
 
 Placeholders: the k-th ``<image>`` in the prompt (turns in order) is the k-th image. The
 number of placeholders must equal the number of images, else the record is a

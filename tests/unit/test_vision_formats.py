@@ -198,6 +198,23 @@ def test_rlaif_v_parquet_with_image_bytes(tmp_path, shared_data, tok, proc):
     assert mb.images["pixel_values"].shape[0] == 3
 
 
+def test_rlaif_v_arrow_ipc_file_equals_parquet(tmp_path, shared_data, tok):
+    """The same rows as an Arrow IPC *file* (pyarrow's format; `datasets` writes the stream
+    format, covered below): the same cache arrays and image references as the parquet."""
+    import pyarrow as pa
+
+    rows = _rlaif_rows(shared_data)
+    table = pa.Table.from_pylist(rows)
+    with pa.ipc.new_file(str(tmp_path / "rlaif.arrow"), table.schema) as w:
+        w.write_table(table)
+    pq_store = build_data(_cfg(tmp_path / "a", _write_parquet(tmp_path / "rlaif.parquet", rows)), tok, "paired",
+                          global_batch_size=3).train.store
+    ar_store = build_data(_cfg(tmp_path / "b", str(tmp_path / "rlaif.arrow")), tok, "paired",
+                          global_batch_size=3).train.store
+    np.testing.assert_array_equal(np.asarray(ar_store.tokens), np.asarray(pq_store.tokens))
+    assert ar_store.image_paths == pq_store.image_paths
+
+
 def test_corrupt_image_bytes_name_row_and_column(tmp_path, shared_data, tok):
     rows = _rlaif_rows(shared_data)
     rows[1]["image"] = {"bytes": b"\x89PNG not an image", "path": None}
