@@ -179,8 +179,22 @@ def _iter_hub(name: str) -> Iterator[tuple[str, Any]]:
         ds = datasets.load_dataset(name, split="train")
     except Exception as e:  # noqa: BLE001 - re-raised with the dataset name
         raise ValueError(f"dataset {name!r} is not a local file or folder and loading it from the hub failed: {e}") from e
-    for i, rec in enumerate(ds):
+    for i, rec in enumerate(_undecoded_images(ds)):
         yield f"{name}[row {i}]", rec
+
+
+def _undecoded_images(ds):
+    """``ds`` with its Image features (and lists of them) left encoded: records then carry
+    ``{"bytes", "path"}`` dicts, which the tokenized cache stores as they are, instead of
+    decoded PIL images (which would have to be re-encoded)."""
+    import datasets
+
+    for col, feat in ds.features.items():
+        if isinstance(feat, datasets.Image) and feat.decode:
+            ds = ds.cast_column(col, datasets.Image(decode=False))
+        elif isinstance(getattr(feat, "feature", None), datasets.Image) and feat.feature.decode:
+            ds = ds.cast_column(col, type(feat)(datasets.Image(decode=False)))
+    return ds
 
 
 def iter_dataset(spec: str, seed: int, with_base_dir: bool = False) -> Iterator[tuple]:

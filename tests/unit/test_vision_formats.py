@@ -316,3 +316,22 @@ def test_preprocess_builds_the_trainers_image_cache(tmp_path, shared_data, ckpt,
     ref_imgs = sorted(p.name for p in (ref.path / "images").iterdir())
     assert len(ref_imgs) == 3 and sorted(p.name for p in (built / "images").iterdir()) == ref_imgs
     assert load_or_build_store(mine, tok, "paired", vision=vision, model_kind=kind).path == built
+
+
+def test_hub_style_datasets_keep_image_bytes(tmp_path, shared_data):
+    """A dataset loaded with `datasets.load_dataset` (here from a local folder, as from the hub)
+    yields its Image features undecoded: the original encoded bytes, not PIL images."""
+    import datasets
+
+    from mcore_align.data.formats import _iter_hub
+
+    raw = (shared_data / "mllm_demo_data" / "1.jpg").read_bytes()
+    feats = datasets.Features({"query": datasets.Value("string"), "image": datasets.Image(),
+                               "images": datasets.Sequence(datasets.Image())})
+    hf = datasets.Dataset.from_dict({"query": ["<image>Hi"], "image": [{"bytes": raw, "path": None}],
+                                     "images": [[{"bytes": raw, "path": None}]]}, features=feats)
+    (tmp_path / "hub").mkdir()
+    hf.to_parquet(str(tmp_path / "hub" / "train.parquet"))
+    ((loc, rec),) = list(_iter_hub(str(tmp_path / "hub")))
+    assert loc.endswith("[row 0]")
+    assert rec["image"]["bytes"] == raw and rec["images"][0]["bytes"] == raw
