@@ -20,6 +20,7 @@ the weight (``adapter.to_hf``), and every part shares the fused A, because
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
@@ -37,7 +38,7 @@ from mcore_align.models.lora import HF_GROUPS, LoRAConfig, resolve_target_module
 
 log = logging.getLogger(__name__)
 
-_KEY = re.compile(r"^(decoder\.layers\.\d+\..+)\.lora_([AB])\.weight$")
+_KEY = re.compile(r"^(decoder\.layers\.\d+\..+|vision\..+)\.lora_([AB])\.weight$")
 
 
 def _saved_model_config(path: Path) -> dict:
@@ -62,8 +63,11 @@ def saved_lora_config(path: Path):
     mcfg = _saved_model_config(path)
     if mcfg.get("train_type") != "lora":
         raise ValueError(f"{path} is not a LoRA checkpoint (model.train_type={mcfg.get('train_type')!r})")
+    from mcore_align.config import lora_vision_children
+
     cfg = LoRAConfig(rank=mcfg["lora_rank"], alpha=mcfg["lora_alpha"], dropout=mcfg["lora_dropout"],
-                     targets=resolve_target_modules(mcfg["lora_target_modules"]))
+                     targets=resolve_target_modules(mcfg["lora_target_modules"]),
+                     vision_children=lora_vision_children(mcfg.get("freeze_vit", True), mcfg.get("freeze_aligner", True)))
     return cfg, mcfg["load"]
 
 
@@ -141,7 +145,13 @@ def export_peft(ckpt_dir: str | Path, out_dir: str | Path, *, base_model_name_or
 
     path = check_complete(resolve_checkpoint_dir(ckpt_dir))
     cfg, base, adapters = read_lora_checkpoint(path)
-    hf = hf_adapters(read_model_spec(path), adapters)
+    spec = read_model_spec(path)
+    if spec.vision is not None:
+        # PEFT keys are the model's MODULE names (model.language_model.layers..., model.vision_tower...),
+        # whatever naming style the checkpoint's weights were saved in: the "transformers" style
+        # (VisionSpec's default) is exactly those.
+        spec = dataclasses.replace(spec, vision=dataclasses.replace(spec.vision, hf_key_style="transformers"))
+    hf = hf_adapters(spec, adapters)
     tensors = {}
     for name, (A, B) in hf.items():
         out_dtype = parse_dtype(dtype) or A.dtype
@@ -149,6 +159,9 @@ def export_peft(ckpt_dir: str | Path, out_dir: str | Path, *, base_model_name_or
         tensors[f"base_model.model.{name}.lora_A.weight"] = A.to(out_dtype).clone().contiguous()
         tensors[f"base_model.model.{name}.lora_B.weight"] = B.to(out_dtype).contiguous()
     targets = sorted({h for m in cfg.targets for h in HF_GROUPS[m]})
+    # adapters on the vision module (model.freeze_vit / freeze_aligner = false): listed by full
+    # HF module name, so that PEFT does not also match the language model's modules of that name
+    targets += sorted(hf_adapters(spec, {m: ab for m, ab in adapters.items() if m.startswith("vision.")}))
     peft_cfg = LoraConfig(r=cfg.rank, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout, target_modules=targets,
                           bias="none", task_type="CAUSAL_LM", base_model_name_or_path=base_model_name_or_path or base)
     with atomic_output_dir(out_dir, overwrite) as tmp:

@@ -90,7 +90,8 @@ class ModelConfig:
             if not self.vit_lr > 0:
                 raise ValueError(f"model.vit_lr must be > 0, got {self.vit_lr}")
             if self.freeze_vit or self.train_type == "lora":
-                why = "freeze_vit=true" if self.freeze_vit else "train_type=lora freezes the whole base"
+                why = ("freeze_vit=true" if self.freeze_vit else
+                       "train_type=lora freezes its weights; its adapters train at optim.learning_rate")
                 raise ValueError(f"model.vit_lr={self.vit_lr} has no effect: the vision tower is frozen ({why}); "
                                  "set model.freeze_vit=false (full training) to train it, or leave vit_lr unset")
         if self.moe_aux_loss_coeff < 0:
@@ -107,14 +108,6 @@ class ModelConfig:
             raise ValueError(f"model.train_type must be 'full' or 'lora', got {self.train_type!r}")
         if self.train_type == "lora":
             self.lora_config()  # LoRA: validate rank, dropout and target names now
-            if not (self.freeze_vit and self.freeze_aligner):
-                # ms-swift would put adapters on the ViT / aligner linears; here adapters wrap
-                # megatron's TP linears only and the whole base (vision side included) is frozen,
-                # so the setting would be silently ignored (docs/vision.md, "What does not work yet").
-                which = "freeze_vit" if not self.freeze_vit else "freeze_aligner"
-                raise ValueError(f"model.{which}=false cannot be used with train_type=lora: LoRA adapters go on "
-                                 "the language model only and the vision tower and projector stay frozen; use "
-                                 f"train_type=full to train them, or set {which}=true")
             if self.ref_load is not None:
                 raise ValueError("model.ref_load cannot be used with train_type=lora: the reference is the "
                                  "base model (model.load) with the adapters switched off")
@@ -127,7 +120,13 @@ class ModelConfig:
         from mcore_align.models.lora import LoRAConfig, resolve_target_modules
 
         return LoRAConfig(rank=self.lora_rank, alpha=self.lora_alpha, dropout=self.lora_dropout,
-                          targets=resolve_target_modules(self.lora_target_modules))
+                          targets=resolve_target_modules(self.lora_target_modules),
+                          vision_children=lora_vision_children(self.freeze_vit, self.freeze_aligner))
+
+
+def lora_vision_children(freeze_vit: bool, freeze_aligner: bool) -> tuple[str, ...]:
+    """Vision parts that get LoRA adapters (``LoRAConfig.vision_children``): the unfrozen ones."""
+    return tuple(p for p, frozen in (("vit", freeze_vit), ("aligner", freeze_aligner)) if not frozen)
 
 
 @dataclass(kw_only=True)

@@ -226,3 +226,39 @@ def test_score_cli_scores_image_records_like_transformers(results, work):
         rows = [json.loads(x) for x in (work / name).read_text().splitlines()]
         got = torch.tensor([[x["chosen"], x["rejected"]] for x in rows], dtype=torch.float64)
         torch.testing.assert_close(got, want, rtol=0, atol=1e-4, msg=lambda m: f"{name}: {m}")
+
+
+@pytest.mark.parametrize("kind", ["merged", "peft"])
+def test_lora_on_the_vision_side_exports_to_transformers(results, work, kind):
+    """A DPO-LoRA run with adapters on the tower and projector (freeze_vit / freeze_aligner false):
+    the merged export, and the PEFT export applied to the base HF model, give transformers' LLaVA
+    (float64) the Megatron policy's per-sequence log-prob sums on held-out image pairs."""
+    from transformers import LlavaForConditionalGeneration
+
+    results.check("case_dpo_lora_on_the_vision_side")
+    out = work / f"dpo_lora_vision_{kind}"
+    p = subprocess.run([sys.executable, "tools/convert_mcore_to_hf.py", "--ckpt", str(work / "dpo_lora_vision"),
+                        "--out", str(out), "--lora", kind, "--overwrite"]
+                       + (["--base", str(work / "hf")] if kind == "peft" else []),
+                       cwd=ROOT, capture_output=True, text=True)
+    assert p.returncode == 0, p.stderr[-4000:]
+    if kind == "merged":
+        model = LlavaForConditionalGeneration.from_pretrained(out, dtype=torch.float64).eval()
+    else:
+        from peft import PeftModel
+
+        cfg = json.loads((out / "adapter_config.json").read_text())
+        assert any("vision_tower" in t for t in cfg["target_modules"]), cfg["target_modules"]
+        base = LlavaForConditionalGeneration.from_pretrained(work / "hf", dtype=torch.float64)
+        model = PeftModel.from_pretrained(base, out).eval()
+    d = torch.load(work / "dpo_lora_vision_sums.pt")
+    with torch.no_grad():
+        got = torch.stack([_hf_sequence_logps(model, r)[0] for r in d["rows"]])
+    torch.testing.assert_close(got, d["sums"], rtol=1e-5, atol=1e-4)
+    if kind == "merged":  # control: the vision adapters matter (base tower and projector put back)
+        base = LlavaForConditionalGeneration.from_pretrained(work / "hf", dtype=torch.float64)
+        model.model.vision_tower.load_state_dict(base.model.vision_tower.state_dict())
+        model.model.multi_modal_projector.load_state_dict(base.model.multi_modal_projector.state_dict())
+        with torch.no_grad():
+            plain = torch.stack([_hf_sequence_logps(model, r)[0] for r in d["rows"]])
+        assert (plain - d["sums"]).abs().max() > 1e-2, (plain - d["sums"]).abs().max()

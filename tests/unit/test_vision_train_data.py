@@ -139,7 +139,7 @@ def test_vit_lr_needs_a_trainable_tower():
     with pytest.raises(ValueError, match=r"model\.vit_lr=1e-05 has no effect: the vision tower is frozen "
                                          r"\(freeze_vit=true\); set model\.freeze_vit=false"):
         ModelConfig(load="x", vit_lr=1e-5)
-    with pytest.raises(ValueError, match=r"frozen \(train_type=lora freezes the whole base\)"):
+    with pytest.raises(ValueError, match=r"frozen \(train_type=lora freezes its weights; its adapters train at optim\.learning_rate\)"):
         ModelConfig(load="x", vit_lr=1e-5, freeze_vit=False, train_type="lora")
     with pytest.raises(ValueError, match=r"model\.vit_lr must be > 0, got -1"):
         ModelConfig(load="x", vit_lr=-1.0, freeze_vit=False)
@@ -148,10 +148,10 @@ def test_vit_lr_needs_a_trainable_tower():
     assert m.freeze_vit is False and m.freeze_aligner is True
 
 
-@pytest.mark.parametrize("key", ["freeze_vit", "freeze_aligner"])
-def test_lora_with_a_trainable_vision_side_is_refused(key):
+def test_lora_config_reaches_the_unfrozen_vision_parts():
     from mcore_align.config import ModelConfig
 
-    with pytest.raises(ValueError, match=rf"model\.{key}=false cannot be used with train_type=lora: LoRA adapters "
-                                         "go on the language model only"):
-        ModelConfig(load="x", train_type="lora", **{key: False})
+    assert ModelConfig(load="x", train_type="lora").lora_config().vision_children == ()
+    assert ModelConfig(load="x", train_type="lora", freeze_vit=False).lora_config().vision_children == ("vit",)
+    assert ModelConfig(load="x", train_type="lora", freeze_vit=False,
+                       freeze_aligner=False).lora_config().vision_children == ("vit", "aligner")

@@ -313,3 +313,39 @@ def case_dpo_lora_padded_batches_match_packed_tp2():
     """Padded (non-packed) micro-batches of 4 pairs with images ([B, S] rows, images row-major):
     the packed TP=2 run's losses, margins, log-probs and grad norms over 4 steps."""
     _matches_tp2("tensor_model_parallel_size=2", "packing=false", "micro_batch_size=4")
+
+
+def case_dpo_lora_on_the_vision_side():
+    """train_type=lora with freeze_vit=false and freeze_aligner=false (TP=2): every nn.Linear of the
+    tower and the projector gets a replicated adapter (ms-swift's LoRA on the ViT/aligner), their
+    B factors train while the base stays frozen, the TP ranks keep identical vision adapters, and
+    the Megatron policy's per-sequence log-prob sums of the first held-out batch are dumped for
+    the check against the merged and PEFT exports in transformers."""
+    from mcore_align.models.lora import LoRA
+    from mcore_align.models.vision import unwrap
+
+    name = "dpo_lora_vision"
+    tr = Trainer(_cfg("dpo", _save_dir(name), "tensor_model_parallel_size=2", *LORA_DPO, "freeze_vit=false",
+                      "freeze_aligner=false", "train_iters=3"))
+    vision = unwrap(tr.policy[0]).vision
+    linears = [m for m in vision.modules() if type(m) is torch.nn.Linear]
+    assert linears and all(isinstance(getattr(m, "lora", None), LoRA) for m in linears)
+    base0 = [p.detach().clone() for p in vision.parameters()]
+    assert not any(p.requires_grad for n, p in vision.named_parameters() if ".lora." not in n)
+    tr.train()
+    B = torch.cat([m.lora.B.detach().reshape(-1) for m in linears])
+    assert B.abs().max() > 0, "the vision adapters did not train"
+    base1 = [p.detach() for p in vision.parameters()]
+    # only adapter factors moved (the base vision weights are frozen)
+    names = [n for n, _ in vision.named_parameters()]
+    for n, a, b in zip(names, base0, base1):
+        if ".lora." not in n:
+            assert torch.equal(a, b), n
+    other = B.clone()
+    dist.broadcast(other, src=0)  # TP=2, DP=1: both ranks hold the (replicated) vision adapters
+    torch.testing.assert_close(B, other, rtol=0, atol=0)
+    gb = next(iter(tr.data.eval))
+    sums = tr.stepper.forward_only_sums(tr.policy, tr.stepper.to_device(gb.micro_batches))
+    rows = [r for mb in gb.micro_batches for r in _sequences(mb, tr.spec.vision.image_token_id)]
+    if dist.get_rank() == 0:
+        torch.save({"rows": rows, "sums": torch.cat([s.double().cpu() for s in sums])}, WORK / f"{name}_sums.pt")
