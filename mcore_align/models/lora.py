@@ -149,7 +149,7 @@ class LoRA(nn.Module):
         self.kind = kind
         self.scaling = cfg.scaling
         self.tp_group = tp_group
-        self.sequence_parallel = sequence_parallel and tp_group.size() > 1 and kind != "replicated"
+        self.sequence_parallel = sequence_parallel and tp_group.size() > 1
         self.dropout = nn.Dropout(cfg.dropout) if cfg.dropout > 0 else nn.Identity()
         self.enabled = True
         self.A = nn.Parameter(A)
@@ -196,6 +196,23 @@ def _lora_hook_plain(module, args, output):
     """A plain ``nn.Linear`` (vision module) returns a tensor, not megatron's (out, bias)."""
     lora: LoRA = module.lora
     return output + lora.delta(args[0]).to(output.dtype) if lora.enabled else output
+
+
+def _attach_vision_adapters(chunk, cfg: LoRAConfig, seed: int) -> list[str]:
+    """Replicated adapters on every ``nn.Linear`` of the vision parts ``cfg.vision_children``
+    names ("vit": the tower, "aligner": the projector) of a first-stage chunk; their names
+    are the module names (``vision.vision_tower.encoder.layers.0.self_attn.q_proj``)."""
+    vision = getattr(chunk, "vision", None)
+    if not cfg.vision_children or vision is None:
+        return []
+    names = []
+    for part in cfg.vision_children:
+        for child in getattr(vision, f"{part}_children"):
+            for n, m in getattr(vision, child).named_modules():
+                if type(m) is nn.Linear:
+                    names.append(f"vision.{child}.{n}")
+                    attach_lora(m, names[-1], cfg, seed=seed)
+    return names
 
 
 def init_A(global_name: str, rank: int, in_features: int, seed: int, dtype: torch.dtype) -> torch.Tensor:
@@ -266,16 +283,11 @@ def apply_lora(chunks, cfg: LoRAConfig, *, seed: int) -> list[str]:
             # local expert index; adapters on them would be neither (MoE, docs/moe.md).
             raise ValueError(f"LoRA on MoE expert linears is not supported ({experts[0]}, ...); "
                              "target attention only (lora_target_modules=DEFAULT)")
-        vision = getattr(chunk, "vision", None)
-        if cfg.vision_children and vision is not None:  # every nn.Linear of the chosen vision parts
-            for part in cfg.vision_children:
-                for child in getattr(vision, f"{part}_children"):
-                    targets += [(f"vision.{child}.{n}", m) for n, m in getattr(vision, child).named_modules()
-                                if type(m) is nn.Linear]
         for name, mod in targets:
             gname = global_module_name(chunk, name)
             attach_lora(mod, gname, cfg, seed=seed)
             adapted.append(gname)
+        adapted += _attach_vision_adapters(chunk, cfg, seed)
     if not adapted:
         raise ValueError(f"LoRA: no module named {cfg.targets} in the model")
     return adapted
