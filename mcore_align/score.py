@@ -12,6 +12,12 @@ had in training. The score of a sequence is the value head at its LAST token (th
 final assistant turn's end-of-turn token), as in training. Paired records (with a
 rejected response) are scored on both responses and the accuracy is printed.
 
+Vision-language reward models (e.g. LLaVA): image records are expanded with the
+checkpoint's processor exactly as in training (images relative to the dataset file, bytes
+in parquet/arrow, ms-swift ``rejected_images``), and each sequence is scored with its own
+images (the Megatron model merges the features on the first pipeline stage; the exported
+HF backbone gets ``pixel_values``).
+
 Output: one JSON line per kept record, ``{"index": i, "score": s}`` or
 ``{"index": i, "chosen": s_c, "rejected": s_r}``, where ``index`` is the record's
 position among the records the pipeline kept (records over ``--max-length`` are
@@ -32,20 +38,44 @@ log = logging.getLogger(__name__)
 
 
 def tokenized_records(tokenizer, dataset: list[str], *, paired: bool, max_length: int,
-                      cache_dir: str | None = None) -> list[list[np.ndarray]]:
-    """Token ids of each kept record: [chosen] or [chosen, rejected] (1-D int64 arrays)."""
+                      cache_dir: str | None = None, vision=None, with_images: bool = False):
+    """Token ids of each kept record: [chosen] or [chosen, rejected] (1-D int64 arrays).
+
+    ``vision``: a vision model's ``images.VisionProcessor`` (image placeholders expanded as in
+    training). ``with_images``: also return, per record and sequence, its image paths."""
     from mcore_align.data.config import DataConfig
     from mcore_align.data.store import load_or_build_store
 
     kw = {"cache_dir": cache_dir} if cache_dir else {}
     cfg = DataConfig(dataset=list(dataset), max_length=max_length, **kw)
-    store = load_or_build_store(cfg, tokenizer, "paired" if paired else "sft")
-    seqs = store.rec_seq[: store.num_records]
-    return [[store.seq(int(s))[0].astype(np.int64) for s in row[: 2 if paired else 1]] for row in seqs]
+    vkw = {"vision": vision, "model_kind": "vision"} if vision is not None else {}
+    store = load_or_build_store(cfg, tokenizer, "paired" if paired else "sft", **vkw)
+    seqs = store.rec_seq[: store.num_records, : 2 if paired else 1]
+    records = [[store.seq(int(s))[0].astype(np.int64) for s in row] for row in seqs]
+    if not with_images:
+        return records
+    return records, [[store.seq_images(int(s)) for s in row] for row in seqs]
 
 
-def _micro_batches(records: list[list[np.ndarray]], pad_multiple: int, pad_id: int, per_mb: int):
-    """Packed micro-batches of `per_mb` records (the data pipeline's collation), in order."""
+def _vision_processor(model_dir: str | Path):
+    """The processor of a vision-language model directory (HF export, or a checkpoint's
+    ``tokenizer/`` folder), else None."""
+    cfg = Path(model_dir) / "config.json"
+    spec = Path(model_dir).parent / "model_spec.json"
+    is_vision = ((cfg.is_file() and "vision_config" in json.loads(cfg.read_text()))
+                 or (spec.is_file() and json.loads(spec.read_text()).get("model_spec", {}).get("vision")))
+    if not is_vision:
+        return None
+    from mcore_align.data.images import VisionProcessor
+
+    return VisionProcessor.from_pretrained(model_dir)
+
+
+def _micro_batches(records: list[list[np.ndarray]], pad_multiple: int, pad_id: int, per_mb: int,
+                   images: list | None = None, image_encoder=None):
+    """Packed micro-batches of `per_mb` records (the data pipeline's collation), in order.
+    ``images`` (per record and sequence, image paths) with ``image_encoder``: each
+    micro-batch carries its images (``MicroBatch.images``), as in training."""
     from mcore_align.data.batch import ROLE_UNPAIRED, collate
 
     class _Store:  # collate() reads sequences through store.seq()
@@ -57,8 +87,9 @@ def _micro_batches(records: list[list[np.ndarray]], pad_multiple: int, pad_id: i
             return t, np.zeros_like(t, dtype=np.uint8)
 
     flat = [t for rec in records for t in rec]
+    flat_images = [p for rec in images for p in rec] if images is not None else None
     store = _Store(flat)
-    from mcore_align.data.batch import SeqRef
+    from mcore_align.data.batch import SeqRef, micro_batch_images
 
     out, i = [], 0
     max_len = max(len(t) for t in flat)
@@ -67,6 +98,8 @@ def _micro_batches(records: list[list[np.ndarray]], pad_multiple: int, pad_id: i
         n = min(per_mb * per_rec, len(flat) - i)
         refs = [SeqRef(k, ROLE_UNPAIRED, k, False, len(flat[k])) for k in range(i, i + n)]
         out.append(collate(store, refs, True, pad_multiple, pad_id, max_len))
+        if image_encoder is not None:
+            out[-1].images = micro_batch_images([flat_images[k] for k in range(i, i + n)], image_encoder)
         i += n
     return out
 
@@ -87,19 +120,26 @@ def score_megatron(ckpt: str | Path, dataset: list[str], runtime, *, paired: boo
     path = resolve_checkpoint_dir(ckpt)
     spec = read_model_spec(path)
     tok = AutoTokenizer.from_pretrained(str(path / "tokenizer"))
-    records = tokenized_records(tok, dataset, paired=paired, max_length=max_length, cache_dir=cache_dir)
+    vision = _vision_processor(path / "tokenizer") if spec.vision is not None else None
+    records, images = tokenized_records(tok, dataset, paired=paired, max_length=max_length, cache_dir=cache_dir,
+                                        vision=vision, with_images=True)
     chunks = build_model(spec, runtime, role="reference", opts=ModelOptions(head="value"))
     load_model_weights(chunks, path)  # strict: an RM checkpoint must hold value_head.weight
     par = runtime.parallel
     if par.context_parallel_size > 1:
         raise ValueError("scoring runs without context parallelism (set CP=1)")
+    from mcore_align.data.images import ImageEncoder
+    from mcore_align.models.vision import multimodal_forward
+
     mbs = _micro_batches(records, required_pad_multiple(par.tensor_model_parallel_size, 1, par.sequence_parallel),
-                         padding_id(tok), per_mb)
+                         padding_id(tok), per_mb, images, ImageEncoder(vision) if vision is not None else None)
 
     def step(data_iterator, model):
         mb = next(data_iterator)
-        out = model(input_ids=mb.tokens.to(runtime.device), position_ids=mb.position_ids.to(runtime.device),
-                    attention_mask=None, packed_seq_params=mb.packed_seq_params())
+        # (text models: the plain forward; vision models: features merged on the first stage)
+        out = multimodal_forward(model, mb.tokens.to(runtime.device), mb.position_ids.to(runtime.device), None,
+                                 image_inputs={k: v.to(runtime.device) for k, v in mb.images.items()},
+                                 packed_seq_params=mb.packed_seq_params())
 
         def loss_fn(values_BS1):
             r = sequence_rewards(values_BS1, mb.position_ids, mb.seq_lengths, mb.cu_seqlens.to(values_BS1.device))
@@ -136,8 +176,8 @@ def load_hf_reward_model(hf_dir: str | Path, dtype=torch.float32):
 
         model = AutoModelForSequenceClassification.from_pretrained(hf_dir, dtype=dtype).eval()
 
-        def score(ids_1S):  # HF pools the last non-pad token; our sequences end in a non-pad token
-            return float(model(ids_1S).logits[0, 0])
+        def score(ids_1S, **image_inputs):  # HF pools the last non-pad token; ours end in a non-pad token
+            return float(model(ids_1S, **image_inputs).logits[0, 0])
 
         return score
     from safetensors.torch import load_file
@@ -146,8 +186,8 @@ def load_hf_reward_model(hf_dir: str | Path, dtype=torch.float32):
     backbone = AutoModel.from_pretrained(hf_dir, dtype=dtype).eval()
     head_1H = load_file(hf_dir / VALUE_HEAD_FILE)[VALUE_HEAD_KEY].to(dtype)
 
-    def score(ids_1S):
-        h_1SH = backbone(ids_1S).last_hidden_state
+    def score(ids_1S, **image_inputs):  # vision backbones (LlavaModel) also take pixel_values
+        h_1SH = backbone(ids_1S, **image_inputs).last_hidden_state
         return float(h_1SH[0, -1].float() @ head_1H[0].float())
 
     return score
@@ -155,14 +195,21 @@ def load_hf_reward_model(hf_dir: str | Path, dtype=torch.float32):
 
 def score_hf(hf_dir: str | Path, dataset: list[str], *, paired: bool, max_length: int = 2048,
              cache_dir: str | None = None) -> list[list[float]]:
-    """Scores with an exported HF reward model, one unpadded sequence at a time."""
+    """Scores with an exported HF reward model, one unpadded sequence at a time (with its
+    images' ``pixel_values`` for a vision-language model)."""
     from transformers import AutoTokenizer
 
+    from mcore_align.data.images import ImageEncoder
+
     tok = AutoTokenizer.from_pretrained(str(hf_dir))
-    records = tokenized_records(tok, dataset, paired=paired, max_length=max_length, cache_dir=cache_dir)
+    vision = _vision_processor(hf_dir)
+    records, images = tokenized_records(tok, dataset, paired=paired, max_length=max_length, cache_dir=cache_dir,
+                                        vision=vision, with_images=True)
+    enc = ImageEncoder(vision) if vision is not None else None
     score = load_hf_reward_model(hf_dir)
     with torch.no_grad():
-        return [[score(torch.from_numpy(t)[None]) for t in rec] for rec in records]
+        return [[score(torch.from_numpy(t)[None], **(enc.sequence_inputs(p) if enc and p else {}))
+                 for t, p in zip(rec, paths)] for rec, paths in zip(records, images)]
 
 
 def write_scores(scores: list[list[float]], out: str | Path | None) -> dict:

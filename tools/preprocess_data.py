@@ -24,6 +24,10 @@ to ``<key>.shards/`` beside the cache; the shard that finishes last (it finds al
 assembles the cache. Every shard reads all records (cheap next to rendering and
 tokenizing). Re-running a shard whose part exists does nothing.
 
+A vision-language checkpoint (its ``tokenizer/`` holds the processor files) expands image
+placeholders with its processor, as the trainer does: the cache keeps image references
+(paths; in-memory images as ``images/<hash>`` files in the cache folder).
+
 Reports records and tokens per second on stdout.
 """
 from __future__ import annotations
@@ -58,8 +62,14 @@ _W: dict = {}
 def _init_worker(tokenizer_dir: str, cfg: DataConfig, kind: str) -> None:
     from transformers import AutoTokenizer
 
+    from mcore_align.data.images import model_kind_of_tokenizer
+
     tok = AutoTokenizer.from_pretrained(tokenizer_dir)
     _W["rt"] = RecordTokenizer(tok, kind, cfg.max_length, cfg.truncation_strategy, cfg.train_on_all_assistant_turns)
+    # A vision checkpoint's processor expands image placeholders, as the trainer's build does.
+    _W["model_kind"], _W["vision"] = model_kind_of_tokenizer(tok)
+    if _W["vision"] is not None:
+        _W["rt"].image_token_id = _W["vision"].image_token_id
     _W["cfg"] = cfg
     _W["kind"] = kind
 
@@ -74,20 +84,21 @@ def _process_chunk(job: tuple[int, list]) -> tuple[int, dict]:
     cfg: DataConfig = _W["cfg"]
     rt.dropped, rt.warnings = Counter(), Counter()
     pending, events = [], []
-    for loc, raw, fmt, err in items:
+    for loc, raw, fmt, err, base_dir in items:
         try:
             if err is not None:
                 raise err
-            pending.append((prepare_record(rt, cfg, fmt, loc, raw),
+            pending.append((prepare_record(rt, cfg, fmt, loc, raw, vision=_W["vision"], model_kind=_W["model_kind"],
+                                           base_dir=base_dir),
                             extra_columns(raw) if _W["kind"] == "prompt" else None))
         except BadRecord as e:
             if cfg.on_bad_record == "error" and not isinstance(e, DroppedRecord):
                 raise bad_record_error(e) from None
             events.append((e.reason, str(e)))
     kept = []
-    for rec, ((_, label, margin), cols) in zip(rt.tokenize([p[0][0] for p in pending]), pending):
-        if rec is not None:
-            kept.append((rec, label, margin, cols))
+    for rec, ((_, label, margin, *images), cols) in zip(rt.tokenize([p[0][0] for p in pending]), pending):
+        if rec is not None:  # images: per sequence, paths or in-memory bytes (store._Writer.add)
+            kept.append((rec, label, margin, cols, images[0] if images else ()))
     tokens = sum(len(t) for rec, *_ in kept for t in rec.tokens)
     return idx, {"kept": kept, "events": events, "dropped": rt.dropped, "warnings": rt.warnings, "tokens": tokens}
 
@@ -99,7 +110,7 @@ def _chunks(cfg: DataConfig, chunk: int, read: Counter, formats: dict):
     def items():
         for spec in cfg.dataset:
             fmt = cfg.dataset_format
-            for loc, raw in iter_dataset(spec, cfg.seed):
+            for loc, raw, base_dir in iter_dataset(spec, cfg.seed, with_base_dir=True):
                 read[spec] += 1
                 err = None
                 if fmt is None:
@@ -110,7 +121,7 @@ def _chunks(cfg: DataConfig, chunk: int, read: Counter, formats: dict):
                         formats[spec] = fmt
                     except BadRecord as e:
                         err = e
-                yield (loc, None if err else raw, fmt, err)
+                yield (loc, None if err else raw, fmt, err, base_dir)
             formats.setdefault(spec, fmt)
 
     it = items()
@@ -130,8 +141,8 @@ def _assemble(out: Path, kind: str, results, formats: dict, read: Counter) -> No
         writer = _Writer(tmp)
         skipped, dropped, warnings, examples, first_of = Counter(), Counter(), Counter(), [], {}
         for _, r in results:
-            for rec, label, margin, cols in r["kept"]:
-                writer.add(rec, label, margin, (), cols)
+            for rec, label, margin, cols, images in r["kept"]:
+                writer.add(rec, label, margin, images, cols)
             for reason, msg in r["events"]:
                 skipped[reason] += 1
                 first_of.setdefault(reason, msg)
@@ -152,8 +163,10 @@ def preprocess(cfg: DataConfig, tokenizer_dir: str, kind: str, *, workers: int =
     """Build ``cfg``'s cache (or this shard's part of it); returns counts and timings."""
     from transformers import AutoTokenizer
 
+    from mcore_align.data.images import model_kind_of_tokenizer
+
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
-    out = Path(cfg.cache_dir) / cache_key(cfg, tokenizer, kind)
+    out = Path(cfg.cache_dir) / cache_key(cfg, tokenizer, kind, model_kind_of_tokenizer(tokenizer)[1])
     i_shard, n_shards = shard
     if (out / "meta.json").exists():
         log(f"cache exists: {out} (nothing to do)")

@@ -23,6 +23,7 @@ the weight (``adapter.to_hf``), and every part shares the fused A, because
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
@@ -40,7 +41,7 @@ from mcore_align.models.lora import LoRAConfig, resolve_target_modules
 
 log = logging.getLogger(__name__)
 
-_KEY = re.compile(r"^(decoder\.layers\.\d+\..+)\.lora_([AB])\.weight$")
+_KEY = re.compile(r"^(decoder\.layers\.\d+\..+|vision\..+)\.lora_([AB])\.weight$")
 
 
 def _saved_model_config(path: Path) -> dict:
@@ -65,8 +66,11 @@ def saved_lora_config(path: Path):
     mcfg = _saved_model_config(path)
     if mcfg.get("train_type") != "lora":
         raise ValueError(f"{path} is not a LoRA checkpoint (model.train_type={mcfg.get('train_type')!r})")
+    from mcore_align.config import lora_vision_children
+
     cfg = LoRAConfig(rank=mcfg["lora_rank"], alpha=mcfg["lora_alpha"], dropout=mcfg["lora_dropout"],
-                     targets=resolve_target_modules(mcfg["lora_target_modules"]))
+                     targets=resolve_target_modules(mcfg["lora_target_modules"]),
+                     vision_children=lora_vision_children(mcfg.get("freeze_vit", True), mcfg.get("freeze_aligner", True)))
     return cfg, mcfg["load"]
 
 
@@ -199,6 +203,11 @@ def peft_state(spec, cfg: LoRAConfig, adapters: dict) -> tuple[dict[str, torch.T
     import peft
     import transformers
 
+    if spec.vision is not None:
+        # PEFT keys are the model's MODULE names (model.language_model.layers..., model.vision_tower...),
+        # whatever naming style the checkpoint's weights were saved in: the "transformers" style is
+        # exactly those.
+        spec = dataclasses.replace(spec, vision=dataclasses.replace(spec.vision, hf_key_style="transformers"))
     dense = {m: ab for m, ab in adapters.items() if not EXPERT_MODULE.match(m)}
     hf = hf_adapters(spec, dense)
     tensors = {}
@@ -206,7 +215,10 @@ def peft_state(spec, cfg: LoRAConfig, adapters: dict) -> tuple[dict[str, torch.T
         # A fused megatron linear (qkv, gate+up) has one A: each HF projection gets its own copy.
         tensors[f"{name}.lora_A.weight"] = A.clone().contiguous()
         tensors[f"{name}.lora_B.weight"] = B.contiguous()
-    targets = sorted({n.rsplit(".", 1)[-1] for n in hf})
+    vision = hf_adapters(spec, {m: ab for m, ab in dense.items() if m.startswith("vision.")})
+    # language-model linears by leaf name; adapters on the vision module (freeze_vit /
+    # freeze_aligner = false) by full HF module name, so PEFT does not match them elsewhere
+    targets = sorted({n.rsplit(".", 1)[-1] for n in hf if n not in vision}) + sorted(vision)
     expert_tensors, params = peft_expert_tensors(adapters, spec.num_moe_experts or 0)
     tensors.update(expert_tensors)
     kwargs = dict(r=cfg.rank, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout, target_modules=targets,

@@ -81,15 +81,21 @@ class ModelConfig:
     """Keep the projector between the tower and the language model frozen (ms-swift's
     ``freeze_aligner``)."""
     vit_lr: float | None = None
-    """A separate learning rate for the vision tower: not supported yet (an error when set);
-    with ``freeze_vit=False`` the tower trains at ``optim.learning_rate``."""
+    """Peak learning rate of a trainable vision tower (``freeze_vit=False``; ms-swift's
+    ``vit_lr``): its own megatron optimizer param group, following the same warmup and decay
+    (its end value is ``optim.min_lr * vit_lr / optim.learning_rate``). None: the tower
+    trains at ``optim.learning_rate``. The projector keeps ``optim.learning_rate``."""
 
     def __post_init__(self) -> None:
         check_field_types(self, "model")
         if self.vit_lr is not None:
-            raise ValueError("model.vit_lr is not supported yet (megatron's optimizer would need a param-group "
-                             "override for the vision tower); leave it unset: with freeze_vit=False the tower "
-                             "trains at optim.learning_rate")
+            if not self.vit_lr > 0:
+                raise ValueError(f"model.vit_lr must be > 0, got {self.vit_lr}")
+            if self.freeze_vit or self.train_type == "lora":
+                why = ("freeze_vit=true" if self.freeze_vit else
+                       "train_type=lora freezes its weights; its adapters train at optim.learning_rate")
+                raise ValueError(f"model.vit_lr={self.vit_lr} has no effect: the vision tower is frozen ({why}); "
+                                 "set model.freeze_vit=false (full training) to train it, or leave vit_lr unset")
         if self.moe_aux_loss_coeff < 0:
             raise ValueError(f"model.moe_aux_loss_coeff must be >= 0, got {self.moe_aux_loss_coeff}")
         if self.transformer_impl not in TRANSFORMER_IMPLS:
@@ -116,7 +122,13 @@ class ModelConfig:
         from mcore_align.models.lora import LoRAConfig, resolve_target_modules
 
         return LoRAConfig(rank=self.lora_rank, alpha=self.lora_alpha, dropout=self.lora_dropout,
-                          targets=resolve_target_modules(self.lora_target_modules))
+                          targets=resolve_target_modules(self.lora_target_modules),
+                          vision_children=lora_vision_children(self.freeze_vit, self.freeze_aligner))
+
+
+def lora_vision_children(freeze_vit: bool, freeze_aligner: bool) -> tuple[str, ...]:
+    """Vision parts that get LoRA adapters (``LoRAConfig.vision_children``): the unfrozen ones."""
+    return tuple(p for p, frozen in (("vit", freeze_vit), ("aligner", freeze_aligner)) if not frozen)
 
 
 @dataclass(kw_only=True)

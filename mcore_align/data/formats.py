@@ -12,6 +12,11 @@ Formats (auto-detected from the first record's keys, or forced by `dataset_forma
 | trl_implicit| chosen, rejected (full conversations, shared prompt)               | TRL |
 | trl_kto     | prompt, completion, label                                          | TRL |
 | prompt      | prompt (string or messages): prompt-only, for rollouts             | TRL |
+| rlaif_v     | question, chosen, rejected (strings), image                        | RLAIF-V hub columns |
+
+Any format may carry ``images`` (or one ``image``) and, for pairs, ``rejected_images``
+(ms-swift: the rejected response's prompt shows these images instead; the prompt text and
+its ``<image>`` placeholders are shared).
 
 Plain-string TRL records (`prompt` a str) are raw text: no chat template, BOS from the
 tokenizer and EOS appended, as TRL does. Everything else is a conversation rendered by
@@ -29,14 +34,16 @@ from typing import Any, Iterator
 
 import numpy as np
 
-FORMATS = ("sharegpt", "messages", "swift", "alpaca", "trl", "trl_implicit", "trl_kto", "prompt")
-_SUFFIXES = (".json", ".jsonl", ".parquet")
+FORMATS = ("sharegpt", "messages", "swift", "alpaca", "trl", "trl_implicit", "trl_kto", "prompt", "rlaif_v")
+_SUFFIXES = (".json", ".jsonl", ".parquet", ".arrow")
+# Metadata files `datasets.Dataset.save_to_disk` writes beside its .arrow shards (not records).
+_ARROW_META = frozenset({"state.json", "dataset_info.json", "dataset_dict.json"})
 _SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
                    "system": "system"}
 # Field that carries the rejected response / the KTO label, per format (for error messages).
 REJECTED_FIELD = {"sharegpt": "rejected", "messages": "rejected_response", "swift": "rejected_response",
                   "alpaca": "rejected_response", "trl": "rejected", "trl_implicit": "rejected",
-                  "trl_kto": "rejected", "prompt": "rejected"}
+                  "trl_kto": "rejected", "prompt": "rejected", "rlaif_v": "rejected"}
 
 
 class BadRecord(ValueError):
@@ -67,6 +74,11 @@ class Example:
     """KTO desirability."""
     images: list[Any] = field(default_factory=list)
     """Kept for vision models; the text pipeline does not read them."""
+    image_field: str = "images"
+    """The record field the images came from (``images``, or ``image`` for one image), for messages."""
+    rejected_images: list[Any] | None = None
+    """ms-swift ``rejected_images``: the images the rejected sequence's prompt shows instead of
+    ``images`` (same prompt text and placeholders); None: the rejected side shares ``images``."""
     margin: float | None = None
     """Paired data: optional reward-model margin of the pair (field ``margin``)."""
 
@@ -75,6 +87,8 @@ class Example:
 def _files_of(path: Path) -> list[Path]:
     if path.is_dir():
         files = sorted(p for p in path.rglob("*") if p.suffix in _SUFFIXES and p.is_file())
+        if any(p.suffix == ".arrow" for p in files):  # a save_to_disk folder: its .json files are metadata
+            files = [p for p in files if p.name not in _ARROW_META]
         if not files:
             raise ValueError(f"dataset folder {path} holds no {'/'.join(_SUFFIXES)} files")
         return files
@@ -130,13 +144,32 @@ def _iter_file(path: Path) -> Iterator[tuple[str, Any]]:
         for i, rec in enumerate(data):
             yield f"{path}[record {i}]", rec
     else:
-        import pyarrow.parquet as pq
-
+        # Parquet, or Arrow IPC (.arrow: `datasets` writes the stream format, pyarrow often the
+        # file format). Image columns hold {"bytes", "path"} structs (datasets' Image feature).
         i = 0
-        for batch in pq.ParquetFile(path).iter_batches(batch_size=1024):
+        for batch in _arrow_batches(path):
             for rec in batch.to_pylist():
                 yield f"{path}[row {i}]", rec
                 i += 1
+
+
+def _arrow_batches(path: Path):
+    import pyarrow as pa
+
+    if path.suffix == ".parquet":
+        import pyarrow.parquet as pq
+
+        yield from pq.ParquetFile(path).iter_batches(batch_size=1024)
+        return
+    with pa.memory_map(str(path)) as src:
+        try:
+            reader = pa.ipc.open_stream(src)
+        except pa.ArrowInvalid:
+            src.seek(0)
+            f = pa.ipc.open_file(src)
+            reader = (f.get_batch(k) for k in range(f.num_record_batches))
+        for batch in reader:
+            yield batch
 
 
 def _iter_hub(name: str) -> Iterator[tuple[str, Any]]:
@@ -146,8 +179,22 @@ def _iter_hub(name: str) -> Iterator[tuple[str, Any]]:
         ds = datasets.load_dataset(name, split="train")
     except Exception as e:  # noqa: BLE001 - re-raised with the dataset name
         raise ValueError(f"dataset {name!r} is not a local file or folder and loading it from the hub failed: {e}") from e
-    for i, rec in enumerate(ds):
+    for i, rec in enumerate(_undecoded_images(ds)):
         yield f"{name}[row {i}]", rec
+
+
+def _undecoded_images(ds):
+    """``ds`` with its Image features (and lists of them) left encoded: records then carry
+    ``{"bytes", "path"}`` dicts, which the tokenized cache stores as they are, instead of
+    decoded PIL images (which would have to be re-encoded)."""
+    import datasets
+
+    for col, feat in ds.features.items():
+        if isinstance(feat, datasets.Image) and feat.decode:
+            ds = ds.cast_column(col, datasets.Image(decode=False))
+        elif isinstance(getattr(feat, "feature", None), datasets.Image) and feat.feature.decode:
+            ds = ds.cast_column(col, type(feat)(datasets.Image(decode=False)))
+    return ds
 
 
 def iter_dataset(spec: str, seed: int, with_base_dir: bool = False) -> Iterator[tuple]:
@@ -219,6 +266,8 @@ def detect_format(rec: Any, loc: str) -> str:
         return "alpaca"
     if "query" in keys:
         return "swift"
+    if "question" in keys and "chosen" in keys:
+        return "rlaif_v"
     if "prompt" in keys and "completion" in keys:
         return "trl_kto"
     if "prompt" in keys and "chosen" in keys:
@@ -334,13 +383,25 @@ def _normalize(rec: Any, fmt: str, loc: str) -> Example:
         raise rec
     if not isinstance(rec, dict):
         raise BadRecord("mistyped_field", f"{loc}: a record must be a JSON object, got {type(rec).__name__}")
-    images = rec.get("images") or []
+    images, image_field = rec.get("images") or [], "images"
     if not images and rec.get("image") is not None:  # one image per record (RLAIF-V style column)
-        images = [rec["image"]]
+        images, image_field = [rec["image"]], "image"
     if isinstance(images, (str, dict)):  # a single image given without a list
         images = [images]
     if not isinstance(images, list):
         raise BadRecord("mistyped_field", f"{loc}: field 'images' must be a list (detected format '{fmt}')")
+    ex = _normalize_text(rec, fmt, loc, images)
+    rej = rec.get("rejected_images")
+    if isinstance(rej, (str, dict)):
+        rej = [rej]
+    if rej is not None and not isinstance(rej, list):
+        raise BadRecord("mistyped_field", f"{loc}: field 'rejected_images' must be a list (detected format '{fmt}')")
+    ex.rejected_images = rej or None
+    ex.image_field = image_field
+    return ex
+
+
+def _normalize_text(rec: dict, fmt: str, loc: str, images: list) -> Example:
     if fmt == "sharegpt":
         msgs = _messages(_field(rec, "conversations", list, fmt, loc), "conversations", fmt, loc, sharegpt=True)
         msgs = _system(rec, fmt, loc) + msgs
@@ -360,6 +421,17 @@ def _normalize(rec: Any, fmt: str, loc: str) -> Example:
         prompt = _system(rec, fmt, loc) + _history(rec, fmt, loc) + [{"role": "user", "content": query}]
         return Example(prompt, _field(rec, "response", str, fmt, loc, required=False),
                        _field(rec, "rejected_response", str, fmt, loc, required=False),
+                       _label(rec, fmt, loc), images)
+    if fmt == "rlaif_v":
+        # RLAIF-V hub columns (ms-swift maps question -> query, chosen -> response, rejected ->
+        # rejected_response). Its questions carry no <image> tag: as ms-swift's template does,
+        # a question without placeholders gets one per image in front.
+        query = _field(rec, "question", str, fmt, loc)
+        if images and "<image>" not in query:
+            query = "<image>" * len(images) + query
+        prompt = _system(rec, fmt, loc) + [{"role": "user", "content": query}]
+        return Example(prompt, _turn_text(_field(rec, "chosen", (str, dict, list), fmt, loc), "chosen", fmt, loc),
+                       _turn_text(_field(rec, "rejected", (str, dict, list), fmt, loc), "rejected", fmt, loc),
                        _label(rec, fmt, loc), images)
     if fmt == "alpaca":
         inst = _field(rec, "instruction", str, fmt, loc)

@@ -11,7 +11,10 @@ Record formats (parsed by ``formats.py``; every format keeps ``images``, or a si
   becomes one ``<image>`` placeholder (:func:`content_parts_to_text`).
 
 An image entry is a path (absolute, or relative to the folder of the dataset file), a
-``{"path": ...}`` / ``{"bytes": ...}`` dict (HF datasets' Image feature) or a PIL image.
+``{"path": ...}`` / ``{"bytes": ...}`` dict (HF datasets' Image feature, as parquet / arrow
+files store it), raw bytes, or a PIL image. In-memory images are cached as their encoded
+bytes in the tokenized cache folder (``store.py``: ``images/<hash>``). ms-swift's
+``rejected_images`` give the rejected sequence its own images for the same placeholders.
 
 Placeholders: the k-th ``<image>`` in the prompt (turns in order) is the k-th image. The
 number of placeholders must equal the number of images, else the record is a
@@ -65,31 +68,46 @@ class ImageRef:
     path: Path | None = None
     data: Any = None
     """Encoded bytes or a PIL image (HF datasets' Image feature)."""
+    field: str = "images"
+    """The record field it came from (``images[0]``, ``rejected_images[1]``), for messages."""
 
     def describe(self) -> str:
-        return str(self.path) if self.path is not None else "<in-memory image>"
+        return str(self.path) if self.path is not None else f"in column '{self.field}' (in-memory)"
+
+    def encoded(self) -> bytes:
+        """In-memory images as encoded bytes, for the tokenized cache: the dataset's own bytes,
+        or a decoded (PIL) image saved as PNG (lossless: it decodes to the same pixels)."""
+        assert self.path is None
+        if isinstance(self.data, (bytes, bytearray)):
+            return bytes(self.data)
+        buf = io.BytesIO()
+        self.data.save(buf, format="PNG")
+        return buf.getvalue()
 
 
-def resolve_images(images: list, base_dir: str | Path | None, loc: str) -> list[ImageRef]:
+def resolve_images(images: list, base_dir: str | Path | None, loc: str, key: str = "images") -> list[ImageRef]:
     """The record's image entries as :class:`ImageRef`; relative paths are taken relative to
-    ``base_dir`` (the folder of the dataset file)."""
+    ``base_dir`` (the folder of the dataset file). ``key``: the record field (for messages)."""
     out = []
     for i, im in enumerate(images):
+        where = key if key == "image" else f"{key}[{i}]"  # "image": RLAIF-V's one-image column
         if isinstance(im, dict):
-            if im.get("bytes") is not None:
-                out.append(ImageRef(data=im["bytes"]))
+            if im.get("bytes") is not None:  # HF datasets' Image feature stored undecoded
+                out.append(ImageRef(data=im["bytes"], field=where))
                 continue
             im = im.get("path")
-        if isinstance(im, str) and im:
+        if isinstance(im, (bytes, bytearray)):
+            out.append(ImageRef(data=bytes(im), field=where))
+        elif isinstance(im, str) and im:
             p = Path(im).expanduser()
             if not p.is_absolute() and base_dir is not None:
                 p = Path(base_dir) / p
-            out.append(ImageRef(path=p))
-        elif hasattr(im, "convert"):  # a PIL image
-            out.append(ImageRef(data=im))
+            out.append(ImageRef(path=p, field=where))
+        elif hasattr(im, "convert"):  # a PIL image (HF datasets' Image feature, decoded)
+            out.append(ImageRef(data=im, field=where))
         else:
-            raise BadRecord("mistyped_field", f"{loc}: field 'images[{i}]' must be a path, a {{'path'|'bytes': ...}} "
-                            f"dict or an image, got {type(im).__name__}")
+            raise BadRecord("mistyped_field", f"{loc}: field '{where}' must be a path, a {{'path'|'bytes': ...}} "
+                            f"dict, bytes or an image, got {type(im).__name__}")
     return out
 
 
@@ -122,10 +140,13 @@ def count_placeholders(ex: Example) -> int:
 
 def check_placeholders(ex: Example, loc: str) -> None:
     """``<image>`` placeholders in the prompt == images; none in the responses."""
-    n_ph, n_img = count_placeholders(ex), len(ex.images)
-    if n_ph != n_img:
-        raise BadRecord("image_count_mismatch", f"{loc}: {n_ph} {PLACEHOLDER} placeholder(s) in the prompt but "
-                        f"{n_img} image(s) in 'images'; each image needs exactly one placeholder")
+    n_ph = count_placeholders(ex)
+    for key, imgs in ((ex.image_field, ex.images), ("rejected_images", ex.rejected_images)):
+        if imgs is None or (key == "rejected_images" and ex.rejected is None):
+            continue
+        if n_ph != len(imgs):
+            raise BadRecord("image_count_mismatch", f"{loc}: {n_ph} {PLACEHOLDER} placeholder(s) in the prompt but "
+                            f"{len(imgs)} image(s) in '{key}'; each image needs exactly one placeholder")
     for name, r in (("chosen", ex.chosen), ("rejected", ex.rejected)):
         if r is not None and PLACEHOLDER in r:
             raise BadRecord("image_count_mismatch", f"{loc}: the {name} response contains {PLACEHOLDER}; images "
@@ -205,17 +226,28 @@ class VisionExample:
     ``[N_img, tiles, 3, H, W]`` and ``image_sizes`` ``[N_img, 2]``)."""
     image_paths: list[str]
     tokens_per_image: list[int]
+    refs: list[ImageRef] = None
+    """Where each image came from (paths or in-memory bytes), in placeholder order."""
+    rejected: "VisionExample | None" = None
+    """ms-swift ``rejected_images``: the rejected sequence's own images, with the prompt
+    expanded for them (token counts may differ per image); None: it shares these images."""
 
 
 def prepare_vision_example(ex: Example, loc: str, base_dir: str | Path | None,
                            processor: VisionProcessor) -> VisionExample:
     """Resolve, check, load and encode the images of ``ex``; expand its placeholders."""
-    refs = resolve_images(ex.images, base_dir, loc)
     check_placeholders(ex, loc)
-    images = [load_image(r, loc) for r in refs]
-    tensors, counts = processor.encode_images(images)
+    out = _encode(ex, ex.images, ex.image_field, loc, base_dir, processor)
+    if ex.rejected_images is not None and ex.rejected is not None:
+        out.rejected = _encode(ex, ex.rejected_images, "rejected_images", loc, base_dir, processor)
+    return out
+
+
+def _encode(ex: Example, images: list, key: str, loc: str, base_dir, processor: VisionProcessor) -> VisionExample:
+    refs = resolve_images(images, base_dir, loc, key)
+    tensors, counts = processor.encode_images([load_image(r, loc) for r in refs])
     return VisionExample(expand_placeholders(ex, counts, processor.image_text), tensors,
-                         [r.describe() for r in refs], counts)
+                         [r.describe() for r in refs], counts, refs)
 
 
 def micro_batch_image_inputs(per_sequence: list[dict]) -> dict:

@@ -11,8 +11,14 @@ Layout of `<cache_dir>/<key>/` (key = hash of dataset contents + tokenizer + set
     rec_margin.bin float32 [R]             paired data: reward-model margin, NaN when absent
     seq_img.bin    int64  [S, 2]           vision models: sequence s's images are
                                            image_paths[seq_img[s, 0]:seq_img[s, 1]]
-                                           (a pair's two sequences share one range)
-    image_paths.json                       resolved image paths (references, not pixels)
+                                           (a pair's two sequences share one range, unless
+                                           the record has ``rejected_images``)
+    image_paths.json                       image references, not pixels: absolute paths of
+                                           image files, or ``images/<hash>`` (relative to
+                                           this folder) for in-memory images
+    images/<hash>                          in-memory images (parquet/arrow bytes, datasets
+                                           Image features) as their encoded bytes, named by
+                                           content hash (blake2b-160)
     rec_columns.jsonl, rec_col_off.bin     each record's other columns (prompt data; JSON lines
                                            at byte offsets rec_col_off[r]:rec_col_off[r+1])
     meta.json      counts by reason, formats, length statistics
@@ -42,6 +48,7 @@ from .tokenization import RecordTokenizer
 
 log = logging.getLogger(__name__)
 CACHE_VERSION = 4  # 3: identical pairs, empty user turns and out-of-order roles are dropped; 4: record columns
+IMAGE_DIR = "images"  # in-memory images, inside the cache folder (references are relative to it)
 _CHUNK = 1024  # records tokenized per batched tokenizer call
 _ARRAYS = {"tokens": np.int32, "targets": np.uint8, "seq_off": np.int64, "seq_plen": np.int32,
            "rec_seq": np.int64, "rec_label": np.int8, "rec_margin": np.float32, "seq_img": np.int64,
@@ -143,11 +150,12 @@ class TokenizedStore:
         return bool(self.image_paths)
 
     def seq_images(self, s: int) -> list[str]:
-        """Image paths of sequence ``s`` in placeholder order ([] for text sequences)."""
+        """Image paths of sequence ``s`` in placeholder order ([] for text sequences); in-memory
+        images point into this cache folder (``<cache>/images/<hash>``)."""
         if not self.has_images:
             return []
         a, b = self.seq_img[s]
-        return self.image_paths[int(a):int(b)]
+        return [p if os.path.isabs(p) else str(self.path / p) for p in self.image_paths[int(a):int(b)]]
 
     @property
     def num_records(self) -> int:
@@ -163,6 +171,7 @@ class TokenizedStore:
 
 class _Writer:
     def __init__(self, tmp: Path):
+        self.tmp = tmp
         self.files = {n: open(tmp / f"{n}.bin", "wb") for n in _ARRAYS}
         self.sizes = Counter({n: 0 for n in _ARRAYS})
         self.num_tokens = 0
@@ -178,18 +187,36 @@ class _Writer:
         self.files[name].write(arr.tobytes())
         self.sizes[name] += arr.size
 
-    def add(self, rec, label: int, margin: float | None = None, images: list[str] = (),
+    def _image_range(self, images: list) -> np.ndarray:
+        """Append one sequence's image entries; ``[start, end)`` in ``image_paths``. An entry is a
+        resolved path (str) or an in-memory image's encoded bytes, written once as
+        ``images/<content hash>`` in the cache folder (the reference is that relative name)."""
+        start = len(self.image_paths)
+        for im in images:
+            if isinstance(im, bytes):
+                name = f"{IMAGE_DIR}/{hashlib.blake2b(im, digest_size=20).hexdigest()}"
+                dest = self.tmp / name
+                if not dest.exists():
+                    dest.parent.mkdir(exist_ok=True)
+                    dest.write_bytes(im)  # (inside the temporary cache folder: renamed with it)
+                im = name
+            self.image_paths.append(im)
+        return np.array([start, len(self.image_paths)])
+
+    def add(self, rec, label: int, margin: float | None = None, images: list = (),
             columns: dict | None = None) -> None:
-        """``images``: the record's resolved image paths (shared by its sequences);
-        ``columns``: its other dataset columns (prompt data)."""
+        """``images``: per sequence, its image entries (see ``_image_range``); one list
+        (or ``[list]``) is shared by all the record's sequences. ``columns``: its other
+        dataset columns (prompt data)."""
         line = (json.dumps(columns or {}, sort_keys=True) + "\n").encode()
         self.columns.write(line)
         self._col_pos += len(line)
         self._write("rec_col_off", np.array([self._col_pos]))
         sid = []
-        img = np.array([len(self.image_paths), len(self.image_paths) + len(images)])
-        self.image_paths.extend(images)
-        for tok, tgt in zip(rec.tokens, rec.targets):
+        per_seq = [images] if not images or not isinstance(images[0], list) else list(images)
+        ranges = [self._image_range(im) for im in per_seq]
+        for k, (tok, tgt) in enumerate(zip(rec.tokens, rec.targets)):
+            img = ranges[min(k, len(ranges) - 1)]
             self._write("tokens", tok)
             self._write("targets", tgt)
             self.num_tokens += len(tok)
@@ -207,8 +234,7 @@ class _Writer:
             f.close()
         self.columns.close()
         if self.image_paths:
-            tmp = Path(self.files["tokens"].name).parent
-            (tmp / "image_paths.json").write_text(json.dumps(self.image_paths))
+            (self.tmp / "image_paths.json").write_text(json.dumps(self.image_paths))
         return dict(self.sizes)
 
 
@@ -221,34 +247,38 @@ def _length_stats(x: np.ndarray) -> dict:
 
 def prepare_record(rt: RecordTokenizer, cfg: DataConfig, fmt: str, loc: str, raw, *, vision=None,
                    model_kind: str = "unknown", base_dir: Path | None = None) -> tuple:
-    """One raw record -> ``(rendered sequences, KTO label or -1, margin[, image paths])``;
+    """One raw record -> ``(rendered sequences, KTO label or -1, margin[, images per sequence])``;
     raises BadRecord.
 
     Everything per record before tokenization (normalise, validate, render the chat
     template). Shared by :func:`build_store` and tools/preprocess_data.py's workers.
     ``vision``: the model's VisionProcessor: image placeholders are expanded into image
-    tokens (so lengths, ``max_length`` and packing count them) and the resolved image paths
-    come back as a 4th element. ``model_kind`` (``images.model_kind_of_tokenizer``):
+    tokens (so lengths, ``max_length`` and packing count them) and the images come back as a
+    4th element: one list per sequence (``_Writer.add``) of resolved paths, or encoded bytes
+    for in-memory images (parquet/arrow bytes, datasets Image features). With ms-swift's
+    ``rejected_images`` the rejected sequence has its own list (and its own expansion). ``model_kind`` (``images.model_kind_of_tokenizer``):
     "text_model" makes image records bad records; "unknown" (a bare tokenizer) counts them
     as ``images_ignored``. ``base_dir``: the dataset file's folder (relative image paths)."""
     ex = normalize(raw, fmt, loc)
-    paths = None
+    images = None
+    views = [ex]  # the example each sequence is rendered from (rejected_images: its own expansion)
     if ex.images and vision is not None:
-        from .images import prepare_vision_example, resolve_images
+        from .images import prepare_vision_example
 
-        if any(r.path is None for r in resolve_images(ex.images, base_dir, loc)):
-            raise BadRecord("unsupported_image", f"{loc}: in-memory images (bytes / PIL) cannot be cached yet; "
-                            "save them as files and give their paths")
         v = prepare_vision_example(ex, loc, base_dir, vision)
-        ex, paths = v.example, [str(Path(p).resolve()) for p in v.image_paths]
+        sides = [v] if v.rejected is None else [v, v.rejected]
+        views = [s.example for s in sides]
+        images = [[str(r.path.resolve()) if r.path is not None else r.encoded() for r in s.refs] for s in sides]
+        ex = v.example
     elif ex.images and model_kind == "text_model":
         raise BadRecord("images_on_text_model", f"{loc}: the record has {len(ex.images)} image(s) but the model "
                         "is text-only; train a vision-language checkpoint (e.g. LLaVA-1.5) or drop the images")
     elif ex.images:  # parsed and validated, but this text pipeline has no vision model
         rt.warnings["images_ignored"] += 1
-    rendered = [rt.templater.render(ex, r, loc) for r in rt.responses(ex, fmt, loc)]
+    rendered = [rt.templater.render(views[min(k, len(views) - 1)], r, loc)
+                for k, r in enumerate(rt.responses(ex, fmt, loc))]
     out = (rendered, -1 if ex.label is None else int(ex.label), ex.margin)
-    return out if vision is None else (*out, paths or [])
+    return out if vision is None else (*out, (images or [])[:len(rendered)])
 
 
 def bad_record_error(e: BadRecord) -> BadRecord:

@@ -28,7 +28,6 @@ DROP_REASONS = {
     "prompt_too_long": "the prompt alone reaches max_length (truncation_strategy=right)",
     "image_cut_by_truncation": "truncation would cut an image's tokens (vision model)",
     "images_on_text_model": "the record has images but the model is text-only",
-    "unsupported_image": "in-memory images cannot be cached (give file paths)",
     "missing_image": "an image file does not exist",
     "corrupt_image": "an image cannot be read",
     "image_count_mismatch": "<image> placeholders and images disagree",

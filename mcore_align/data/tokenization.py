@@ -53,7 +53,8 @@ def padding_id(tokenizer) -> int:
     return pad
 
 RESPONSE_FIELD = {"sharegpt": "chosen", "messages": "messages", "swift": "response", "alpaca": "output",
-                  "trl": "chosen", "trl_implicit": "chosen", "trl_kto": "completion", "prompt": "completion"}
+                  "trl": "chosen", "trl_implicit": "chosen", "trl_kto": "completion", "prompt": "completion",
+                  "rlaif_v": "chosen"}
 
 
 @dataclass

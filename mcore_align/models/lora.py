@@ -139,6 +139,10 @@ class LoRAConfig:
     """Dropout on the adapter's input (training mode only)."""
     targets: tuple[str, ...] = PRESETS["DEFAULT"]
     """Megatron module names to adapt (see resolve_target_modules)."""
+    vision_children: tuple[str, ...] = ()
+    """Vision-language models: which parts of the first stage's vision module get adapters on
+    every one of their ``nn.Linear``s: "vit" (the tower, ``model.freeze_vit=false``) and/or
+    "aligner" (the projector, ``model.freeze_aligner=false``), as ms-swift does with LoRA."""
 
     def __post_init__(self) -> None:
         if self.rank < 1:
@@ -156,6 +160,9 @@ class LoRA(nn.Module):
 
     ``A``: column -> [r, in] replicated; row -> [r, in/T] split on dim 1.
     ``B``: column -> [out/T, r] split on dim 0; row -> [out, r] replicated.
+    ``replicated`` (a plain ``nn.Linear`` of the vision module, which every TP rank runs on
+    the same input): ``A [r, in]``, ``B [out, r]``, no communication; every TP rank computes
+    the same gradient (like the tower's own weights), so nothing is reduced over TP.
     """
 
     def __init__(self, kind: str, A: torch.Tensor, out_features: int, cfg: LoRAConfig, tp_group,
@@ -166,7 +173,7 @@ class LoRA(nn.Module):
         from megatron.core.tensor_parallel.layers import set_tensor_model_parallel_attributes
 
         super().__init__()
-        assert kind in ("column", "row"), kind
+        assert kind in ("column", "row", "replicated"), kind
         self.kind = kind
         self.expert = expert_allreduce is not None
         self.scaling = cfg.scaling
@@ -177,6 +184,8 @@ class LoRA(nn.Module):
         self.enabled = True
         self.A = nn.Parameter(A)
         self.B = nn.Parameter(torch.zeros(out_features, cfg.rank, dtype=A.dtype, device=A.device))
+        if kind == "replicated":
+            return
         split, replicated = (self.B, self.A) if kind == "column" else (self.A, self.B)
         set_tensor_model_parallel_attributes(split, True, 0 if kind == "column" else 1, 1)
         if self.sequence_parallel:  # partial over TP: finalize_model_grads all-reduces it
@@ -203,7 +212,9 @@ class LoRA(nn.Module):
                     B = M.copy_to_tensor_model_parallel_region(B, group=self.tp_group)
             return F.linear(F.linear(self.dropout(x), A), B) * self.scaling
         h = F.linear(self.dropout(x), self.A)  # [s(/T), b, r]
-        if self.kind == "column":
+        if self.kind == "replicated":
+            pass
+        elif self.kind == "column":
             if self.sequence_parallel:
                 h = all_gather_dim0(h, self.tp_group)  # [s, b, r]; backward: reduce-scatter
             else:
@@ -227,6 +238,29 @@ def _lora_hook(module, args, output):
     return out + lora.delta(args[0]).to(out.dtype), bias
 
 
+def _lora_hook_plain(module, args, output):
+    """A plain ``nn.Linear`` (vision module) returns a tensor, not megatron's (out, bias)."""
+    lora: LoRA = module.lora
+    return output + lora.delta(args[0]).to(output.dtype) if lora.enabled else output
+
+
+def _attach_vision_adapters(chunk, cfg: LoRAConfig, seed: int) -> list[str]:
+    """Replicated adapters on every ``nn.Linear`` of the vision parts ``cfg.vision_children``
+    names ("vit": the tower, "aligner": the projector) of a first-stage chunk; their names
+    are the module names (``vision.vision_tower.encoder.layers.0.self_attn.q_proj``)."""
+    vision = getattr(chunk, "vision", None)
+    if not cfg.vision_children or vision is None:
+        return []
+    names = []
+    for part in cfg.vision_children:
+        for child in getattr(vision, f"{part}_children"):
+            for n, m in getattr(vision, child).named_modules():
+                if type(m) is nn.Linear:
+                    names.append(f"vision.{child}.{n}")
+                    attach_lora(m, names[-1], cfg, seed=seed)
+    return names
+
+
 def init_A(global_name: str, rank: int, in_features: int, seed: int, dtype: torch.dtype) -> torch.Tensor:
     """The full (unsharded) A of one adapter, the same on every rank and at every layout.
 
@@ -241,7 +275,10 @@ def init_A(global_name: str, rank: int, in_features: int, seed: int, dtype: torc
 def global_module_name(chunk, local_name: str) -> str:
     """``decoder.layers.{local}.x`` -> ``decoder.layers.{global}.x`` (PP/VPP offsets), and
     ``mlp.experts.local_experts.{local}`` -> ``{global}`` (EP: rank p of P holds experts
-    p*E/P .. (p+1)*E/P - 1; e.g. E=4, EP=2: local 1 on EP rank 1 is expert 3)."""
+    p*E/P .. (p+1)*E/P - 1; e.g. E=4, EP=2: local 1 on EP rank 1 is expert 3).
+    The vision module (first stage only) keeps its names: ``vision.vision_tower...``."""
+    if local_name.startswith("vision."):
+        return local_name
     m = re.match(r"decoder\.layers\.(\d+)\.(.*)", local_name)
     assert m, local_name
     layer = chunk.decoder.layers[int(m.group(1))]
@@ -274,6 +311,14 @@ def attach_lora(mod, global_name: str, cfg: LoRAConfig, *, seed: int) -> LoRA:
     """Give one megatron parallel linear an adapter (child ``lora`` + a forward hook)."""
     from megatron.core.tensor_parallel.layers import ColumnParallelLinear, RowParallelLinear
 
+    if type(mod) is nn.Linear and global_name.startswith("vision."):  # replicated over TP
+        from megatron.core import parallel_state
+
+        A = init_A(global_name, cfg.rank, mod.in_features, seed, mod.weight.dtype)
+        lora = LoRA("replicated", A, mod.out_features, cfg, parallel_state.get_tensor_model_parallel_group(), False)
+        mod.lora = lora.to(mod.weight.device)
+        mod.register_forward_hook(_lora_hook_plain)
+        return lora
     if type(mod) not in (ColumnParallelLinear, RowParallelLinear):
         raise NotImplementedError(
             f"LoRA wraps megatron's local-spec ColumnParallelLinear/RowParallelLinear; {global_name} is "
@@ -313,6 +358,7 @@ def apply_lora(chunks, cfg: LoRAConfig, *, seed: int) -> list[str]:
             gname = global_module_name(chunk, name)
             attach_lora(mod, gname, cfg, seed=seed)
             adapted.append(gname)
+        adapted += _attach_vision_adapters(chunk, cfg, seed)
     if not adapted:
         raise ValueError(f"LoRA: no module named {cfg.targets} in the model")
     return adapted
@@ -362,7 +408,10 @@ def adapter_sharded_state_dict(chunk) -> dict:
         dp = parallel_state.get_expert_data_parallel_rank() if lora.expert else dense_dp
         t, T = lora.tp_group.rank(), lora.tp_group.size()
         kA, kB = f"{g}.lora_A.weight", f"{g}.lora_B.weight"
-        if lora.kind == "column":
+        if lora.kind == "replicated":  # the same on every TP rank
+            a = ShardedTensor.from_rank_offsets(kA, lora.A, replica_id=(0, t, dp))
+            b = ShardedTensor.from_rank_offsets(kB, lora.B, replica_id=(0, t, dp))
+        elif lora.kind == "column":
             a = ShardedTensor.from_rank_offsets(kA, lora.A, replica_id=(0, t, dp))
             b = ShardedTensor.from_rank_offsets(kB, lora.B, (0, t, T), replica_id=(0, 0, dp))
             if name.endswith("linear_fc1") and chunk.config.gated_linear_unit:

@@ -58,6 +58,9 @@ class VisionFamily:
 
 
 VISION_FAMILIES: dict[str, VisionFamily] = {}
+VISION_TOWER_ATTR = "is_vision_tower_param"
+"""Attribute set on the vision tower's parameters (not the projector's): ``model.vit_lr``
+gives them their own optimizer param group through megatron's ``ParamKey(attr=...)``."""
 
 
 def register_vision_family(f: VisionFamily) -> VisionFamily:
@@ -151,6 +154,9 @@ def attach_vision(model, spec: ModelSpec, opts) -> None:
                 params = [vision.get_parameter(child)]
             for p in params:
                 p.requires_grad_(not frozen)
+    for child in vision.vit_children:  # the optimizer's vit_lr param group selects them by this tag
+        for p in getattr(vision, child).parameters():
+            setattr(p, VISION_TOWER_ATTR, True)
     model.vision = vision
 
 

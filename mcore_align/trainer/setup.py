@@ -154,7 +154,8 @@ def build_optimizer(policy, runtime: Runtime, cfg: RunConfig, train_iters: int):
         use_distributed_optimizer=o.use_distributed_optimizer,
         initial_loss_scale=2.0**16 if cfg.model.fp16 else None,
     )
-    optimizer = get_megatron_optimizer(ocfg, policy, use_gloo_process_groups=False, pg_collection=runtime.pgs)
+    optimizer = get_megatron_optimizer(ocfg, policy, config_overrides=param_group_overrides(ocfg, cfg),
+                                       use_gloo_process_groups=False, pg_collection=runtime.pgs)
     warmup = int(round(o.warmup_ratio * train_iters))
     scheduler = OptimizerParamScheduler(
         optimizer,
@@ -175,6 +176,25 @@ def build_optimizer(policy, runtime: Runtime, cfg: RunConfig, train_iters: int):
         override_opt_param_scheduler=True,
     )
     return optimizer, scheduler
+
+
+def param_group_overrides(ocfg, cfg: RunConfig):
+    """megatron's per-parameter optimizer overrides: its standard ones (no weight decay on
+    biases and 1-D parameters), plus, with ``model.vit_lr``, the vision tower's own peak and
+    end learning rate (``max_lr`` / ``min_lr`` of its param group, which
+    ``OptimizerParamScheduler.get_lr`` reads per group, so warmup and decay apply to it too).
+    None (megatron's default, the standard overrides) without ``vit_lr``."""
+    if cfg.model.vit_lr is None:
+        return None
+    from megatron.core.optimizer import ParamKey, get_standard_config_overrides
+
+    from mcore_align.models.vision import VISION_TOWER_ATTR
+
+    o = cfg.optim
+    overrides = get_standard_config_overrides(ocfg)
+    overrides[ParamKey(attr=VISION_TOWER_ATTR)] = {
+        "max_lr": cfg.model.vit_lr, "min_lr": o.min_lr * cfg.model.vit_lr / o.learning_rate}
+    return overrides
 
 
 def wire_model_config(policy, optimizer, runtime: Runtime) -> None:

@@ -133,10 +133,25 @@ def test_text_only_checkpoint_refuses_image_records(tmp_path, shared_data, tok):
     assert data.train.image_encoder is None
 
 
-def test_vit_lr_is_refused():
+def test_vit_lr_needs_a_trainable_tower():
     from mcore_align.config import ModelConfig
 
-    with pytest.raises(ValueError, match="vit_lr is not supported"):
+    with pytest.raises(ValueError, match=r"model\.vit_lr=1e-05 has no effect: the vision tower is frozen "
+                                         r"\(freeze_vit=true\); set model\.freeze_vit=false"):
         ModelConfig(load="x", vit_lr=1e-5)
+    with pytest.raises(ValueError, match=r"frozen \(train_type=lora freezes its weights; its adapters train at optim\.learning_rate\)"):
+        ModelConfig(load="x", vit_lr=1e-5, freeze_vit=False, train_type="lora")
+    with pytest.raises(ValueError, match=r"model\.vit_lr must be > 0, got -1"):
+        ModelConfig(load="x", vit_lr=-1.0, freeze_vit=False)
+    assert ModelConfig(load="x", vit_lr=1e-5, freeze_vit=False).vit_lr == 1e-5
     m = ModelConfig(load="x", freeze_vit="false")
     assert m.freeze_vit is False and m.freeze_aligner is True
+
+
+def test_lora_config_reaches_the_unfrozen_vision_parts():
+    from mcore_align.config import ModelConfig
+
+    assert ModelConfig(load="x", train_type="lora").lora_config().vision_children == ()
+    assert ModelConfig(load="x", train_type="lora", freeze_vit=False).lora_config().vision_children == ("vit",)
+    assert ModelConfig(load="x", train_type="lora", freeze_vit=False,
+                       freeze_aligner=False).lora_config().vision_children == ("vit", "aligner")

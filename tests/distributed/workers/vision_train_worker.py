@@ -112,7 +112,8 @@ def _sequences(mb, image_token_id: int) -> list[dict]:
         tok = mb.tokens.reshape(-1)[a:a + n]
         k = int((tok == image_token_id).sum()) // 16  # 16 tokens per tiny image
         out.append({"tokens": tok.clone(), "pixel_values": mb.images["pixel_values"][idx[run:run + k]].clone(),
-                    "role": int(mb.seq_role[i]), "pair": int(mb.pair_index[i])})
+                    "role": int(mb.seq_role[i]), "pair": int(mb.pair_index[i]),
+                    "loss_mask": mb.loss_mask.reshape(-1)[a:a + n].clone()})
         run += k
     return out
 
@@ -202,3 +203,166 @@ def case_trainable_projector_with_text_only_micro_batches():
     other = w.clone()
     dist.broadcast(other, src=0)
     torch.testing.assert_close(w, other, rtol=0, atol=0)
+
+
+def case_vit_lr_param_group_scales_the_tower_update_and_follows_the_schedule():
+    """freeze_vit=false with model.vit_lr (TP=2): megatron's optimizer puts the tower in param
+    groups whose peak is vit_lr. One Adam step (its first: update = -lr_g * g / (|g| + eps), g the
+    clipped gradient each parameter holds) moves every tower element by vit_lr's amount and every
+    LM / projector element by learning_rate's; over a warmup + linear decay schedule every group's
+    learning rate equals the independent formula scaled to its own peak and end value."""
+    from mcore_align.models.vision import unwrap
+    from mcore_align.trainer.setup import build_optimizer
+
+    lr, vit_lr, eps = 1e-3, 2.5e-4, 1e-8
+    cfg = _cfg("dpo", None, "tensor_model_parallel_size=2", "freeze_vit=false", "freeze_aligner=false",
+               f"vit_lr={vit_lr}", f"learning_rate={lr}", "beta=0.1", "rpo_alpha=null", "train_iters=1")
+    tr = Trainer(cfg)
+    vision = unwrap(tr.policy[0]).vision
+    tower = {id(p) for p in vision.vision_tower.parameters()}
+    assert tower and all(p.requires_grad for p in vision.vision_tower.parameters())
+    groups = [g for g in tr.optimizer.param_groups if g["params"]]
+    for g in groups:
+        assert {id(p) in tower for p in g["params"]} in ({True}, {False}), "a group mixes tower and LM parameters"
+        assert g["max_lr"] == (vit_lr if id(g["params"][0]) in tower else lr)
+    assert any(g["max_lr"] == vit_lr for g in groups) and any(g["max_lr"] == lr for g in groups)
+    params = [p for m in tr.policy for p in m.parameters() if p.requires_grad]
+    before = [p.detach().clone() for p in params]
+    res = tr.stepper.train_step(next(tr.data.train), tr.optimizer, tr.scheduler)
+    assert not res.skipped
+    moved = {"tower": 0, "lm": 0}
+    for p, p0 in zip(params, before):
+        g = p.main_grad.detach()  # the reduced, clipped gradient Adam used (zeroed only at the next step)
+        peak = vit_lr if id(p) in tower else lr
+        want = p0 - peak * g / (g.abs() + eps)
+        torch.testing.assert_close(p.detach(), want, rtol=0, atol=peak * 1e-4)
+        moved["tower" if id(p) in tower else "lm"] += int((g.abs() > 1e-5).sum())
+    assert moved["tower"] > 100 and moved["lm"] > 100, moved  # both sides really stepped
+    # the schedule: warmup 2 steps from 0, then linear decay to min_lr over 10 steps, per group
+    min_lr, T, W = 1e-4, 10, 2
+    cfg2 = _cfg("dpo", None, "tensor_model_parallel_size=2", "freeze_vit=false", f"vit_lr={vit_lr}",
+                f"learning_rate={lr}", f"min_lr={min_lr}", "warmup_ratio=0.2", "lr_decay_style=linear",
+                f"train_iters={T}")
+    opt, sched = build_optimizer(tr.policy, tr.rt, cfg2, T)
+    for k in range(1, T + 1):
+        sched.step(increment=1)
+        for g in (g for g in opt.param_groups if g["params"]):
+            scale = vit_lr / lr if id(g["params"][0]) in tower else 1.0
+            peak, end = lr * scale, min_lr * scale
+            want = peak * k / W if k <= W else end + (peak - end) * (1 - (k - W) / (T - W))
+            assert abs(g["lr"] - want) <= 1e-12, (k, scale, g["lr"], want)
+
+
+# ---- other objectives with images (each against an independent reference) --------------------
+# Step-1 losses of SFT, CPO, ORPO and SimPO (full fine-tuning, TP=2) are compared with transformers'
+# LLaVA in float64 on the same first batch (tests/e2e/test_vision_train_e2e.py).
+OBJECTIVES_STEP1 = {"sft": (), "cpo": ("beta=0.1", "cpo_alpha=1.0"), "orpo": ("beta=0.1",),
+                    "simpo": ("beta=2.0", "simpo_gamma=1.0", "cpo_alpha=0.5")}
+
+
+def _first_step(name: str, algo: str, *overrides: str) -> None:
+    tr = Trainer(_cfg(algo, None, "tensor_model_parallel_size=2", "train_iters=2", "learning_rate=1e-4", *overrides))
+    assert tr.data.train.image_encoder is not None
+    state = tr.data.train.state_dict()
+    gb = next(tr.data.train)
+    tr.data.train.load_state_dict(state)  # training starts from this same batch
+    rows = [r for mb in gb.micro_batches for r in _sequences(mb, tr.spec.vision.image_token_id)]
+    h = tr.train()["history"]
+    assert all(math.isfinite(x["loss"]) and math.isfinite(x["grad_norm"]) for x in h), h
+    if dist.get_rank() == 0:
+        torch.save({"rows": rows, "num_pairs": gb.num_pairs, "history": h}, WORK / f"{name}_step1.pt")
+
+
+def case_sft_cpo_orpo_simpo_first_steps_on_images():
+    for algo, extra in OBJECTIVES_STEP1.items():
+        _first_step(f"{algo}_tp2", algo, *extra)
+
+
+def _kto_dataset() -> str:
+    """The colour task as unpaired KTO records: chosen answers desirable, rejected undesirable."""
+    path = WORK / "kto.jsonl"
+    if dist.get_rank() == 0:
+        base, out = Path(DATA).parent, []
+        for r in (json.loads(x) for x in Path(DATA).read_text().splitlines()):
+            for resp, label in ((r["response"], True), (r["rejected_response"], False)):
+                out.append({"messages": [{"role": "user", "content": r["query"]}, {"role": "assistant", "content": resp}],
+                            "label": label, "images": [str(base / p) for p in r["images"]]})
+        path.write_text("".join(json.dumps(r) + "\n" for r in out))
+    dist.barrier()
+    return str(path)
+
+
+def case_kto_with_images_pp2_matches_tp2():
+    """KTO on image records (each KL sequence takes its prompt's image): PP=2 gives the TP=2 run's
+    losses, KL estimates and grad norms over 3 steps; step 1 (policy == reference) is exactly
+    desirable/undesirable weight * (1 - sigmoid(0)) = 0.5."""
+    ds = _kto_dataset()
+    hist = {}
+    for layout in ("tensor_model_parallel_size=2", "pipeline_model_parallel_size=2"):
+        tr = Trainer(_cfg("kto", None, f"dataset=[{ds}]", layout, "train_iters=3", "learning_rate=1e-4", "beta=0.1"))
+        hist[layout] = tr.train()["history"]
+    tp, pp = hist.values()
+    assert abs(tp[0]["loss"] - 0.5) < 1e-6, tp[0]
+    for key in ("loss", "kl", "grad_norm"):
+        torch.testing.assert_close(torch.tensor([x[key] for x in pp], dtype=torch.float64),
+                                   torch.tensor([x[key] for x in tp], dtype=torch.float64),
+                                   rtol=1e-4, atol=1e-6, msg=lambda m: f"{key}: {m}")
+    assert len({round(x["loss"], 6) for x in tp}) > 1  # it trains
+
+
+def _matches_tp2(*overrides: str) -> None:
+    tr = Trainer(_cfg("dpo", None, "train_iters=4", *LORA_DPO, *overrides))
+    h = tr.train()["history"]
+    ref = json.loads((WORK / "dpo_lora_tp2_history.json").read_text())["history"][:4]
+    for key in ("loss", "rewards/margins", "logps/chosen", "grad_norm"):
+        torch.testing.assert_close(torch.tensor([x[key] for x in h], dtype=torch.float64),
+                                   torch.tensor([x[key] for x in ref], dtype=torch.float64),
+                                   rtol=1e-4, atol=1e-6, msg=lambda m: f"{key}: {m}")
+
+
+def case_dpo_lora_sequence_parallel_matches_tp2():
+    """TP=2 with sequence parallelism (the SP split after the image merge): the TP=2 run's losses,
+    margins, log-probs and grad norms over 4 steps."""
+    _matches_tp2("tensor_model_parallel_size=2", "sequence_parallel=true")
+
+
+def case_dpo_lora_padded_batches_match_packed_tp2():
+    """Padded (non-packed) micro-batches of 4 pairs with images ([B, S] rows, images row-major):
+    the packed TP=2 run's losses, margins, log-probs and grad norms over 4 steps."""
+    _matches_tp2("tensor_model_parallel_size=2", "packing=false", "micro_batch_size=4")
+
+
+def case_dpo_lora_on_the_vision_side():
+    """train_type=lora with freeze_vit=false and freeze_aligner=false (TP=2): every nn.Linear of the
+    tower and the projector gets a replicated adapter (ms-swift's LoRA on the ViT/aligner), their
+    B factors train while the base stays frozen, the TP ranks keep identical vision adapters, and
+    the Megatron policy's per-sequence log-prob sums of the first held-out batch are dumped for
+    the check against the merged and PEFT exports in transformers."""
+    from mcore_align.models.lora import LoRA
+    from mcore_align.models.vision import unwrap
+
+    name = "dpo_lora_vision"
+    tr = Trainer(_cfg("dpo", _save_dir(name), "tensor_model_parallel_size=2", *LORA_DPO, "freeze_vit=false",
+                      "freeze_aligner=false", "train_iters=3"))
+    vision = unwrap(tr.policy[0]).vision
+    linears = [m for m in vision.modules() if type(m) is torch.nn.Linear]
+    assert linears and all(isinstance(getattr(m, "lora", None), LoRA) for m in linears)
+    base0 = [p.detach().clone() for p in vision.parameters()]
+    assert not any(p.requires_grad for n, p in vision.named_parameters() if ".lora." not in n)
+    tr.train()
+    B = torch.cat([m.lora.B.detach().reshape(-1) for m in linears])
+    assert B.abs().max() > 0, "the vision adapters did not train"
+    base1 = [p.detach() for p in vision.parameters()]
+    # only adapter factors moved (the base vision weights are frozen)
+    names = [n for n, _ in vision.named_parameters()]
+    for n, a, b in zip(names, base0, base1):
+        if ".lora." not in n:
+            assert torch.equal(a, b), n
+    other = B.clone()
+    dist.broadcast(other, src=0)  # TP=2, DP=1: both ranks hold the (replicated) vision adapters
+    torch.testing.assert_close(B, other, rtol=0, atol=0)
+    gb = next(iter(tr.data.eval))
+    sums = tr.stepper.forward_only_sums(tr.policy, tr.stepper.to_device(gb.micro_batches))
+    rows = [r for mb in gb.micro_batches for r in _sequences(mb, tr.spec.vision.image_token_id)]
+    if dist.get_rank() == 0:
+        torch.save({"rows": rows, "sums": torch.cat([s.double().cpu() for s in sums])}, WORK / f"{name}_sums.pt")
