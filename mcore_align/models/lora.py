@@ -248,13 +248,18 @@ def _attach_vision_adapters(chunk, cfg: LoRAConfig, seed: int) -> list[str]:
     """Replicated adapters on every ``nn.Linear`` of the vision parts ``cfg.vision_children``
     names ("vit": the tower, "aligner": the projector) of a first-stage chunk; their names
     are the module names (``vision.vision_tower.encoder.layers.0.self_attn.q_proj``)."""
+    from mcore_align.models.vision import vision_child
+
     vision = getattr(chunk, "vision", None)
     if not cfg.vision_children or vision is None:
         return []
     names = []
     for part in cfg.vision_children:
         for child in getattr(vision, f"{part}_children"):
-            for n, m in getattr(vision, child).named_modules():
+            module = vision_child(vision, child)
+            if not isinstance(module, nn.Module):  # a bare parameter (image_newline): no linear
+                continue
+            for n, m in module.named_modules():
                 if type(m) is nn.Linear:
                     names.append(f"vision.{child}.{n}")
                     attach_lora(m, names[-1], cfg, seed=seed)

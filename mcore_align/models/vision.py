@@ -148,16 +148,26 @@ def attach_vision(model, spec: ModelSpec, opts) -> None:
     vision.image_token_id = spec.vision.image_token_id
     for names, frozen in ((vision.vit_children, opts.freeze_vit), (vision.aligner_children, opts.freeze_aligner)):
         for child in names:
-            try:
-                params = list(vision.get_submodule(child).parameters())
-            except AttributeError:  # a bare parameter (LLaVA-NeXT's image_newline)
-                params = [vision.get_parameter(child)]
-            for p in params:
+            for p in vision_child_params(vision, child):
                 p.requires_grad_(not frozen)
     for child in vision.vit_children:  # the optimizer's vit_lr param group selects them by this tag
-        for p in getattr(vision, child).parameters():
+        for p in vision_child_params(vision, child):
             setattr(p, VISION_TOWER_ATTR, True)
     model.vision = vision
+
+
+def vision_child(vision, name: str):
+    """A vision part by its (dotted) child name: a submodule (``visual.blocks``) or a bare
+    parameter (LLaVA-NeXT's ``image_newline``)."""
+    try:
+        return vision.get_submodule(name)
+    except AttributeError:
+        return vision.get_parameter(name)
+
+
+def vision_child_params(vision, name: str) -> list:
+    part = vision_child(vision, name)
+    return [part] if isinstance(part, torch.nn.Parameter) else list(part.parameters())
 
 
 def has_vision(model) -> bool:
