@@ -141,10 +141,10 @@ fi
 {
   echo "# gpu_check $( [ $DRY = 1 ] && echo '(DRY RUN on CPU)' ) $(date -u +%FT%TZ)"
   echo
-  echo "CUDA tests: exit $TESTS_RC; $(grep -E '(passed|failed|skipped|error)' "$OUTDIR/cuda_tests.log" | tail -1)"
+  echo "CUDA tests: exit $TESTS_RC; $(grep -E '(passed|failed|skipped|error|not run)' "$OUTDIR/cuda_tests.log" | tail -1)"
   grep -E '^(PASSED|FAILED|SKIPPED|ERROR)' "$OUTDIR/cuda_tests.log" | sed 's/^/    /'
   echo
-  echo "CUDA tests again, $(grep -m1 '^megatron-core' "$OUTDIR/cuda_tests_newest.log" | cut -d' ' -f1-2 || echo 'newest megatron-core'): exit $NEWEST_RC; $(grep -E '(passed|failed|skipped|error)' "$OUTDIR/cuda_tests_newest.log" | tail -1)"
+  echo "CUDA tests again, $(grep -m1 '^megatron-core' "$OUTDIR/cuda_tests_newest.log" | cut -d' ' -f1-2 || echo 'newest megatron-core'): exit $NEWEST_RC; $(grep -E '(passed|failed|skipped|error|not run)' "$OUTDIR/cuda_tests_newest.log" | tail -1)"
   grep -E '^(PASSED|FAILED|SKIPPED|ERROR)' "$OUTDIR/cuda_tests_newest.log" | sed 's/^/    /'
   echo
   echo "bench_train (exit ${BENCH_RC[train]}):"
