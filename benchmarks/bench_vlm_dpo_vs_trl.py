@@ -60,20 +60,23 @@ def instrument(root):
         first.register_full_backward_hook(bwd_end)
     return len(towers)
 
-atexit.register(lambda: open(os.environ["VISION_TIMES"], "w").write(json.dumps(_T)))
+def arm():  # in the main process only (a spawned helper process re-imports __main__)
+    atexit.register(lambda: open(os.environ["VISION_TIMES"], "w").write(json.dumps(_T)))
 '''
 
 MCORE_SCRIPT = HOOKS + r'''
 import sys
-import mcore_align.models.vision as V
-_orig = V.attach_vision
-def _attach(model, spec, opts):
-    _orig(model, spec, opts)
-    if getattr(model, "vision", None) is not None:
-        instrument(model.vision)
-V.attach_vision = _attach
-from mcore_align.train import main
-sys.exit(main(sys.argv[1:]))
+if __name__ == "__main__":  # megatron's async checkpoint writer spawns a process that imports __main__
+    import mcore_align.models.vision as V
+    _orig = V.attach_vision
+    def _attach(model, spec, opts):
+        _orig(model, spec, opts)
+        if getattr(model, "vision", None) is not None:
+            instrument(model.vision)
+    V.attach_vision = _attach
+    arm()
+    from mcore_align.train import main
+    sys.exit(main(sys.argv[1:]))
 '''
 
 TRL_SCRIPT = HOOKS + r'''
@@ -98,6 +101,7 @@ cfg = DPOConfig(output_dir=out, per_device_train_batch_size=gbs, max_steps=steps
                 use_cpu=True, bf16=False, dataloader_num_workers=0, seed=0)
 model = LlavaForConditionalGeneration.from_pretrained(hf, dtype=torch.float32)
 trainer = DPOTrainer(model=model, args=cfg, train_dataset=ds, processing_class=proc, callbacks=[Timer()])
+arm()
 n = instrument(trainer.model) + (instrument(trainer.ref_model) if trainer.ref_model is not None else 0)
 print("instrumented towers:", n, file=sys.stderr)
 trainer.train()
