@@ -110,8 +110,8 @@ def main() -> None:
     from mcore_align.models.tiny import make_tiny_model
 
     p = argparse.ArgumentParser()
-    p.add_argument("--source", default=os.path.join(os.environ.get("MCORE_ALIGN_DATA", str(ROOT.parent / "shared" / "data")),
-                                                    "dpo_en_demo.json"))
+    data_dir = os.environ.get("MCORE_ALIGN_DATA", str(ROOT.parent / "shared" / "data"))
+    p.add_argument("--source", default=os.path.join(data_dir, "dpo_en_demo.json"))
     p.add_argument("--pairs", type=int, default=20000)
     p.add_argument("--workers", default="1,2", help="worker counts to compare (0 = the trainer's serial build)")
     p.add_argument("--chunk", type=int, default=1024)
@@ -134,8 +134,8 @@ def main() -> None:
                       f"load average {runs[w][-1][3]:.1f}", file=sys.stderr, flush=True)
                 shutil.rmtree(work / f"c{w}_{t}", ignore_errors=True)
         cpu_name = platform.processor() or platform.machine()
-        print(f"{a.pairs} pairs ({data.stat().st_size / 1e6:.0f} MB jsonl), {runs[kinds[0]][0][2]['tokens']} tokens; "
-              f"{cpu_name}, {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f} at the end")
+        print(f"{a.pairs} pairs ({data.stat().st_size / 1e6:.0f} MB jsonl), {runs[kinds[0]][0][2]['tokens']} "
+              f"tokens; {cpu_name}, {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f} at the end")
         print("| build | wall s: median (min-max) | tokens/s at median | records/s | CPU s (median) | load avg (1 min) |")
         print("|---|---:|---:|---:|---:|---|")
         for w in kinds:

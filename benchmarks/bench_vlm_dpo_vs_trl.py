@@ -85,7 +85,8 @@ from datasets import Dataset
 from PIL import Image
 from transformers import AutoProcessor, LlavaForConditionalGeneration, TrainerCallback
 from trl import DPOConfig, DPOTrainer
-hf, data, steps, gbs, max_len, out = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5]), sys.argv[6]
+hf, data, out = sys.argv[1], sys.argv[2], sys.argv[6]
+steps, gbs, max_len = (int(x) for x in sys.argv[3:6])
 torch.set_num_threads(2)
 proc = AutoProcessor.from_pretrained(hf)
 rows = [json.loads(l) for l in open(data)]
