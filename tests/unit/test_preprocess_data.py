@@ -123,6 +123,18 @@ def test_split_files_give_the_trainers_cache(setup, split_data, tmp_path, worker
     _same_cache(ref.path, Path(stats["cache"]))
 
 
+def test_two_processes_give_the_one_process_cache(setup, split_data, tmp_path):
+    """The same build with 1 and with 2 worker processes: identical arrays and meta.json."""
+    from preprocess_data import preprocess
+
+    root, tok_dir, cfg, tok = setup
+    built = []
+    for workers in (1, 2):
+        mine = dataclasses.replace(split_data, cache_dir=str(tmp_path / f"w{workers}"))
+        built.append(Path(preprocess(mine, tok_dir, "paired", workers=workers, chunk=8, log=lambda m: None)["cache"]))
+    _same_cache(*built)
+
+
 def test_jsonl_pieces_cover_the_file_with_line_numbers(tmp_path):
     from mcore_align.data.formats import iter_jsonl
     from preprocess_data import _jsonl_pieces
