@@ -28,6 +28,7 @@ import argparse
 import json
 import os
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -159,6 +160,8 @@ def main() -> None:
     p.add_argument("--vision-hidden", type=int, default=128)
     p.add_argument("--vision-layers", type=int, default=4)
     p.add_argument("--image-size", type=int, default=112, help="px; patch 14 -> (size/14)^2 image tokens")
+    p.add_argument("--tokens-per-micro-batch", type=int, default=8192,
+                   help="mcore_align's packing budget (8192: a step's 8 pairs in one micro-batch, as TRL's one batch)")
     p.add_argument("--skip-trl", action="store_true")
     a = p.parse_args()
     from mcore_align.checkpoint import convert_hf_to_mcore
@@ -180,7 +183,7 @@ def main() -> None:
     env["VISION_TIMES"] = str(work / "mcore_vision.json")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=1", str(work / "mcore_bench.py"),
            f"model.load={work / 'mcore'}", f"data.dataset=[{swift}]", f"max_length={a.max_length}",
-           f"max_tokens_per_micro_batch={4 * a.max_length}", f"global_batch_size={a.gbs}", f"train_iters={a.steps}",
+           f"max_tokens_per_micro_batch={a.tokens_per_micro_batch}", f"global_batch_size={a.gbs}", f"train_iters={a.steps}",
            "learning_rate=1e-5", "rpo_alpha=null", "device=cpu", f"train.save={save}", "progress_bar=false",
            "plot=false", f"data.cache_dir={work / 'cache'}", "model.freeze_vit=false", "model.freeze_aligner=false",
            "val_fraction=0"]
@@ -204,17 +207,17 @@ def main() -> None:
 
     print(f"\nVLM DPO, {a.gbs} pairs/step, LLM hidden {a.hidden} x {a.layers} layers, CLIP hidden {a.vision_hidden} x "
           f"{a.vision_layers} layers at {a.image_size} px, steps 3..{a.steps} (vision share: all steps)")
-    print("| run | s/step | pairs/s | real tokens/s | vs TRL | vision fwd+bwd share of step | tower calls fwd/bwd |")
+    print("| run | s/step median (min-max) | pairs/s at median (at min) | real tokens/s at median (at min) "
+          "| vs TRL (median / min) | vision fwd+bwd share of step | tower calls fwd/bwd |")
     print("|---|---:|---:|---:|---:|---:|---:|")
-    trl_s = None
-    if "TRL DPOTrainer (1 proc x 2 threads)" in results:
-        t = results["TRL DPOTrainer (1 proc x 2 threads)"][0][2:]
-        trl_s = sum(t) / len(t)
+    trl_t = results.get("TRL DPOTrainer (1 proc x 2 threads)", (None,))[0]
     for name, (times, vis) in results.items():
-        s = sum(times[2:]) / len(times[2:])
+        t = times[2:]
+        med, lo = statistics.median(t), min(t)
         share = (vis["fwd_s"] + vis["bwd_s"]) / sum(times)
-        vs = f"{trl_s / s:.2f}x" if trl_s else "-"
-        print(f"| {name} | {s:.3f} | {a.gbs / s:.2f} | {a.gbs / s * tok_per_pair:.0f} | {vs} | {share:.1%} "
+        vs = (f"{statistics.median(trl_t[2:]) / med:.2f}x / {min(trl_t[2:]) / lo:.2f}x" if trl_t else "-")
+        print(f"| {name} | {med:.2f} ({lo:.2f}-{max(t):.2f}) | {a.gbs / med:.2f} ({a.gbs / lo:.2f}) | "
+              f"{a.gbs / med * tok_per_pair:.0f} ({a.gbs / lo * tok_per_pair:.0f}) | {vs} | {share:.1%} "
               f"(fwd {vis['fwd_s']:.2f} s + bwd {vis['bwd_s']:.2f} s of {sum(times):.1f} s) | "
               f"{vis['fwd_calls']}/{vis['bwd_calls']} |")
 
