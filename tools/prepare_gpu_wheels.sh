@@ -8,7 +8,10 @@
 #
 #   tools/prepare_gpu_wheels.sh [DIR]        # DIR defaults to .gpu_wheels (git-ignored)
 #
-# Versions come from constraints.txt where it pins them. Then carry DIR with the run:
+# Versions come from constraints.txt where it pins them. Also, into DIR/newest/, the NEWEST
+# megatron-core wheel for CPython 3.12 (0.17+ require Python >= 3.12; set NEWEST_MCORE=0 to
+# skip, or NEWEST_MCORE=0.19.2 for a given one): tools/gpu_check.sh runs the CUDA tests a
+# second time with it, to establish which versions setup.py may admit. Then carry DIR:
 #   run(command="tools/gpu_check.sh", carry=[".gpu_wheels"])
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -35,5 +38,16 @@ echo "downloading into $DIR: ${specs[*]}"
   --platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64 --platform manylinux_2_24_x86_64 \
   --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 --platform manylinux1_x86_64 \
   -d "$DIR" "${specs[@]}"
+NEWEST=${NEWEST_MCORE:-latest}
+if [ "$NEWEST" != 0 ]; then
+  spec=megatron-core; [ "$NEWEST" != latest ] && spec="megatron-core==$NEWEST"
+  rm -rf "$DIR/newest"; mkdir -p "$DIR/newest"
+  echo "downloading into $DIR/newest: $spec (newest for cp312)"
+  "$PY" -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+    --platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64 --platform manylinux_2_24_x86_64 \
+    --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 --platform manylinux1_x86_64 \
+    -d "$DIR/newest" "$spec"
+  ls "$DIR/newest"
+fi
 du -sh "$DIR"
 echo "ok: carry $DIR (limit: 64 MiB together with the working tree)"

@@ -207,7 +207,12 @@ def _bounded_writer_cls():
 
 
 def _streaming_strategy(params: _OneParamCache, meta_params: dict[str, torch.Tensor]):
-    from megatron.core.dist_checkpointing.strategies.base import SaveShardedStrategy
+    try:  # megatron-core <= 0.16: strategies derive from an abstract base
+        from megatron.core.dist_checkpointing.strategies.base import SaveShardedStrategy
+    except ImportError:  # 0.17+: no base module, and save() swaps any strategy that is not a
+        # TorchDistSaveShardedStrategy for the default one, so derive from that (same init args)
+        from megatron.core.dist_checkpointing.strategies.torch import \
+            TorchDistSaveShardedStrategy as SaveShardedStrategy
     from megatron.core.dist_checkpointing.strategies.torch import (
         _replace_state_dict_keys_with_sharded_keys,
         mcore_to_pyt_state_dict,

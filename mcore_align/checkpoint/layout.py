@@ -177,7 +177,7 @@ def check_complete(ckpt_dir: str | Path) -> Path:
     from torch.distributed.checkpoint import FileSystemReader
 
     path = Path(ckpt_dir)
-    for name in ("metadata.json", "common.pt", ".metadata"):
+    for name in ("metadata.json", ".metadata"):
         if not (path / name).is_file():
             raise CheckpointError(f"{path / name}: missing; the checkpoint {path} is incomplete")
     try:
@@ -185,6 +185,10 @@ def check_complete(ckpt_dir: str | Path) -> Path:
     except Exception as e:  # noqa: BLE001 - a torn pickle can raise anything
         raise CheckpointError(f"{path / '.metadata'}: unreadable ({type(e).__name__}: {e}); "
                               f"the checkpoint {path} is incomplete or corrupt") from e
+    # The non-sharded state: common.pt (megatron-core <= 0.16), or a "common_state" item in
+    # the torch_dist index (0.17+ write no common.pt; their loader reads either).
+    if not (path / "common.pt").is_file() and not any(k.fqn.startswith("common_state") for k in storage):
+        raise CheckpointError(f"{path / 'common.pt'}: missing; the checkpoint {path} is incomplete")
     need: dict[str, int] = {}  # file -> bytes the index says it holds
     for info in storage.values():
         need[info.relative_path] = max(need.get(info.relative_path, 0), info.offset + info.length)

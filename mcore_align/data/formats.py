@@ -110,21 +110,7 @@ def split_sampling_suffix(spec: str) -> tuple[str, int | None]:
 def _iter_file(path: Path) -> Iterator[tuple[str, Any]]:
     """Yield (location, record). Location is "file:line" (jsonl) or "file[record i]"."""
     if path.suffix == ".jsonl":
-        # Line by line: RAM stays bounded by the longest line.
-        with open(path, "rb") as f:
-            for lineno, raw in enumerate(f, start=1):
-                loc = f"{path}:{lineno}"
-                try:
-                    line = raw.decode("utf-8")
-                except UnicodeDecodeError as e:
-                    yield loc, BadRecord("non_utf8", f"{loc}: not valid UTF-8 ({e})")
-                    continue
-                if not line.strip():
-                    continue
-                try:
-                    yield loc, json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise ValueError(f"{loc}: malformed JSON: {e.msg} (column {e.colno})") from None
+        yield from iter_jsonl(path)
     elif path.suffix == ".json":
         # A JSON array has to be parsed whole; use .jsonl or .parquet for huge datasets.
         raw = path.read_bytes()
@@ -143,9 +129,11 @@ def _iter_file(path: Path) -> Iterator[tuple[str, Any]]:
             raise ValueError(f"{path}: expected a JSON array of records, got {type(data).__name__}")
         for i, rec in enumerate(data):
             yield f"{path}[record {i}]", rec
+    elif path.suffix == ".parquet":  # image columns: {"bytes", "path"} structs, as for Arrow
+        yield from iter_parquet(path)
     else:
-        # Parquet, or Arrow IPC (.arrow: `datasets` writes the stream format, pyarrow often the
-        # file format). Image columns hold {"bytes", "path"} structs (datasets' Image feature).
+        # Arrow IPC (.arrow: `datasets` writes the stream format, pyarrow often the file
+        # format). Image columns hold {"bytes", "path"} structs (datasets' Image feature).
         i = 0
         for batch in _arrow_batches(path):
             for rec in batch.to_pylist():
@@ -153,14 +141,47 @@ def _iter_file(path: Path) -> Iterator[tuple[str, Any]]:
                 i += 1
 
 
+def iter_jsonl(path: Path, start: int = 0, stop: int | None = None, first_line: int = 1) -> Iterator[tuple[str, Any]]:
+    """Records of a ``.jsonl`` file as ("file:line", record), line by line (RAM stays bounded
+    by the longest line). ``start``/``stop``: only the lines that begin in this byte range
+    (``start`` at a line start, numbered ``first_line``), so that tools/preprocess_data.py's
+    workers each parse only their share of a file."""
+    with open(path, "rb") as f:
+        f.seek(start)
+        pos = start
+        for lineno, raw in enumerate(f, start=first_line):
+            if stop is not None and pos >= stop:
+                return
+            pos += len(raw)
+            loc = f"{path}:{lineno}"
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                yield loc, BadRecord("non_utf8", f"{loc}: not valid UTF-8 ({e})")
+                continue
+            if not line.strip():
+                continue
+            try:
+                yield loc, json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{loc}: malformed JSON: {e.msg} (column {e.colno})") from None
+
+
+def iter_parquet(path: Path, row_groups: list[int] | None = None, first_row: int = 0) -> Iterator[tuple[str, Any]]:
+    """Rows of a parquet file as ("file[row i]", record); ``row_groups``: only these (in
+    order), whose first row is number ``first_row`` of the file."""
+    import pyarrow.parquet as pq
+
+    i = first_row
+    for batch in pq.ParquetFile(path).iter_batches(batch_size=1024, row_groups=row_groups):
+        for rec in batch.to_pylist():
+            yield f"{path}[row {i}]", rec
+            i += 1
+
+
 def _arrow_batches(path: Path):
     import pyarrow as pa
 
-    if path.suffix == ".parquet":
-        import pyarrow.parquet as pq
-
-        yield from pq.ParquetFile(path).iter_batches(batch_size=1024)
-        return
     with pa.memory_map(str(path)) as src:
         try:
             reader = pa.ipc.open_stream(src)

@@ -112,6 +112,22 @@ def test_missing_index_is_incomplete(ckpt):
         check_complete(ckpt)
 
 
+def test_missing_common_state_is_incomplete(ckpt):
+    """The non-sharded state lives in common.pt (megatron-core <= 0.16) or, from 0.17, as a
+    "common_state" item of the torch_dist index; a checkpoint with neither is incomplete."""
+    if (ckpt / "common.pt").exists():
+        check_complete(ckpt)
+        (ckpt / "common.pt").unlink()
+        with pytest.raises(CheckpointError, match=r"common\.pt: missing.*incomplete"):
+            check_complete(ckpt)
+    else:  # 0.17+: the index holds it, and the check accepts the folder as it is
+        from torch.distributed.checkpoint import FileSystemReader
+
+        keys = FileSystemReader(str(ckpt)).read_metadata().storage_data
+        assert any(k.fqn.startswith("common_state") for k in keys)
+        check_complete(ckpt)
+
+
 def test_export_cli_reports_incomplete_checkpoint(ckpt, tmp_path):
     shard = _largest_shard(ckpt)
     shard.write_bytes(shard.read_bytes()[:100])

@@ -81,6 +81,99 @@ def test_preprocessed_cache_is_the_trainers(setup, tmp_path, workers, chunk, sha
         store.build_store = orig
 
 
+@pytest.fixture(scope="module")
+def split_data(setup):
+    """A .jsonl (blank lines, a non-UTF-8 line, bad and dropped records, no final newline)
+    and a parquet file of 9 row groups: both are cut into pieces the workers read."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    root, tok_dir, cfg, tok = setup
+    recs = json.loads(DATA.read_text())[120:200]
+    lines = [json.dumps(r).encode() for r in recs[:50]]
+    lines[3] = b""  # blank: skipped, not counted as read
+    lines[10] = b'{"conversations": "' + bytes([0xFF, 0xFE]) + b'"}'
+    lines[17] = json.dumps({**recs[17], "chosen": recs[17]["rejected"]}).encode()  # identical pair: dropped
+    lines[30] = json.dumps({"conversations": [{"from": "gpt", "value": "x"}], "chosen": recs[30]["chosen"],
+                            "rejected": recs[30]["rejected"]}).encode()  # bad: skipped
+    (root / "d.jsonl").write_bytes(b"\n".join(lines))
+    rows = recs[50:]
+    rows[4] = {**rows[4], "chosen": rows[4]["rejected"]}
+    pq.write_table(pa.Table.from_pylist(rows), root / "d.parquet", row_group_size=4)
+    assert pq.ParquetFile(root / "d.parquet").metadata.num_row_groups > 5
+    return dataclasses.replace(cfg, dataset=[str(root / "d.jsonl"), str(root / "d.parquet"), cfg.dataset[0]],
+                               cache_dir=str(root / "ref_split"), max_length=2048)
+
+
+@pytest.mark.parametrize("workers,chunk,shards", [(2, 6, 1), (2, 5, 3)])
+def test_split_files_give_the_trainers_cache(setup, split_data, tmp_path, workers, chunk, shards):
+    """jsonl byte ranges and parquet row groups read by the workers themselves (several
+    processes, several shards) give the single-process trainer's arrays and meta.json."""
+    from mcore_align.data.store import load_or_build_store
+    from preprocess_data import preprocess
+
+    root, tok_dir, cfg, tok = setup
+    ref = load_or_build_store(split_data, tok, "paired")
+    assert {"non_utf8", "identical_chosen_rejected"} <= set(ref.meta["dropped"]), ref.meta["dropped"]
+    assert ref.meta["records_kept"] > 60, ref.meta
+    mine = dataclasses.replace(split_data, cache_dir=str(tmp_path / "cache"))
+    for i in range(shards):
+        stats = preprocess(mine, tok_dir, "paired", workers=workers, chunk=chunk, shard=(i, shards), log=lambda m: None)
+    assert stats["built"]
+    _same_cache(ref.path, Path(stats["cache"]))
+
+
+def test_two_processes_give_the_one_process_cache(setup, split_data, tmp_path):
+    """The same build with 1 and with 2 worker processes: identical arrays and meta.json."""
+    from preprocess_data import preprocess
+
+    root, tok_dir, cfg, tok = setup
+    built = []
+    for workers in (1, 2):
+        mine = dataclasses.replace(split_data, cache_dir=str(tmp_path / f"w{workers}"))
+        built.append(Path(preprocess(mine, tok_dir, "paired", workers=workers, chunk=8, log=lambda m: None)["cache"]))
+    _same_cache(*built)
+
+
+def test_jsonl_pieces_cover_the_file_with_line_numbers(tmp_path):
+    from mcore_align.data.formats import iter_jsonl
+    from preprocess_data import _jsonl_pieces
+
+    f = tmp_path / "x.jsonl"
+    f.write_bytes(b'{"a": 1}\n\n{"a": 3}\n{"a": 4}\n{"a": 5}\n{"a": 6}\n{"a": 7}')  # no final newline
+    whole = list(iter_jsonl(f))
+    for lines in (1, 2, 3, 7, 100):
+        pieces = _jsonl_pieces(f, lines)
+        assert pieces[0][0] == 0 and pieces[-1][1] == f.stat().st_size
+        assert all(a[1] == b[0] for a, b in zip(pieces, pieces[1:]))  # contiguous
+        assert len(pieces) == -(-7 // lines)
+        assert [r for a, b, first in pieces for r in iter_jsonl(f, a, b, first)] == whole
+    assert whole[-1] == (f"{f}:7", {"a": 7})
+
+
+def test_a_shard_parses_only_its_share(setup, tmp_path):
+    """A malformed line in shard 1's share: shard 0 never parses it and succeeds; shard 1
+    fails naming the file and line."""
+    from preprocess_data import preprocess
+
+    root, tok_dir, cfg, tok = setup
+    recs = json.loads(DATA.read_text())[:20]
+    lines = [json.dumps(r) for r in recs]
+    lines[14] = '{"conversations": ['  # line 15, in the third piece of 5 lines: shard 0 of 2 takes pieces 0, 2
+    lines[7] = lines[7][:-1]  # line 8: piece 1 (shard 1)
+    (tmp_path / "m.jsonl").write_text("\n".join(lines) + "\n")
+    mine = dataclasses.replace(cfg, dataset=[str(tmp_path / "m.jsonl")], cache_dir=str(tmp_path / "c"),
+                               max_length=8192, on_bad_record="error")
+    with pytest.raises(ValueError, match=r"m\.jsonl:15: malformed JSON"):
+        preprocess(mine, tok_dir, "paired", chunk=5, shard=(0, 2), log=lambda m: None)
+    ok = mine
+    lines[14] = json.dumps(recs[14])
+    (tmp_path / "m.jsonl").write_text("\n".join(lines) + "\n")
+    assert preprocess(ok, tok_dir, "paired", chunk=5, shard=(0, 2), log=lambda m: None)["records_kept"] == 10
+    with pytest.raises(ValueError, match=r"m\.jsonl:8: malformed JSON"):
+        preprocess(ok, tok_dir, "paired", chunk=5, shard=(1, 2), log=lambda m: None)
+
+
 def test_cli_uses_the_run_config(setup, tmp_path):
     """The CLI reads the trainer's config (model.load's tokenizer, objective kind) and a
     second run is a no-op."""
