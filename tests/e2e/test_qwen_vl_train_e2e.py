@@ -6,24 +6,38 @@ from __future__ import annotations
 import pytest
 
 from tests.dist_utils import dist_cases, run_dist_module
-from tests.e2e.test_vision_train_e2e import make_colour_task
+from tests.e2e.test_vision_train_e2e import check_rm_export, make_colour_task
 
 WORKER = "tests.distributed.workers.qwen_vl_train_worker"
 
 
 @pytest.fixture(scope="module")
-def results(tmp_path_factory):
+def work(tmp_path_factory):
     from mcore_align.checkpoint import convert_hf_to_mcore
     from mcore_align.models.tiny_vision import make_tiny_qwen2_vl
 
     root = tmp_path_factory.mktemp("qwen_vl_train")
     make_tiny_qwen2_vl(root / "hf", "2")
     convert_hf_to_mcore(root / "hf", root / "mc", dtype="fp32")
+    make_tiny_qwen2_vl(root / "hf25", "2.5")
+    convert_hf_to_mcore(root / "hf25", root / "mc25", dtype="fp32")
     (root / "data").mkdir()
-    env = {"MA_TEST_CKPT": str(root / "mc"), "MA_TEST_WORK": str(root), "MA_TEST_DATA": make_colour_task(root / "data")}
+    return root
+
+
+@pytest.fixture(scope="module")
+def results(work):
+    env = {"MA_TEST_CKPT": str(work / "mc"), "MA_TEST_WORK": str(work), "MA_TEST_DATA": make_colour_task(work / "data"),
+           "MA_TEST_QWEN25_CKPT": str(work / "mc25")}
     return run_dist_module(WORKER, nproc=2, env=env)
 
 
 @pytest.mark.parametrize("case", dist_cases(WORKER))
 def test_case(results, case):
     results.check(case)
+
+
+def test_qwen2_5_vl_rm_export_loads_in_transformers_and_scores_like_megatron(results, work):
+    """The PP=2 Qwen2.5-VL reward model exported to HF: transformers' backbone (its own M-RoPE
+    positions) x value_head.safetensors gives the Megatron scores (1e-4)."""
+    check_rm_export(results, work, "qwen2_5_vl_rm_pp2", "Qwen2_5_VLForConditionalGeneration")

@@ -76,10 +76,24 @@ def test_case(results, case):
     results.check(case)
 
 
-@pytest.mark.parametrize("run", ["rm_tp2", "rm_pp2"])
-def test_rm_export_loads_in_transformers_and_scores_like_megatron(results, work, run):
+def hf_backbone_inputs(model, r) -> dict:
+    """transformers' backbone inputs for a dumped sequence (float64 pixels; Qwen-VL also needs
+    ``mm_token_type_ids``, 1 at image tokens, to build its M-RoPE positions)."""
+    ids = r["tokens"][None]
+    kw = {k: (v.double() if v.is_floating_point() else v) for k, v in r["image_inputs"].items()}
+    if "image_grid_thw" in kw:
+        kw["mm_token_type_ids"] = (ids == model.config.image_token_id).int()
+    return {"input_ids": ids, **kw}
+
+
+def check_rm_export(results, work, run: str, hf_class: str) -> None:
+    """The RM run ``run`` exported by tools/convert_mcore_to_hf.py loads with
+    AutoModelForImageTextToText as ``hf_class``; transformers' backbone (float64, last hidden
+    state at the last token) x value_head.safetensors gives the Megatron scores of the held-out
+    sequences (1e-4) and separates their pairs."""
+    import transformers
     from safetensors.torch import load_file
-    from transformers import AutoModelForImageTextToText, LlavaForConditionalGeneration
+    from transformers import AutoModelForImageTextToText
 
     results.check(f"case_{run}_learns_image_task")
     out = work / f"{run}_hf"
@@ -87,16 +101,16 @@ def test_rm_export_loads_in_transformers_and_scores_like_megatron(results, work,
                            "--overwrite"], cwd=ROOT, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr[-4000:]
     head = load_file(out / "value_head.safetensors")["value_head.weight"].double()  # [1, H]
-    model = LlavaForConditionalGeneration.from_pretrained(out, dtype=torch.float64).eval()
+    model = getattr(transformers, hf_class).from_pretrained(out, dtype=torch.float64).eval()
     auto = AutoModelForImageTextToText.from_pretrained(out, dtype=torch.float32)
-    assert type(auto).__name__ == "LlavaForConditionalGeneration"
+    assert type(auto).__name__ == hf_class
     rows = torch.load(work / f"{run}_scores.pt")
     assert len(rows) >= 8
     got, want = [], []
     with torch.no_grad():
         for r in rows:
             # the backbone's final (normed) hidden state at the last token, as score.score_hf reads it
-            h = model.model(input_ids=r["tokens"][None], pixel_values=r["pixel_values"].double()).last_hidden_state
+            h = model.model(**hf_backbone_inputs(model, r)).last_hidden_state
             got.append(float(h[0, -1] @ head[0]))
             want.append(r["score"])
     torch.testing.assert_close(torch.tensor(got, dtype=torch.float64), torch.tensor(want, dtype=torch.float64),
@@ -107,6 +121,13 @@ def test_rm_export_loads_in_transformers_and_scores_like_megatron(results, work,
         by_pair.setdefault(r["pair"], {})[r["chosen"]] = g
     acc = sum(p[True] > p[False] for p in by_pair.values()) / len(by_pair)
     assert acc > 0.9, acc
+
+
+@pytest.mark.parametrize("run,hf_class", [("rm_tp2", "LlavaForConditionalGeneration"),
+                                          ("rm_pp2", "LlavaForConditionalGeneration"),
+                                          ("llava_next_rm_tp2", "LlavaNextForConditionalGeneration")])
+def test_rm_export_loads_in_transformers_and_scores_like_megatron(results, work, run, hf_class):
+    check_rm_export(results, work, run, hf_class)
 
 
 def test_rm_step1_loss_matches_transformers_float64(results, work):

@@ -90,11 +90,14 @@ def case_dpo_lora_pp2_learns_image_task():
     _train("dpo_lora_pp2", "dpo", "pipeline_model_parallel_size=2", *LORA_DPO)
 
 
+NEXT = (f"load={NEXT_CKPT}", f"dataset=[{NEXT_DATA}]", f"cache_dir={WORK / 'cache_next'}", "max_length=160",
+        "max_tokens_per_micro_batch=640")
+
+
 def case_llava_next_dpo_lora_tp2_learns_image_task():
     """LLaVA-NeXT: the same task with images of three sizes (anyres: 3 or 5 tiles, 36 to 88
     image tokens), so micro-batches mix token and tile counts."""
-    _train("next_dpo_lora_tp2", "dpo", "tensor_model_parallel_size=2", f"load={NEXT_CKPT}", f"dataset=[{NEXT_DATA}]",
-           f"cache_dir={WORK / 'cache_next'}", "max_length=160", "max_tokens_per_micro_batch=640", *LORA_DPO)
+    _train("next_dpo_lora_tp2", "dpo", "tensor_model_parallel_size=2", *NEXT, *LORA_DPO)
 
 
 def case_internvl_dpo_lora_tp2_learns_image_task():
@@ -104,14 +107,29 @@ def case_internvl_dpo_lora_tp2_learns_image_task():
            f"dataset=[{NEXT_DATA}]", f"cache_dir={WORK / 'cache_internvl'}", *LORA_DPO)
 
 
+def _image_inputs(images: dict, idx: list[int]) -> dict:
+    """The HF model's image inputs for images ``idx`` of a micro-batch: ``pixel_values`` rows
+    (LLaVA: ``[k, 3, H, W]``; LLaVA-NeXT: ``[k, tiles, 3, H, W]`` + ``image_sizes``; Qwen-VL: the
+    images' patches ``[sum t*h*w, D]`` + ``image_grid_thw`` ``[k, 3]``)."""
+    if "image_grid_thw" in images:  # patches of all images on dim 0: slice each image's rows
+        grid = images["image_grid_thw"]
+        ends = grid.prod(-1).cumsum(0).tolist()
+        rows = [images["pixel_values"][(ends[i - 1] if i else 0):ends[i]] for i in idx]
+        return {"pixel_values": torch.cat(rows).clone(), "image_grid_thw": grid[idx].clone()}
+    return {k: images[k][idx].clone() for k in ("pixel_values", "image_sizes") if k in images}
+
+
 def _sequences(mb, image_token_id: int) -> list[dict]:
-    """Each sequence of a packed micro-batch: its tokens and the pixels of its images."""
-    idx, run, out = mb.images["image_index"], 0, []
+    """Each sequence of a packed micro-batch: its tokens and the HF image inputs of its images
+    (one image per run of image tokens, in ``image_index`` order)."""
+    idx, run, out = mb.images["image_index"].tolist(), 0, []
     for i in range(mb.num_sequences):
         a, n = int(mb.cu_seqlens[i]), int(mb.seq_lengths[i])
         tok = mb.tokens.reshape(-1)[a:a + n]
-        k = int((tok == image_token_id).sum()) // 16  # 16 tokens per tiny image
-        out.append({"tokens": tok.clone(), "pixel_values": mb.images["pixel_values"][idx[run:run + k]].clone(),
+        is_img = (tok == image_token_id).int()
+        k = int(is_img[0]) + int((is_img[1:] - is_img[:-1] == 1).sum())  # runs of image tokens
+        inputs = _image_inputs(mb.images, idx[run:run + k])
+        out.append({"tokens": tok.clone(), **inputs, "image_inputs": inputs,
                     "role": int(mb.seq_role[i]), "pair": int(mb.pair_index[i]),
                     "loss_mask": mb.loss_mask.reshape(-1)[a:a + n].clone()})
         run += k
@@ -162,6 +180,13 @@ def case_rm_tp2_learns_image_task():
 def case_rm_pp2_learns_image_task():
     tr, _ = _train("rm_pp2", "rm", "pipeline_model_parallel_size=2", *RM)
     _dump_scores(tr, "rm_pp2")
+
+
+def case_llava_next_rm_tp2_learns_image_task():
+    """LLaVA-NeXT reward model (full fine-tuning, TP=2) on images of three sizes; held-out scores
+    dumped for the export check (tests/e2e/test_vision_train_e2e.py)."""
+    tr, _ = _train("llava_next_rm_tp2", "rm", "tensor_model_parallel_size=2", *NEXT, *RM, "train_iters=70")
+    _dump_scores(tr, "llava_next_rm_tp2")
 
 
 def case_trainable_projector_with_text_only_micro_batches():
