@@ -60,15 +60,15 @@ def tokenized_records(tokenizer, dataset: list[str], *, paired: bool, max_length
 def _vision_processor(model_dir: str | Path):
     """The processor of a vision-language model directory (HF export, or a checkpoint's
     ``tokenizer/`` folder), else None."""
+    from mcore_align.models.vision import vision_processor
+
     cfg = Path(model_dir) / "config.json"
     spec = Path(model_dir).parent / "model_spec.json"
-    is_vision = ((cfg.is_file() and "vision_config" in json.loads(cfg.read_text()))
-                 or (spec.is_file() and json.loads(spec.read_text()).get("model_spec", {}).get("vision")))
-    if not is_vision:
-        return None
-    from mcore_align.data.images import VisionProcessor
-
-    return VisionProcessor.from_pretrained(model_dir)
+    if cfg.is_file() and "vision_config" in json.loads(cfg.read_text()):
+        # the family's processor (Qwen-VL: the stand-in; AutoProcessor needs torchvision there)
+        return vision_processor(model_dir)
+    vision = json.loads(spec.read_text()).get("model_spec", {}).get("vision") if spec.is_file() else None
+    return vision_processor(model_dir, vision["family"]) if vision else None
 
 
 def _micro_batches(records: list[list[np.ndarray]], pad_multiple: int, pad_id: int, per_mb: int,
@@ -161,6 +161,15 @@ def score_megatron(ckpt: str | Path, dataset: list[str], runtime, *, paired: boo
     return [flat[i:i + k] for i in range(0, len(flat), k)]
 
 
+def _mrope_inputs(model, ids_1S: torch.Tensor, image_inputs: dict) -> dict:
+    """Qwen-VL (``image_grid_thw``): add ``mm_token_type_ids`` ``[1, S]`` (1 at image tokens), from
+    which transformers builds the M-RoPE positions; without it Qwen2-VL raises and Qwen2.5-VL
+    silently falls back to 1-D positions (other scores than the Megatron model's)."""
+    if "image_grid_thw" not in image_inputs or "mm_token_type_ids" in image_inputs:
+        return image_inputs
+    return {**image_inputs, "mm_token_type_ids": (ids_1S == model.config.image_token_id).int()}
+
+
 def load_hf_reward_model(hf_dir: str | Path, dtype=torch.float32):
     """``score(input_ids_1S) -> float`` from an exported RM directory: the
     AutoModelForSequenceClassification when config.json says so, else the backbone
@@ -177,7 +186,7 @@ def load_hf_reward_model(hf_dir: str | Path, dtype=torch.float32):
         model = AutoModelForSequenceClassification.from_pretrained(hf_dir, dtype=dtype).eval()
 
         def score(ids_1S, **image_inputs):  # HF pools the last non-pad token; ours end in a non-pad token
-            return float(model(ids_1S, **image_inputs).logits[0, 0])
+            return float(model(ids_1S, **_mrope_inputs(model, ids_1S, image_inputs)).logits[0, 0])
 
         return score
     from safetensors.torch import load_file
@@ -187,7 +196,7 @@ def load_hf_reward_model(hf_dir: str | Path, dtype=torch.float32):
     head_1H = load_file(hf_dir / VALUE_HEAD_FILE)[VALUE_HEAD_KEY].to(dtype)
 
     def score(ids_1S, **image_inputs):  # vision backbones (LlavaModel) also take pixel_values
-        h_1SH = backbone(ids_1S, **image_inputs).last_hidden_state
+        h_1SH = backbone(ids_1S, **_mrope_inputs(backbone, ids_1S, image_inputs)).last_hidden_state
         return float(h_1SH[0, -1].float() @ head_1H[0].float())
 
     return score
