@@ -1,6 +1,7 @@
 """DPO (LoRA, DEFAULT targets) on a tiny Qwen2-VL through the Trainer, at TP=2, PP=2 and CP=2,
 on the image colour task of test_vision_train_e2e.py (one 2-rank gloo launch): held-out reward
-accuracy rises above 0.9, and CP=2 reproduces the TP=2 run's first steps."""
+accuracy rises above 0.9, and CP=2 reproduces the TP=2 run's first steps. Qwen2.5-VL in the same
+launch: DPO-LoRA at TP=2 and a full RM at PP=2 whose HF export scores like the Megatron model."""
 from __future__ import annotations
 
 import pytest

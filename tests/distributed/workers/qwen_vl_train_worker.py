@@ -1,8 +1,8 @@
 """DPO with LoRA on a tiny Qwen2-VL through the Trainer (2 gloo ranks, one launch): the colour
 task of tests/e2e/test_vision_train_e2e.py, with M-RoPE positions computed per packed sequence.
 
-Reuses vision_train_worker's config and training helper (MA_TEST_CKPT points at the Qwen2-VL
-checkpoint here)."""
+Reuses vision_train_worker's config and training helpers (MA_TEST_CKPT points at the Qwen2-VL
+checkpoint here, MA_TEST_QWEN25_CKPT at the Qwen2.5-VL one)."""
 from __future__ import annotations
 
 import json
