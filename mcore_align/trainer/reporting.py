@@ -42,6 +42,14 @@ class Reporter:
         self.tb = None
         self.wandb = None
         self.t0 = time.time()
+        if tensorboard and self.save:
+            # Checked on EVERY rank, before the rank-0-only writer below: an import error on rank 0
+            # alone left the other ranks in the next collective, desynchronised until a gloo timeout.
+            try:
+                import tensorboard as _tb  # noqa: F401
+            except ImportError as e:
+                raise ImportError("train.tensorboard=true needs the tensorboard package "
+                                  "(pip install 'mcore_align[tensorboard]'), or set tensorboard=false") from e
         if not enabled:
             return
         if self.save:

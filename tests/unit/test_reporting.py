@@ -42,3 +42,19 @@ def test_other_ranks_print_nothing(capsys):
     rep.log(1, ROW)
     rep.echo("x")
     assert capsys.readouterr().out == ""
+
+
+def test_missing_tensorboard_fails_on_every_rank(tmp_path, monkeypatch):
+    """tensorboard=true without the package must fail on every rank at the same point, not only
+    on rank 0 (the only rank that writes): a rank-0-only error left rank 1 in the next collective
+    and the 2-rank launch desynchronised until a gloo timeout (seen on a venv without the
+    `tensorboard` extra)."""
+    import sys
+
+    import pytest
+
+    monkeypatch.setitem(sys.modules, "tensorboard", None)  # `import tensorboard` now fails
+    for enabled in (True, False):
+        with pytest.raises(ImportError, match="tensorboard=true.*pip install"):
+            Reporter(enabled=enabled, save=str(tmp_path), total_steps=2, start_step=0, progress_bar=False,
+                     tensorboard=True, wandb_project=None, config={})
