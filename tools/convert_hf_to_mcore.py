@@ -33,4 +33,6 @@ def main() -> int:
 
 
 if __name__ == "__main__":  # guard: dist_checkpointing may spawn helper processes
-    sys.exit(main())
+    from mcore_align.checkpoint.layout import run_tool
+
+    sys.exit(run_tool(main))

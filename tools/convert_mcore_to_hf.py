@@ -77,4 +77,6 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from mcore_align.checkpoint.layout import run_tool
+
+    sys.exit(run_tool(main))

@@ -249,3 +249,17 @@ def init_single_process():
             f"this process is one of {dist.get_world_size()} ranks"
         )
     return initialize(ParallelConfig(), device="cpu")
+
+
+def run_tool(main) -> int:
+    """``main()`` of an offline tool, then the process group (if one was started) torn down
+    before the interpreter exits: gloo's threads joined while the runtime is whole, not at
+    static destruction (where an exiting export was once seen to abort: "terminate called
+    without an active exception", exit -6)."""
+    import torch.distributed as dist
+
+    try:
+        return main()
+    finally:
+        if dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()

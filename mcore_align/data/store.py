@@ -43,7 +43,8 @@ from pathlib import Path
 import numpy as np
 
 from .config import DataConfig
-from .formats import BadRecord, DroppedRecord, content_fingerprint, detect_format, iter_dataset, normalize
+from .formats import (BadRecord, DroppedRecord, content_fingerprint, detect_format, iter_dataset, normalize,
+                      split_sampling_suffix)
 from .tokenization import RecordTokenizer
 
 log = logging.getLogger(__name__)
@@ -99,6 +100,10 @@ def cache_key(cfg: DataConfig, tokenizer, objective_kind: str, vision=None) -> s
         from .images import processor_fingerprint
 
         settings["vision"] = processor_fingerprint(vision)
+        # The cache stores image paths resolved against each dataset file's folder, so where
+        # the dataset lies is part of what it holds: a moved or copied dataset gets its own cache
+        # (the old one would point at the old folder's images).
+        settings["where"] = [str(Path(os.path.expanduser(split_sampling_suffix(d)[0])).resolve()) for d in cfg.dataset]
     return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:24]
 
 

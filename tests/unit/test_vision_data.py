@@ -140,3 +140,24 @@ def test_placeholder_image_count_mismatch(tmp_path, shared_data, proc, rec, msg)
     with pytest.raises(BadRecord, match=rf"{f}:1: {msg}") as e:
         _prepare_first(f, proc)
     assert e.value.reason == "image_count_mismatch"
+
+
+def test_image_cache_key_follows_the_dataset_location(proc, tmp_path):
+    """Image paths are cached resolved against the dataset's folder: the same records in another
+    folder (a moved or copied dataset) must not reuse the first folder's cache, whose paths point
+    at the old images. Text keys stay location-independent."""
+    from mcore_align.data.config import DataConfig
+    from mcore_align.data.store import cache_key
+
+    keys = {}
+    for where in ("a", "b"):
+        d = tmp_path / where
+        d.mkdir()
+        Image.new("RGB", (32, 32), (200, 30, 30)).save(d / "red.png")
+        (d / "d.jsonl").write_text(json.dumps({"query": "<image>Colour?", "response": "red", "rejected_response": "blue",
+                                               "images": ["red.png"]}) + "\n")
+        cfg = DataConfig(dataset=[str(d / "d.jsonl")], cache_dir=str(tmp_path / "cache"))
+        keys[where] = (cache_key(cfg, proc.proc.tokenizer, "paired", proc),
+                       cache_key(cfg, proc.proc.tokenizer, "paired"))
+    assert keys["a"][0] != keys["b"][0]
+    assert keys["a"][1] == keys["b"][1]
