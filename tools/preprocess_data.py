@@ -58,7 +58,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from mcore_align.data.config import DataConfig  # noqa: E402
-from mcore_align.data.formats import (BadRecord, DroppedRecord, _files_of, _iter_file, detect_format,  # noqa: E402
+from mcore_align.data.formats import (BadRecord, _files_of, _iter_file, detect_format,  # noqa: E402
                                       iter_dataset, iter_jsonl, iter_parquet, split_sampling_suffix)
 from mcore_align.data.store import (_Writer, bad_record_error, cache_key, extra_columns, prepare_record,  # noqa: E402
                                     publish,
@@ -139,7 +139,7 @@ def _process_task(job: tuple[int, Task]) -> tuple[int, dict]:
                                            base_dir=base_dir),
                             extra_columns(raw) if _W["kind"] == "prompt" else None))
         except BadRecord as e:
-            if cfg.on_bad_record == "error" and not isinstance(e, DroppedRecord):
+            if cfg.raises(e):
                 raise bad_record_error(e) from None
             events.append((e.reason, str(e)))
     kept = []
@@ -194,7 +194,7 @@ def _detect(spec: str, cfg: DataConfig) -> str | None:
     (non-UTF-8) line; None if it has none."""
     for loc, raw in iter_dataset(spec, cfg.seed):
         if isinstance(raw, BadRecord):
-            if cfg.on_bad_record == "error" and not isinstance(raw, DroppedRecord):
+            if cfg.raises(raw):
                 raise bad_record_error(raw)
             continue
         return detect_format(raw, loc)

@@ -7,6 +7,7 @@ from pathlib import Path
 
 TRUNCATION_STRATEGIES = ("delete", "truncation_left", "right")
 BAD_RECORD_POLICIES = ("error", "skip")
+IMAGE_READ_ERRORS = ("missing_image", "corrupt_image")  # data.skip_bad_images
 OBJECTIVE_KINDS = ("paired", "kto", "sft", "prompt")
 
 
@@ -42,6 +43,10 @@ class DataConfig:
     Default $MCORE_ALIGN_CACHE or ~/.cache/mcore_align/data."""
     on_bad_record: str = "error"
     """"error": raise on the first bad record (file, line, field). "skip": drop it and count it."""
+    skip_bad_images: bool = False
+    """Vision data: a record whose image is missing, unreadable or corrupt (``missing_image``,
+    ``corrupt_image``) is dropped and counted even with ``on_bad_record: error``; every other
+    bad record still follows ``on_bad_record``."""
     train_on_all_assistant_turns: bool = False
     """False: loss only on the final assistant response. True: on every assistant turn."""
     dataset_format: str | None = None
@@ -81,3 +86,13 @@ class DataConfig:
 
         if self.dataset_format is not None and self.dataset_format not in FORMATS:
             raise ValueError(f"dataset_format must be one of {sorted(FORMATS)} or None, got {self.dataset_format!r}")
+
+    def raises(self, e) -> bool:
+        """Whether the bad record ``e`` (a ``formats.BadRecord``) stops the build."""
+        from .formats import DroppedRecord
+
+        if isinstance(e, DroppedRecord):
+            return False
+        if self.skip_bad_images and e.reason in IMAGE_READ_ERRORS:
+            return False
+        return self.on_bad_record == "error"

@@ -43,7 +43,7 @@ from pathlib import Path
 import numpy as np
 
 from .config import DataConfig
-from .formats import (BadRecord, DroppedRecord, content_fingerprint, detect_format, iter_dataset, normalize,
+from .formats import (BadRecord, content_fingerprint, detect_format, iter_dataset, normalize,
                       split_sampling_suffix)
 from .tokenization import RecordTokenizer
 
@@ -96,6 +96,8 @@ def cache_key(cfg: DataConfig, tokenizer, objective_kind: str, vision=None) -> s
         "all_turns": cfg.train_on_all_assistant_turns, "format": cfg.dataset_format,
         "bad": cfg.on_bad_record, "seed": cfg.seed,
     }
+    if cfg.skip_bad_images:  # only when set: existing keys stay as they were
+        settings["skip_bad_images"] = True
     if vision is not None:
         from .images import processor_fingerprint
 
@@ -367,7 +369,7 @@ def build_store(cfg: DataConfig, tokenizer, objective_kind: str, out: Path, *, v
                                                    base_dir=base_dir),
                                     extra_columns(raw) if objective_kind == "prompt" else None))
                 except BadRecord as e:
-                    if cfg.on_bad_record == "error" and not isinstance(e, DroppedRecord):
+                    if cfg.raises(e):
                         raise bad_record_error(e) from None
                     skipped[e.reason] += 1
                     first_of.setdefault(e.reason, str(e))

@@ -335,3 +335,27 @@ def test_hub_style_datasets_keep_image_bytes(tmp_path, shared_data):
     ((loc, rec),) = list(_iter_hub(str(tmp_path / "hub")))
     assert loc.endswith("[row 0]")
     assert rec["image"]["bytes"] == raw and rec["images"][0]["bytes"] == raw
+
+
+def test_skip_bad_images_drops_unreadable_images_only(tmp_path, shared_data, tok):
+    """``data.skip_bad_images=true``: a missing or corrupt image drops its record (counted by
+    reason) although ``on_bad_record`` is "error"; without it the first one stops the build
+    naming the record and the path; other bad records still stop it."""
+    from mcore_align.data.images import model_kind_of_tokenizer
+    from mcore_align.data.store import load_or_build_store
+
+    kind, vision = model_kind_of_tokenizer(tok)
+    good = {"query": "<image>What is it?", "response": "A.", "rejected_response": "B.", "images": ["imgs/1.jpg"]}
+    ds = _jsonl(tmp_path, shared_data, [
+        good,
+        {"query": "<image>Missing?", "response": "E.", "rejected_response": "F.", "images": ["imgs/nope.jpg"]},
+        {"query": "<image>Corrupt?", "response": "G.", "rejected_response": "H.", "images": ["imgs/bad.jpg"]}])
+    (tmp_path / "imgs" / "bad.jpg").write_bytes(b"not an image")
+    store = load_or_build_store(_cfg(tmp_path, ds, skip_bad_images=True), tok, "paired", vision=vision, model_kind=kind)
+    assert store.num_records == 1 and store.meta["dropped"] == {"missing_image": 1, "corrupt_image": 1}
+    with pytest.raises(ValueError, match=r"d.jsonl:2: .*nope.jpg"):
+        load_or_build_store(_cfg(tmp_path, ds), tok, "paired", vision=vision, model_kind=kind)
+    mismatch = _jsonl(tmp_path, shared_data, [good, {**good, "query": "<image><image>Two?"}])  # 2 placeholders, 1 image
+    with pytest.raises(ValueError, match="d.jsonl:2: 2 <image> placeholder"):
+        load_or_build_store(_cfg(tmp_path, mismatch, skip_bad_images=True), tok, "paired", vision=vision,
+                            model_kind=kind)
