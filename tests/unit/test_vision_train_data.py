@@ -18,24 +18,6 @@ from mcore_align.data.loader import build_data
 TOKENS_PER_IMAGE = 16  # tiny CLIP: (32 / 8) ** 2 patches
 
 
-@pytest.fixture(scope="module")
-def ckpt(tmp_path_factory):
-    from mcore_align.checkpoint import convert_hf_to_mcore
-    from mcore_align.models.tiny_vision import make_tiny_llava
-
-    root = tmp_path_factory.mktemp("vckpt")
-    make_tiny_llava(root / "hf", "qwen2")
-    convert_hf_to_mcore(root / "hf", root / "mc", dtype="fp32")
-    return root / "mc"
-
-
-@pytest.fixture(scope="module")
-def tok(ckpt):
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(str(ckpt / "tokenizer"))
-
-
 def _dataset(tmp_path, shared_data, recs):
     (tmp_path / "imgs").mkdir(exist_ok=True)
     for i in (1, 2, 3):
