@@ -18,7 +18,7 @@ $(STAMP): setup.py constraints.txt
 install: $(STAMP)
 
 test: $(STAMP)
-	$(PY) -m pytest -q -ra tests
+	$(PY) -m pytest -q -ra --durations=40 -o faulthandler_timeout=900 tests
 
 demo: $(STAMP)
 	$(PY) -m mcore_align.demo --out demo_out $(if $(VERBOSE),--verbose)

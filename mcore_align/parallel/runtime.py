@@ -169,6 +169,7 @@ def initialize(parallel: ParallelConfig, device: str = "auto", seed: int = 1234)
         )
     if parallel_state.model_parallel_is_initialized():
         parallel_state.destroy_model_parallel()
+        _destroy_stale_groups()
     parallel_state.initialize_model_parallel(
         expert_model_parallel_size=parallel.expert_model_parallel_size,
         expert_tensor_parallel_size=parallel.expert_tensor_parallel_size,
@@ -188,6 +189,22 @@ def initialize(parallel: ParallelConfig, device: str = "auto", seed: int = 1234)
         local_rank=int(os.environ.get("LOCAL_RANK", 0)),
         pgs=ProcessGroupCollection.use_mpu_process_groups(),
     )
+
+
+def _destroy_stale_groups() -> None:
+    """Destroy every process group but WORLD after megatron's layout is torn down.
+
+    megatron's ``destroy_model_parallel`` only drops its references to the groups it made;
+    torch.distributed still holds each one (and gloo keeps ~3 transport threads per group).
+    Without this, every re-``initialize`` in one process (tests, offline tools converting
+    several layouts) leaks ~17 groups and ~50 threads, and a long pytest session slows
+    to a crawl. Only megatron's ``initialize_model_parallel`` creates subgroups here
+    (see the module docstring), so nothing live is destroyed.
+    """
+    world = dist.group.WORLD
+    for pg in list(dist.distributed_c10d._world.pg_map):
+        if pg is not world:
+            dist.destroy_process_group(pg)
 
 
 def seed_everything(seed: int) -> None:
