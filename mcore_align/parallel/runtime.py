@@ -195,16 +195,22 @@ def _destroy_stale_groups() -> None:
     """Destroy every process group but WORLD after megatron's layout is torn down.
 
     megatron's ``destroy_model_parallel`` only drops its references to the groups it made;
-    torch.distributed still holds each one (and gloo keeps ~3 transport threads per group).
+    torch.distributed still holds each one (and gloo keeps ~3 threads per group until the
+    group object is freed).
     Without this, every re-``initialize`` in one process (tests, offline tools converting
     several layouts) leaks ~17 groups and ~50 threads, and a long pytest session slows
     to a crawl. Only megatron's ``initialize_model_parallel`` creates subgroups here
     (see the module docstring), so nothing live is destroyed.
     """
+    import gc
+
     world = dist.group.WORLD
     for pg in list(dist.distributed_c10d._world.pg_map):
         if pg is not world:
             dist.destroy_process_group(pg)
+    # gloo joins a group's threads only when the group object is freed; the last references
+    # are usually in reference cycles of the previous layout's modules (hooks, DDP buckets).
+    gc.collect()
 
 
 def seed_everything(seed: int) -> None:
