@@ -70,3 +70,9 @@ def pytest_terminal_summary(terminalreporter):
     except OSError:
         return
     terminalreporter.write_line(f"threads in the pytest process at exit: {n}")
+    from tests.dist_utils import CASE_SECONDS
+
+    if CASE_SECONDS:
+        terminalreporter.write_sep("=", "slowest multi-rank cases (rank 0) and launches")
+        for module, nproc, case, sec in sorted(CASE_SECONDS, key=lambda x: -x[3])[:25]:
+            terminalreporter.write_line(f"{sec:8.2f}s  {nproc} ranks  {module.rsplit('.', 1)[-1]}::{case}")

@@ -28,6 +28,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import time
 import traceback
 from dataclasses import dataclass
 from pathlib import Path
@@ -104,8 +105,14 @@ def merge_rank_results(per_rank: dict[int, dict]) -> dict:
     return per_case
 
 
+# (module, nproc, case, seconds on rank 0) of every launch in this pytest process, for the
+# slowest-cases report at the end of the session (tests/conftest.py).
+CASE_SECONDS: list[tuple[str, int, str, float]] = []
+
+
 def run_dist_module(module: str, nproc: int = 2, timeout: int = 900, env: dict | None = None) -> DistResults:
     """Run every case of `module` under torchrun with `nproc` ranks (gloo, CPU)."""
+    start = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "results"
         cmd = [
@@ -124,6 +131,9 @@ def run_dist_module(module: str, nproc: int = 2, timeout: int = 900, env: dict |
                 missing.append(rank)
                 continue
             per_rank[rank] = json.loads(path.read_text())
+        CASE_SECONDS.append((module, nproc, "(launch, all cases)", round(time.perf_counter() - start, 2)))
+        CASE_SECONDS.extend((module, nproc, case, res.get("seconds", 0.0))
+                            for case, res in per_rank.get(0, {}).items())
         return DistResults(module, merge_rank_results(per_rank), log, returncode=proc.returncode, nproc=nproc,
                            missing_ranks=tuple(missing))
 
@@ -148,6 +158,7 @@ def _worker_main(module: str, out_prefix: str) -> None:
     mod = importlib.import_module(module)
     results = {}
     for name in dist_cases(module):
+        start = time.perf_counter()
         try:
             getattr(mod, name)()
             results[name] = {"status": "ok", "message": ""}
@@ -165,6 +176,7 @@ def _worker_main(module: str, out_prefix: str) -> None:
                     prev = results.get(name, {}).get("message", "")
                     results[name] = {"status": "fail",
                                      "message": f"{prev}\nteardown_case failed:\n{traceback.format_exc()}"}
+            results[name]["seconds"] = round(time.perf_counter() - start, 2)
             # Written after every case, so a later hang or crash keeps what ran.
             Path(f"{out_prefix}.rank{rank}.json").write_text(json.dumps(results))
             dist.barrier()
