@@ -176,7 +176,8 @@ def _worker_main(module: str, out_prefix: str) -> None:
                     prev = results.get(name, {}).get("message", "")
                     results[name] = {"status": "fail",
                                      "message": f"{prev}\nteardown_case failed:\n{traceback.format_exc()}"}
-            results[name]["seconds"] = round(time.perf_counter() - start, 2)
+            if name in results:  # absent only when a BaseException is on its way out
+                results[name]["seconds"] = round(time.perf_counter() - start, 2)
             # Written after every case, so a later hang or crash keeps what ran.
             Path(f"{out_prefix}.rank{rank}.json").write_text(json.dumps(results))
             dist.barrier()

@@ -7,6 +7,7 @@ process groups. It returns a :class:`Runtime` whose ``pgs`` (megatron's
 from __future__ import annotations
 
 import dataclasses
+import gc
 import logging
 import os
 import socket
@@ -202,8 +203,6 @@ def _destroy_stale_groups() -> None:
     to a crawl. Only megatron's ``initialize_model_parallel`` creates subgroups here
     (see the module docstring), so nothing live is destroyed.
     """
-    import gc
-
     world = dist.group.WORLD
     for pg in list(dist.distributed_c10d._world.pg_map):
         if pg is not world:
